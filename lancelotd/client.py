@@ -1,0 +1,67 @@
+"""`lancelot ask`: a small client for the protocol."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Iterator
+
+from . import __version__
+
+
+class ServerClosed(Exception):
+    pass
+
+
+def recv_answer(sock: socket.socket, buffer: bytearray) -> bytes:
+    """One answer (up to and including '.'); bytes after it stay in `buffer`."""
+    while True:
+        end = buffer.find(b".")
+        if end >= 0:
+            answer = bytes(buffer[: end + 1])
+            del buffer[: end + 1]
+            return answer
+        data = sock.recv(4096)
+        if not data:
+            raise ServerClosed(bytes(buffer).decode("ascii", "replace"))
+        buffer += data
+
+
+def ask(host: str, port: int, questions: list[str], timeout: float = 10.0) -> Iterator[str]:
+    """Ask each question on one connection; yields the answers in order."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        buffer = bytearray()
+        for question in questions:
+            question = question.strip()
+            if not question.endswith("?"):
+                question += "?"
+            sock.sendall(question.encode("ascii", "replace"))
+            yield recv_answer(sock, buffer).decode("ascii", "replace")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lancelot", description="Client for the lancelotd protocol.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_ask = sub.add_parser("ask", help="ask questions, print one answer a line")
+    p_ask.add_argument("-H", "--host", default="127.0.0.1", help="server host (default 127.0.0.1)")
+    p_ask.add_argument("-p", "--port", type=int, default=1060, help="server port (default 1060)")
+    p_ask.add_argument("-t", "--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    p_ask.add_argument("questions", nargs="+", metavar="QUESTION")
+    args = parser.parse_args(argv)
+    where = f"{args.host}:{args.port}"
+    try:
+        for answer in ask(args.host, args.port, args.questions, args.timeout):
+            print(answer, flush=True)
+    except ServerClosed as e:
+        partial = f" (it sent {str(e)!r})" if str(e) else ""
+        print(f"lancelot: {where} closed the connection before answering{partial}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"lancelot: no answer from {where} within {args.timeout:g}s", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"lancelot: cannot talk to {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,338 @@
+"""A worker: one process, one epoll loop, many connections (SPEC §2).
+
+The loop is written for the hot path: a request is one recv(), one dict
+lookup and one send().  Everything that is not per-request (idle timeouts,
+the master-alive check) runs on a one-second tick.
+
+Accepting: every worker watches the shared listening sockets with
+EPOLLEXCLUSIVE, so the kernel wakes one worker per new connection instead of
+all of them (the thundering herd).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from setproctitle import setproctitle
+
+from .config import Config
+from .logs import log, set_role
+from .protocol import AnswerTable, Session
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
+RECV_SIZE = 65536
+ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
+LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
+TICK = 1.0
+
+# Connection states
+OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
+
+
+class Conn:
+    __slots__ = ("sock", "fd", "session", "out", "last", "state")
+
+    def __init__(self, sock: socket.socket, table: AnswerTable, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.session = Session(table)
+        self.out = b""  # answers the kernel has not taken yet
+        self.last = now  # when the last complete question arrived (or accept)
+        self.state = OPEN
+
+
+class Worker:
+    def __init__(
+        self, number: int, generation: int, listeners: list[socket.socket], cfg: Config, master_pid: int
+    ) -> None:
+        self.number = number
+        self.generation = generation
+        self.listeners = {s.fileno(): s for s in listeners}
+        self.cfg = cfg
+        self.master_pid = master_pid
+        self.table = AnswerTable(cfg.answers, cfg.unknown_answer, cfg.max_question_bytes)
+        self.conns: dict[int, Conn] = {}
+        self.epoll = select.epoll()
+        self.accepting = False
+        self.stopping = False
+        self.deadline = 0.0  # when a graceful stop gives up
+        self.pending_signals: list[int] = []
+        # accept statistics, logged at exit: wake-ups per accepted connection
+        self.accept_wakeups = 0
+        self.empty_wakeups = 0
+        self.accepted = 0
+
+    # --- set-up --------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        """Handlers only record; the loop sees the signal through the wakeup pipe."""
+        self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._record_signal)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)  # the master's business, not ours
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.epoll.register(self.sig_r, EPOLLIN)
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self.pending_signals.append(signum)
+
+    def _start_accepting(self) -> None:
+        for fd, sock in self.listeners.items():
+            sock.setblocking(False)  # accept() must never block the loop
+            self.epoll.register(fd, LISTEN_EVENTS)
+        self.accepting = True
+
+    def _stop_accepting(self) -> None:
+        if self.accepting:
+            for fd in self.listeners:
+                self.epoll.unregister(fd)
+            self.accepting = False
+
+    # --- the loop ------------------------------------------------------
+
+    def run(self) -> int:
+        set_role(f"worker {self.number}")
+        setproctitle(f"lancelotd: worker {self.number} [gen {self.generation}]")
+        self._install_signals()
+        self._start_accepting()
+        log.debug("serving (gen %d)", self.generation)
+        return self._loop()
+
+    def _loop(self) -> int:
+        conns = self.conns
+        listeners = self.listeners
+        epoll = self.epoll
+        poll = epoll.poll
+        next_tick = time.monotonic() + TICK
+        while True:
+            events = poll(TICK)
+            now = time.monotonic()
+            for fd, _ev in events:
+                conn = conns.get(fd)
+                if conn is None:
+                    if fd in listeners:
+                        self._accept(listeners[fd], now)
+                    elif fd == self.sig_r:
+                        code = self._handle_signals(now)
+                        if code is not None:
+                            return code
+                    continue
+                if conn.out:
+                    self._flush(conn)
+                    continue
+                # hot path: read, answer, send
+                try:
+                    data = conn.sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._close(conn)
+                    continue
+                if conn.state == LINGERING:
+                    if not data:
+                        self._close(conn)
+                    continue
+                if not data:  # half-close: all it sent is answered (and sent) already
+                    self._forget(conn)
+                    continue
+                out, must_close = conn.session.feed(data)
+                if out:
+                    conn.last = now
+                    self._send(conn, out)
+                if must_close:
+                    self._close_after_flush(conn)
+            if now >= next_tick:
+                next_tick = now + TICK
+                code = self._tick(now)
+                if code is not None:
+                    return code
+
+    def _accept(self, listener: socket.socket, now: float) -> None:
+        self.accept_wakeups += 1
+        accepted = 0
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _addr = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as e:  # EMFILE, ECONNABORTED...: keep serving the others
+                log.warning("accept failed: %s", e.strerror)
+                break
+            sock.setblocking(False)
+            conn = Conn(sock, self.table, now)
+            self.conns[conn.fd] = conn
+            self.epoll.register(conn.fd, EPOLLIN)
+            accepted += 1
+        self.accepted += accepted
+        if not accepted:
+            self.empty_wakeups += 1
+        if len(self.conns) >= self.cfg.max_connections:
+            log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
+            self._stop_accepting()
+
+    # --- writing and closing -------------------------------------------
+
+    def _send(self, conn: Conn, out: bytes) -> None:
+        try:
+            sent = conn.sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        if sent < len(out):
+            # Back-pressure: stop reading from this client until it reads.
+            conn.out = out[sent:]
+            self.epoll.modify(conn.fd, EPOLLOUT)
+
+    def _flush(self, conn: Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        if conn.out:
+            return
+        if conn.state == CLOSE_AFTER_FLUSH:
+            self._close(conn)
+        else:
+            self.epoll.modify(conn.fd, EPOLLIN)
+
+    def _close_after_flush(self, conn: Conn) -> None:
+        """Close once the answers owed are sent; until then nothing more is read."""
+        conn.state = CLOSE_AFTER_FLUSH
+        if not conn.out:
+            self._close(conn)
+
+    def _close(self, conn: Conn) -> None:
+        """Close a connection without turning unread input into a reset.
+
+        A connection we close on our own (error, idle, stop) may still carry
+        unread bytes, and close() would then send RST, which can destroy the
+        answers in flight.  So we shut down our side and keep reading until
+        the client closes or LINGER_SECONDS pass, like nginx's lingering close.
+        """
+        if conn.state == CLOSE_AFTER_FLUSH and not conn.out:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+                conn.state = LINGERING
+                conn.last = time.monotonic()
+                self.epoll.modify(conn.fd, EPOLLIN)
+                return
+            except OSError:
+                pass
+        self._forget(conn)
+
+    def _forget(self, conn: Conn) -> None:
+        del self.conns[conn.fd]
+        conn.sock.close()  # also leaves the epoll set
+        if not self.accepting and not self.stopping and len(self.conns) < self.cfg.max_connections:
+            self._start_accepting()
+
+    # --- timers and signals --------------------------------------------
+
+    def _tick(self, now: float) -> int | None:
+        if os.getppid() != self.master_pid:
+            log.warning("master %d is gone: exiting", self.master_pid)
+            return 1
+        idle_limit = now - self.cfg.idle_timeout
+        linger_limit = now - LINGER_SECONDS
+        for conn in list(self.conns.values()):
+            if conn.state == LINGERING:
+                if conn.last < linger_limit:
+                    self._forget(conn)
+            elif conn.last < idle_limit:
+                if conn.out:  # it has not read its answers for that long: give up
+                    self._forget(conn)
+                else:
+                    self._close_after_flush(conn)
+        if self.stopping and (not self.conns or now >= self.deadline):
+            return self._exit_code()
+        return None
+
+    def _handle_signals(self, now: float) -> int | None:
+        try:
+            while os.read(self.sig_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        signals, self.pending_signals = self.pending_signals, []
+        for signum in signals:
+            if signum == signal.SIGTERM:
+                self._graceful_stop(now)
+            else:  # INT, QUIT: fast stop
+                return self._exit_code()
+        if self.stopping and not self.conns:
+            return self._exit_code()
+        return None
+
+    def _graceful_stop(self, now: float) -> None:
+        """SIGTERM: answer every complete question already received, then close."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.deadline = now + self.cfg.graceful_timeout
+        self._stop_accepting()
+        for sock in self.listeners.values():
+            sock.close()  # our copy only: never shutdown() a shared listener
+        for conn in list(self.conns.values()):
+            if conn.state == OPEN:
+                self._answer_received(conn)
+
+    def _answer_received(self, conn: Conn) -> None:
+        out = []
+        while True:
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._forget(conn)
+                return
+            if not data:
+                break
+            answers, must_close = conn.session.feed(data)
+            out.append(answers)
+            if must_close:
+                break
+        conn.out += b"".join(out)
+        conn.state = CLOSE_AFTER_FLUSH
+        if conn.out:
+            self.epoll.modify(conn.fd, EPOLLOUT)
+            self._flush(conn)
+        else:
+            self._close(conn)
+
+    def _exit_code(self) -> int:
+        log.info(
+            "exiting: %d connections accepted in %d listener wake-ups (%d empty)",
+            self.accepted, self.accept_wakeups, self.empty_wakeups,
+        )
+        return 0
+
+
+def run_worker(
+    number: int, generation: int, listeners: list[socket.socket], cfg: Config, master_pid: int,
+    cleanup: Callable[[], None],
+) -> None:
+    """Entry point in the forked child: never returns into the master's code."""
+    code = 1
+    try:
+        cleanup()
+        code = Worker(number, generation, listeners, cfg, master_pid).run()
+    except BaseException:
+        log.exception("worker crashed")
+    finally:
+        os._exit(code)
