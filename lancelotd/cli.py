@@ -105,11 +105,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .arbiter import Arbiter, StartError
 
-    try:
-        cfg = load_config(args).with_overrides(
+    def configure() -> config.Config:
+        """The config file with the command line's options on top (again on each reload)."""
+        return load_config(args).with_overrides(
             bind=args.bind, workers=args.workers, pid_file=args.pid_file,
             log_file=args.log_file, log_level=args.log_level,
         )
+
+    try:
+        cfg = configure()
     except config.ConfigError as e:
         for problem in e.problems:
             print(f"lancelotd: {e.path}: {problem}", file=sys.stderr)
@@ -119,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"lancelotd: cannot open log file {cfg.log_file}: {e.strerror}", file=sys.stderr)
         return 1
-    arbiter = Arbiter(cfg)
+    arbiter = Arbiter(cfg, configure)
     try:
         arbiter.start()
     except StartError as e:

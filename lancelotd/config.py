@@ -47,6 +47,9 @@ class Config:
     idle_timeout: float = 60.0
     max_connections: int = 10000
     graceful_timeout: float = 30.0
+    worker_timeout: float = 30.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
     log_file: str = ""
     log_level: str = "info"
     answers: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ANSWERS))
@@ -80,6 +83,12 @@ def _positive_int(v: Any) -> str | None:
 def _positive_number(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         return f"must be a positive number of seconds, not {v!r}"
+    return None
+
+
+def _count(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        return f"must be an integer >= 0, not {v!r}"
     return None
 
 
@@ -130,6 +139,9 @@ SETTINGS: dict[tuple[str, str], tuple[str, Callable[[Any], str | None]]] = {
     ("protocol", "idle_timeout"): ("idle_timeout", _positive_number),
     ("protocol", "max_connections"): ("max_connections", _positive_int),
     ("lifecycle", "graceful_timeout"): ("graceful_timeout", _positive_number),
+    ("lifecycle", "worker_timeout"): ("worker_timeout", _positive_number),
+    ("lifecycle", "max_requests"): ("max_requests", _count),
+    ("lifecycle", "max_requests_jitter"): ("max_requests_jitter", _count),
     ("log", "file"): ("log_file", _string),
     ("log", "level"): ("log_level", _log_level),
 }

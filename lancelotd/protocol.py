@@ -22,7 +22,7 @@ class AnswerTable:
     around it and of its '?' for the general path.
     """
 
-    __slots__ = ("exact", "by_text", "unknown", "max_bytes")
+    __slots__ = ("exact", "by_text", "unknown", "max_bytes", "unknown_count")
 
     def __init__(self, answers: Mapping[str, str], unknown_answer: str, max_question_bytes: int) -> None:
         self.by_text = {q.strip().encode("ascii")[:-1]: a.encode("ascii") for q, a in answers.items()}
@@ -33,6 +33,7 @@ class AnswerTable:
         }
         self.unknown = unknown_answer.encode("ascii")
         self.max_bytes = max_question_bytes
+        self.unknown_count = 0  # unknown questions seen, for the scoreboard
 
 
 class Session:
@@ -73,7 +74,11 @@ class Session:
             if error:
                 out.append(error)
                 return b"".join(out), True
-            out.append(table.by_text.get(question, table.unknown))
+            answer = table.by_text.get(question)
+            if answer is None:
+                answer = table.unknown
+                table.unknown_count += 1
+            out.append(answer)
         # An unfinished question fails as soon as it can no longer be valid,
         # exactly as it would had it arrived in one piece.
         error = _check(rest, limit - 1, clean)

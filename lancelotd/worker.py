@@ -7,6 +7,10 @@ the master-alive check) runs on a one-second tick.
 Accepting: every worker watches the shared listening sockets with
 EPOLLEXCLUSIVE, so the kernel wakes one worker per new connection instead of
 all of them (the thundering herd).
+
+Signals from the master: TERM = stop (answer what was received, close),
+INT/QUIT = exit now, USR2 = retire (stop accepting, serve the connections
+held until they close or graceful_timeout passes), USR1 = reopen the log.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from setproctitle import setproctitle
 
+from . import logs
 from .config import Config
 from .logs import log, set_role
-from .protocol import AnswerTable, Session
+from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
+from .scoreboard import DRAINING, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -48,26 +54,44 @@ class Conn:
         self.state = OPEN
 
 
+@dataclass
+class WorkerSpec:
+    """Everything the master hands a worker it forks."""
+
+    number: int
+    generation: int
+    listeners: list[socket.socket]
+    cfg: Config
+    master_pid: int
+    board: Scoreboard
+    slot: int
+    events_fd: int  # write end of the master's event pipe: "my state changed"
+    max_requests: int  # 0 = never recycle
+
+
 class Worker:
-    def __init__(
-        self, number: int, generation: int, listeners: list[socket.socket], cfg: Config, master_pid: int
-    ) -> None:
-        self.number = number
-        self.generation = generation
-        self.listeners = {s.fileno(): s for s in listeners}
-        self.cfg = cfg
-        self.master_pid = master_pid
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.number = spec.number
+        self.generation = spec.generation
+        self.listeners = {s.fileno(): s for s in spec.listeners}
+        self.cfg = cfg = spec.cfg
+        self.master_pid = spec.master_pid
         self.table = AnswerTable(cfg.answers, cfg.unknown_answer, cfg.max_question_bytes)
         self.conns: dict[int, Conn] = {}
         self.epoll = select.epoll()
         self.accepting = False
-        self.stopping = False
-        self.deadline = 0.0  # when a graceful stop gives up
+        self.state = STARTING
+        self.deadline = 0.0  # when a drain or stop gives up
         self.pending_signals: list[int] = []
+        self.counters = Counters()
+        self.answered = 0  # hot-path counters, folded into self.counters per tick
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = time.time()
         # accept statistics, logged at exit: wake-ups per accepted connection
         self.accept_wakeups = 0
         self.empty_wakeups = 0
-        self.accepted = 0
 
     # --- set-up --------------------------------------------------------
 
@@ -75,9 +99,9 @@ class Worker:
         """Handlers only record; the loop sees the signal through the wakeup pipe."""
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._record_signal)
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # the master's business, not ours
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.epoll.register(self.sig_r, EPOLLIN)
@@ -104,8 +128,30 @@ class Worker:
         setproctitle(f"lancelotd: worker {self.number} [gen {self.generation}]")
         self._install_signals()
         self._start_accepting()
+        self._set_state(SERVING, time.monotonic())
         log.debug("serving (gen %d)", self.generation)
         return self._loop()
+
+    def _set_state(self, state: int, now: float) -> None:
+        self.state = state
+        self._publish(now)
+        try:  # wake the master: it waits for new workers to serve
+            os.write(self.spec.events_fd, b"s")
+        except OSError:
+            pass
+
+    def _publish(self, now: float) -> None:
+        """Write this worker's slot: heartbeat and counters (once per tick)."""
+        c = self.counters
+        c.answered += self.answered
+        c.bytes_in += self.bytes_in
+        c.bytes_out += self.bytes_out
+        self.answered = self.bytes_in = self.bytes_out = 0
+        c.unknown = self.table.unknown_count
+        self.spec.board.write_slot(self.spec.slot, Slot(
+            os.getpid(), self.number, self.generation, self.state, self.started, now,
+            len(self.conns), c,
+        ))
 
     def _loop(self) -> int:
         conns = self.conns
@@ -144,12 +190,17 @@ class Worker:
                 if not data:  # half-close: all it sent is answered (and sent) already
                     self._forget(conn)
                     continue
+                self.bytes_in += len(data)
                 out, must_close = conn.session.feed(data)
                 if out:
                     conn.last = now
+                    self.answered += out.count(b".")
+                    self.bytes_out += len(out)
                     self._send(conn, out)
                 if must_close:
-                    self._close_after_flush(conn)
+                    self._protocol_error(conn, out)
+            if self.state != SERVING and not conns:
+                return self._exit_code()  # retired or stopping, and the last client left
             if now >= next_tick:
                 next_tick = now + TICK
                 code = self._tick(now)
@@ -172,7 +223,7 @@ class Worker:
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
             accepted += 1
-        self.accepted += accepted
+        self.counters.accepted += accepted
         if not accepted:
             self.empty_wakeups += 1
         if len(self.conns) >= self.cfg.max_connections:
@@ -210,6 +261,14 @@ class Worker:
         else:
             self.epoll.modify(conn.fd, EPOLLIN)
 
+    def _protocol_error(self, conn: Conn, out: bytes) -> None:
+        self.answered -= 1  # the error line is not an answer
+        if out.endswith(TOO_LONG):
+            self.counters.too_long += 1
+        elif out.endswith(NOT_ASCII):
+            self.counters.not_ascii += 1
+        self._close_after_flush(conn)
+
     def _close_after_flush(self, conn: Conn) -> None:
         """Close once the answers owed are sent; until then nothing more is read."""
         conn.state = CLOSE_AFTER_FLUSH
@@ -238,7 +297,7 @@ class Worker:
     def _forget(self, conn: Conn) -> None:
         del self.conns[conn.fd]
         conn.sock.close()  # also leaves the epoll set
-        if not self.accepting and not self.stopping and len(self.conns) < self.cfg.max_connections:
+        if not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections:
             self._start_accepting()
 
     # --- timers and signals --------------------------------------------
@@ -247,6 +306,26 @@ class Worker:
         if os.getppid() != self.master_pid:
             log.warning("master %d is gone: exiting", self.master_pid)
             return 1
+        self._expire(now)
+        max_requests = self.spec.max_requests
+        if max_requests and self.state == SERVING and self.counters.answered + self.answered >= max_requests:
+            log.info("served %d questions (max_requests): retiring", max_requests)
+            self._drain(now)
+        self._publish(now)
+        if self.state != SERVING:
+            if not self.conns:
+                return self._exit_code()
+            if now >= self.deadline:
+                if self.state == DRAINING:
+                    self._stop(now)  # drain time is up: close what is left
+                else:
+                    log.warning("%d connections still open at graceful_timeout: closing them",
+                                len(self.conns))
+                    return self._exit_code()
+        return None
+
+    def _expire(self, now: float) -> None:
+        """Close idle connections and forget lingering ones that took too long."""
         idle_limit = now - self.cfg.idle_timeout
         linger_limit = now - LINGER_SECONDS
         for conn in list(self.conns.values()):
@@ -254,13 +333,11 @@ class Worker:
                 if conn.last < linger_limit:
                     self._forget(conn)
             elif conn.last < idle_limit:
+                self.counters.timeouts += 1
                 if conn.out:  # it has not read its answers for that long: give up
                     self._forget(conn)
                 else:
                     self._close_after_flush(conn)
-        if self.stopping and (not self.conns or now >= self.deadline):
-            return self._exit_code()
-        return None
 
     def _handle_signals(self, now: float) -> int | None:
         try:
@@ -271,22 +348,40 @@ class Worker:
         signals, self.pending_signals = self.pending_signals, []
         for signum in signals:
             if signum == signal.SIGTERM:
-                self._graceful_stop(now)
+                self._stop(now)
+            elif signum == signal.SIGUSR2:
+                self._drain(now)
+            elif signum == signal.SIGUSR1:
+                logs.setup(self.cfg.log_file, self.cfg.log_level)
+                log.info("log file reopened")
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
-        if self.stopping and not self.conns:
+        if self.state != SERVING and not self.conns:
             return self._exit_code()
         return None
 
-    def _graceful_stop(self, now: float) -> None:
-        """SIGTERM: answer every complete question already received, then close."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.deadline = now + self.cfg.graceful_timeout
+    def _close_listeners(self) -> None:
         self._stop_accepting()
         for sock in self.listeners.values():
             sock.close()  # our copy only: never shutdown() a shared listener
+        self.listeners = {}
+
+    def _drain(self, now: float) -> None:
+        """Retire: accept no more, keep serving until clients leave or graceful_timeout."""
+        if self.state != SERVING:
+            return
+        self._close_listeners()
+        self.deadline = now + self.cfg.graceful_timeout
+        self._set_state(DRAINING, now)
+
+    def _stop(self, now: float) -> None:
+        """TERM: answer every complete question already received, then close."""
+        if self.state == STOPPING:
+            return
+        # From serving: graceful_timeout to finish; from an expired drain: time to flush.
+        self.deadline = now + (self.cfg.graceful_timeout if self.state == SERVING else LINGER_SECONDS)
+        self._close_listeners()
+        self._set_state(STOPPING, now)
         for conn in list(self.conns.values()):
             if conn.state == OPEN:
                 self._answer_received(conn)
@@ -316,23 +411,18 @@ class Worker:
             self._close(conn)
 
     def _exit_code(self) -> int:
+        self._publish(time.monotonic())  # the master folds our last counters into its totals
         log.info(
-            "exiting: %d connections accepted in %d listener wake-ups (%d empty)",
-            self.accepted, self.accept_wakeups, self.empty_wakeups,
+            "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered",
+            self.counters.accepted, self.accept_wakeups, self.empty_wakeups, self.counters.answered,
         )
         return 0
 
 
-def run_worker(
-    number: int, generation: int, listeners: list[socket.socket], cfg: Config, master_pid: int,
-    cleanup: Callable[[], None],
-) -> None:
-    """Entry point in the forked child: never returns into the master's code."""
-    code = 1
-    try:
-        cleanup()
-        code = Worker(number, generation, listeners, cfg, master_pid).run()
-    except BaseException:
-        log.exception("worker crashed")
-    finally:
-        os._exit(code)
+def run_worker(spec: WorkerSpec) -> int:
+    """Serve until told to stop; the exit code for os._exit()."""
+    if os.environ.get("LANCELOTD_TEST_FAIL_BOOT") == str(spec.generation):
+        # Fault injection for the tests of boot back-off and failed reloads.
+        log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT=%d)", spec.generation)
+        return 3
+    return Worker(spec).run()

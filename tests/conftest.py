@@ -39,7 +39,8 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
 class Daemon:
     """One `lancelotd serve` process tree started by a test."""
 
-    def __init__(self, tmp: Path, args: list[str], config: str | None, env: dict[str, str] | None) -> None:
+    def __init__(self, tmp: Path, args: list[str], config: str | None, env: dict[str, str] | None,
+                 default_bind: bool = True) -> None:
         self.tmp = tmp
         self.pid_file = tmp / "lancelotd.pid"
         self.log_file = tmp / "lancelotd.log"
@@ -48,7 +49,7 @@ class Daemon:
         if config is not None:
             self.config_file.write_text(config)
             cmd += ["-c", str(self.config_file)]
-        if not any(a in ("-b", "--bind") for a in args):
+        if default_bind and not any(a in ("-b", "--bind") for a in args):
             cmd += ["-b", "127.0.0.1:0"]
         self.cmd = cmd + args
         self.stderr = open(self.log_file, "ab")
@@ -77,8 +78,10 @@ class Daemon:
         return self
 
     def wait_workers(self, count: int, timeout: float = 10.0) -> list[psutil.Process]:
-        return wait_for(lambda: (w := self.workers()) if len(w) == count else None,
-                        timeout, f"{count} workers")  # type: ignore[return-value]
+        def exactly_count() -> list[psutil.Process] | None:
+            workers = self.workers()
+            return workers if len(workers) == count else None
+        return wait_for(exactly_count, timeout, f"{count} workers")  # type: ignore[return-value]
 
     def workers(self) -> list[psutil.Process]:
         try:
@@ -152,17 +155,22 @@ def recv_all(sock: socket.socket) -> bytes:
 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """start_daemon(*args, config=TOML, wait=True, workers=N) -> a ready Daemon."""
+    """start_daemon(*args, config=TOML, wait=True, workers=N) -> a ready Daemon.
+
+    Unless args hold -b, the daemon listens on 127.0.0.1:0 through `-b`, which
+    a reload keeps; pass default_bind=False to let the config's [server] bind rule.
+    """
     started: list[Daemon] = []
 
     def start(*args: str, config: str | None = None, wait: bool = True, workers: int | None = None,
-              env: dict[str, str] | None = None, subdir: str | None = None) -> Daemon:
+              env: dict[str, str] | None = None, subdir: str | None = None,
+              default_bind: bool = True) -> Daemon:
         tmp = tmp_path / (subdir or f"d{len(started)}")
         tmp.mkdir(exist_ok=True)
         extra = list(args)
         if workers is not None and "-w" not in extra:
             extra += ["-w", str(workers)]
-        daemon = Daemon(tmp, extra, config, env)
+        daemon = Daemon(tmp, extra, config, env, default_bind)
         started.append(daemon)
         if wait:
             daemon.wait_ready(workers=workers)
