@@ -32,6 +32,7 @@ from .logs import log
 from .scoreboard import DRAINING, SLOTS, STARTING, STATE_NAMES, Counters, Header, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
 from .sockets import BindError, bind, format_address
+from .systemd import Notifier, listen_fds
 from .worker import WorkerSpec, run_worker
 
 # The signal table: every signal the master acts on, and its handler.
@@ -51,7 +52,9 @@ KILL_GRACE = 1.0  # how long a stop waits past its timeout before SIGKILL
 RELOAD_TIMEOUT = 30.0  # a new generation not serving by then is abandoned
 UPGRADE_TIMEOUT = 30.0  # a new master not ready by then is abandoned
 ENV_INHERIT = "LANCELOTD_INHERIT_FDS"  # "fd=address,..." handed over by USR2
-ENV_READY_FD = "LANCELOTD_UPGRADE_READY_FD"  # new master writes here once serving
+ENV_READY_FD = "LANCELOTD_READY_FD"  # we write "1" here once serving (USR2, --daemon)
+ACTIVATED = "systemd "  # key prefix of sockets from socket activation
+STATUS_EVERY = 5.0  # seconds between STATUS= refreshes for systemctl status
 
 
 class StartError(Exception):
@@ -89,6 +92,7 @@ class Arbiter:
         self.cfg = cfg
         self.load_config = load_config  # for reloads: the file plus command-line overrides
         self.pid = os.getpid()
+        self.cwd = os.getcwd()  # where a USR2 re-exec runs our command line again
         self.listeners: dict[str, socket.socket] = {}  # configured address -> socket
         self.workers: dict[int, WorkerProc] = {}
         self.generation = 1
@@ -108,19 +112,31 @@ class Arbiter:
 
     # --- start ---------------------------------------------------------
 
-    def start(self) -> None:
-        """Everything that can fail at start, before any worker exists."""
+    def prepare(self) -> None:
+        """Claim the PID file and get the listening sockets (before --daemon detaches)."""
         raise_nofile_limit()
         try:
             if self.cfg.pid_file:
                 pidfile.claim(self.cfg.pid_file)
-            self.listeners = open_listeners(self.cfg, inherited_listeners())
+            inherited = inherited_listeners() or {
+                ACTIVATED + format_address(sock.getsockname()): sock for sock in listen_fds()}
+            self.listeners = open_listeners(self.cfg, inherited)
         except (pidfile.AlreadyRunning, BindError) as e:
             raise StartError(str(e)) from None
         except OSError as e:
             raise StartError(f"cannot use PID file {self.cfg.pid_file}: {e.strerror}") from None
+        self.close_listeners(inherited, keep=self.listeners)
+        for address, sock in self.listeners.items():
+            if address in inherited:
+                log.info("listening on %s (inherited)", format_address(sock.getsockname()))
+
+    def start(self) -> None:
+        """Write the PID file and prepare the loop, as the process that will run it."""
+        self.pid = self.header.master_pid = os.getpid()
         ready_fd = os.environ.pop(ENV_READY_FD, None)
         self.ready_fd = int(ready_fd) if ready_fd else None
+        self.notifier = Notifier()
+        self.next_status = 0.0
         try:
             self.board = Scoreboard.create(scoreboard_path(self.cfg.pid_file) if self.cfg.pid_file else None)
             if self.cfg.pid_file:
@@ -175,6 +191,7 @@ class Arbiter:
         readable, _, _ = select.select(watched, [], [], 0.05 if busy else 0.5)
         if self.events_r in readable:
             drain(self.events_r)
+        self.notifier.watchdog(time.monotonic())  # only a loop that turns sends it
         if self.upgrade and self.upgrade.ready_r in readable:
             self.upgrade_answered()
         return [signum for signum in drain(self.sig_r) if signum in SIGNALS]
@@ -191,9 +208,11 @@ class Arbiter:
         pass  # reap() runs after every wake-up anyway
 
     def handle_term(self) -> None:
+        self.notifier.stopping()
         self.begin_stop("graceful", signal.SIGTERM, self.cfg.graceful_timeout + KILL_GRACE)
 
     def handle_int(self) -> None:
+        self.notifier.stopping()
         self.begin_stop("fast", signal.SIGQUIT, KILL_GRACE)
 
     handle_quit = handle_int
@@ -204,6 +223,7 @@ class Arbiter:
             log.info("reload requested while one is under way: queued")
             return
         log.info("reloading %s", self.config_name())
+        self.notifier.reloading()
         try:
             cfg = self.load_config()
         except ConfigError as e:
@@ -298,8 +318,9 @@ class Arbiter:
             signal.set_wakeup_fd(-1)
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
-            for fd in (self.sig_r, self.sig_w, self.events_r):
-                os.close(fd)
+            for fd in (self.sig_r, self.sig_w, self.events_r, self.ready_fd):
+                if fd is not None:
+                    os.close(fd)
             others = [*self.listeners.values(), *(self.reload.listeners.values() if self.reload else ())]
             for sock in others:
                 if sock not in spec.listeners:
@@ -384,6 +405,7 @@ class Arbiter:
         """Our first workers serve: tell whoever waits for it (USR2's old master)."""
         self.announced_ready = True
         log.info("ready: %d workers serving", self.target)
+        self.notifier.ready(self.status_line())
         if self.ready_fd is not None:
             try:
                 os.write(self.ready_fd, b"1")
@@ -402,10 +424,27 @@ class Arbiter:
         for pid in list(self.workers):
             self.kill(pid, signum)
 
-    def publish(self) -> None:
+    def publish(self, force_status: bool = False) -> None:
+        """The header for `lancelotd status`; now and then a STATUS= line for systemd."""
         self.header.generation = self.generation
         self.header.workers_target = self.target
         self.board.write_header(self.header)
+        now = time.monotonic()
+        if self.notifier.enabled and (force_status or now >= self.next_status):
+            self.next_status = now + STATUS_EVERY
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        answered = self.header.retired.answered + sum(
+            slot.counters.answered for _, slot in self.board.slots() if slot.counters)
+        last = "none"
+        if self.header.reloads:
+            when = time.strftime("%H:%M:%S", time.localtime(self.header.last_reload))
+            last = f"{'ok' if self.header.last_reload_ok else 'FAILED'} at {when}"
+            if not self.header.last_reload_ok:
+                last += f" ({self.last_reload_message})"
+        return (f"gen {self.generation}, {len(self.serving())} workers, {answered} questions answered, "
+                f"last reload: {last}")
 
     # --- reload --------------------------------------------------------
 
@@ -458,6 +497,7 @@ class Arbiter:
         self.header.last_reload = time.time()
         self.header.last_reload_ok = int(ok)
         self.last_reload_message = why
+        self.notifier.ready(self.status_line())  # done, or refused: systemd waits for this
 
     def close_listeners(self, listeners: dict[str, socket.socket],
                         keep: dict[str, socket.socket] | None = None) -> None:
@@ -482,7 +522,7 @@ class Arbiter:
             os.replace(pid_file, pid_file + ".oldbin")  # the new master writes its own
         argv = [sys.executable, *sys.orig_argv[1:]]
         try:
-            proc = subprocess.Popen(argv, pass_fds=[*fds, ready_w], env=env)
+            proc = subprocess.Popen(argv, pass_fds=[*fds, ready_w], env=env, cwd=self.cwd)
         except OSError as e:
             os.close(ready_r)
             self.restore_pid_file()
@@ -505,6 +545,8 @@ class Arbiter:
             return  # EOF: the new master died; reap() will say how
         os.close(upgrade.ready_r)
         log.info("upgrade: new master %d is ready; retiring our workers", upgrade.proc.pid)
+        # systemd follows the new master as the service's main process.
+        self.notifier.main_pid(upgrade.proc.pid)
         self.upgrade = None
         self.stopping = "upgraded"
         self.stop_deadline = time.monotonic() + self.cfg.graceful_timeout + KILL_GRACE
@@ -587,8 +629,12 @@ def inherited_listeners() -> dict[str, socket.socket]:
 def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
     """Sockets for cfg.bind: existing ones reused (their queues survive), the rest bound.
 
-    On failure the sockets bound here are closed and `existing` is untouched.
+    Sockets from socket activation are kept as they are: the socket unit, not
+    the config, says where to listen.  On failure the sockets bound here are
+    closed and `existing` is untouched.
     """
+    if any(address.startswith(ACTIVATED) for address in existing):
+        return dict(existing)
     listeners: dict[str, socket.socket] = {}
     try:
         for address in cfg.bind:

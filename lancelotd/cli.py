@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from . import __version__, config, pidfile
+from . import __version__, config, logs, pidfile
 from .logs import log
 from .logs import setup as setup_logging
 from .sockets import parse_address
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
     serve.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")
     serve.add_argument("--log-level", choices=config.LOG_LEVELS, help="log level")
+    serve.add_argument("--daemon", action="store_true",
+                       help="detach into the background (returns once the master is listening)")
 
     check = sub.add_parser("check-config", help="validate a config file: 'ok' or every problem")
     with_config(check)
@@ -103,14 +105,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .arbiter import Arbiter, StartError
+    from .arbiter import ENV_READY_FD, Arbiter, StartError
+    from .daemonize import detach, report_failure
+
+    start_dir = os.getcwd()
+
+    def absolute(path: str) -> str:
+        """Paths mean what they meant at start, after --daemon's chdir("/") too."""
+        return path and os.path.join(start_dir, path)
+
+    if args.config:
+        args.config = absolute(args.config)
 
     def configure() -> config.Config:
         """The config file with the command line's options on top (again on each reload)."""
-        return load_config(args).with_overrides(
+        cfg = load_config(args).with_overrides(
             bind=args.bind, workers=args.workers, pid_file=args.pid_file,
             log_file=args.log_file, log_level=args.log_level,
         )
+        return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file))
 
     try:
         cfg = configure()
@@ -125,9 +138,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     arbiter = Arbiter(cfg, configure)
     try:
+        arbiter.prepare()
+        if args.daemon and ENV_READY_FD not in os.environ:  # (a USR2 re-exec is detached already)
+            code = detach([*(s.fileno() for s in arbiter.listeners.values()), *logs.open_fds()])
+            if code is not None:
+                return code
         arbiter.start()
     except StartError as e:
         log.error("%s", e)
+        report_failure(str(e))
         if cfg.log_file:  # the operator at the terminal sees it too
             print(f"lancelotd: {e}", file=sys.stderr)
         return 1

@@ -23,6 +23,16 @@ def set_role(role: str) -> None:
     _role = role
 
 
+def open_fds() -> list[int]:
+    """Descriptors our log handlers write to (python-daemon must keep them)."""
+    fds = []
+    for handler in log.handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and hasattr(stream, "fileno"):
+            fds.append(stream.fileno())
+    return fds
+
+
 def setup(log_file: str, level: str) -> None:
     """Send lancelotd's log to `log_file` (appended) or to stderr when empty.
 
