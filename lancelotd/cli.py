@@ -177,10 +177,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 3
     proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except psutil.TimeoutExpired:
-        print(f"lancelotd: master {proc.pid} still running after {args.timeout:g}s", file=sys.stderr)
-        return 1
+    while is_alive(proc):
+        if time.monotonic() > deadline:
+            print(f"lancelotd: master {proc.pid} still running after {args.timeout:g}s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
     print(f"stopped master {proc.pid}")
     return 0
+
+
+def is_alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (an exited master its parent has not reaped yet)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -68,7 +68,10 @@ class Daemon:
         def pid_file_or_exit() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"lancelotd exited with {self.proc.returncode}:\n{self.log()}")
-            return self.pid_file.exists()
+            try:  # a stale file from an earlier process does not count
+                return int(self.pid_file.read_text()) == self.proc.pid
+            except (OSError, ValueError):
+                return False
         wait_for(pid_file_or_exit, timeout, "the PID file")
         match = LISTENING.search(self.log())
         assert match, self.log()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Remove what systemd/install.sh installed (run as root; safe to run again).
+#   systemd/uninstall.sh          keeps /etc/lancelotd (your config)
+#   systemd/uninstall.sh --purge  removes it too
+set -euo pipefail
+PREFIX=${PREFIX:-/opt/lancelotd}
+[ "$(id -u)" = 0 ] || { echo "uninstall.sh: run as root" >&2; exit 1; }
+if [ -d /run/systemd/system ]; then
+    systemctl disable --now lancelotd.socket lancelotd.service 2>/dev/null || true
+fi
+rm -f /etc/systemd/system/lancelotd.service /etc/systemd/system/lancelotd.socket /etc/logrotate.d/lancelotd
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+fi
+rm -rf "$PREFIX"
+if [ "${1:-}" = "--purge" ]; then
+    rm -rf /etc/lancelotd
+fi
+echo "uninstall.sh: removed"
