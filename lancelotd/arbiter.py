@@ -29,6 +29,7 @@ from setproctitle import setproctitle
 from . import logs, pidfile
 from .config import Config, ConfigError
 from .logs import log
+from .metrics import MetricsServer, ScoreboardCollector
 from .scoreboard import DRAINING, SLOTS, STARTING, STATE_NAMES, Counters, Header, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
 from .sockets import BindError, bind, format_address
@@ -108,6 +109,7 @@ class Arbiter:
         self.stopping: str | None = None  # None, "graceful", "fast" or "upgraded"
         self.stop_deadline = 0.0
         self.pid_file_written = False
+        self.metrics: MetricsServer | None = None
         self.last_reload_message = ""
 
     # --- start ---------------------------------------------------------
@@ -145,10 +147,20 @@ class Arbiter:
         except OSError as e:
             self.close_listeners(self.listeners)
             raise StartError(f"cannot write PID file {self.cfg.pid_file}: {e.strerror}") from None
+        if self.cfg.metrics_bind:
+            try:
+                self.metrics = self.open_metrics(self.cfg)
+            except BindError as e:
+                self.cleanup()
+                raise StartError(f"metrics: {e}") from None
         self.events_r, self.events_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._install_signals()
         self.set_title()
         log.info("master started: %d workers, config %s", self.cfg.workers, self.config_name())
+
+    def open_metrics(self, cfg: Config) -> MetricsServer:
+        collector = ScoreboardCollector(self.board, self.board.read_header, self.pid)
+        return MetricsServer(cfg.metrics_bind, 64, collector)
 
     def _install_signals(self) -> None:
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -188,7 +200,11 @@ class Arbiter:
         """Sleep until a signal, a worker event or the next check; the signals received."""
         busy = self.stopping or self.reload or self.upgrade or self.missing() or not self.announced_ready
         watched = [self.sig_r, self.events_r] + ([self.upgrade.ready_r] if self.upgrade else [])
+        if self.metrics:
+            watched += self.metrics.fds()
         readable, _, _ = select.select(watched, [], [], 0.05 if busy else 0.5)
+        if self.metrics:
+            self.metrics.handle(readable)
         if self.events_r in readable:
             drain(self.events_r)
         self.notifier.watchdog(time.monotonic())  # only a loop that turns sends it
@@ -325,6 +341,8 @@ class Arbiter:
             for sock in others:
                 if sock not in spec.listeners:
                     sock.close()
+            if self.metrics:
+                self.metrics.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             code = run_worker(spec)
         except BaseException:
@@ -428,6 +446,7 @@ class Arbiter:
         """The header for `lancelotd status`; now and then a STATUS= line for systemd."""
         self.header.generation = self.generation
         self.header.workers_target = self.target
+        self.header.reload_pending = int(bool(self.reload or self.reload_queued))
         self.board.write_header(self.header)
         now = time.monotonic()
         if self.notifier.enabled and (force_status or now >= self.next_status):
@@ -460,6 +479,8 @@ class Arbiter:
     def commit_reload(self, reload: Reload) -> None:
         old_generation = self.generation
         self.close_listeners(self.listeners, keep=reload.listeners)
+        if reload.cfg.metrics_bind != self.cfg.metrics_bind:
+            self.move_metrics(reload.cfg)
         self.cfg, self.generation, self.listeners = reload.cfg, reload.generation, reload.listeners
         self.target = reload.cfg.workers
         self.reload = None
@@ -471,6 +492,16 @@ class Arbiter:
                  self.generation, self.target, old_generation)
         self.set_title()
         self.run_queued_reload()
+
+    def move_metrics(self, cfg: Config) -> None:
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        if cfg.metrics_bind:
+            try:
+                self.metrics = self.open_metrics(cfg)
+            except BindError as e:
+                log.error("metrics: %s; metrics are off until the next reload", e)
 
     def abort_reload(self, why: str) -> None:
         reload = self.reload
@@ -497,6 +528,8 @@ class Arbiter:
         self.header.last_reload = time.time()
         self.header.last_reload_ok = int(ok)
         self.last_reload_message = why
+        self.board.write_message(why)
+        self.publish()
         self.notifier.ready(self.status_line())  # done, or refused: systemd waits for this
 
     def close_listeners(self, listeners: dict[str, socket.socket],
@@ -521,11 +554,13 @@ class Arbiter:
         if pid_file and os.path.exists(pid_file):
             os.replace(pid_file, pid_file + ".oldbin")  # the new master writes its own
         argv = [sys.executable, *sys.orig_argv[1:]]
+        self.move_metrics(Config(metrics_bind=""))  # the new master binds it again
         try:
             proc = subprocess.Popen(argv, pass_fds=[*fds, ready_w], env=env, cwd=self.cwd)
         except OSError as e:
             os.close(ready_r)
             self.restore_pid_file()
+            self.move_metrics(self.cfg)
             log.error("upgrade failed: cannot start %s: %s", argv[0], e.strerror)
             return
         finally:
@@ -567,6 +602,7 @@ class Arbiter:
         self.upgrade = None
         os.close(upgrade.ready_r)
         self.restore_pid_file()
+        self.move_metrics(self.cfg)
         self.set_title()
         log.error("upgrade failed: %s; this master keeps serving", why)
         self.run_queued_reload()
@@ -605,6 +641,8 @@ class Arbiter:
             for pid in list(self.workers):
                 _waitpid_quietly(pid)
         self.close_listeners(self.listeners)
+        if self.metrics:
+            self.metrics.close()
         if self.reload:
             self.close_listeners(self.reload.listeners, keep=self.listeners)
         if self.pid_file_written:

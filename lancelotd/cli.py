@@ -10,13 +10,14 @@ import time
 
 import psutil
 
-from . import __version__, config, logs, pidfile
+from . import __version__, config, logs, status
 from .logs import log
 from .logs import setup as setup_logging
+from .scoreboard import Scoreboard
 from .sockets import parse_address
 
 SYSTEM_CONFIG = "/etc/lancelotd/lancelotd.toml"
-COMMANDS = ("serve", "check-config", "stop", "reload")
+COMMANDS = ("serve", "check-config", "status", "stop", "reload")
 
 
 def default_config_path() -> str | None:
@@ -69,14 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file: 'ok' or every problem")
     with_config(check)
 
-    for name, what in (("stop", "stop the running master (graceful; waits until it has exited)"),
-                       ("reload", "tell the running master to reload its config (SIGHUP)")):
-        p = sub.add_parser(name, help=what)
+    status = sub.add_parser(
+        "status", help="show the master and every worker (exit 0 running, 1 dead, 3 stopped, 4 unknown)")
+    stop = sub.add_parser("stop", help="stop the running master (graceful; waits until it has exited)")
+    reload = sub.add_parser("reload", help="reload the config (SIGHUP); waits until the new workers serve")
+    for p in (status, stop, reload):
         with_config(p)
         p.add_argument("--pid-file", metavar="PATH", help="the master's PID file (default: the config's)")
-        if name == "stop":
-            p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
-            p.add_argument("--fast", action="store_true", help="fast stop (SIGQUIT) instead of graceful")
+    status.add_argument("--json", action="store_true", help="machine-readable output (schema in the README)")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until ^C")
+    for p, default in ((stop, 60.0), (reload, 60.0)):
+        p.add_argument("--timeout", type=float, default=default, help=f"seconds to wait ({default:g})")
+        p.add_argument("--no-wait", action="store_true", help="send the signal and return at once")
+    stop.add_argument("--fast", action="store_true", help="fast stop (SIGQUIT) instead of graceful")
     return parser
 
 
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
-    return {"serve": cmd_serve, "check-config": cmd_check_config, "stop": cmd_stop,
+    return {"serve": cmd_serve, "check-config": cmd_check_config, "status": cmd_status, "stop": cmd_stop,
             "reload": cmd_reload}[args.command](args)
 
 
@@ -153,29 +159,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return arbiter.run()
 
 
-def _master(args: argparse.Namespace) -> tuple[psutil.Process | None, str]:
-    path = args.pid_file
-    if path is None:
-        path = load_config(args).pid_file
-    return pidfile.master_process(path), path
+def pid_file_of(args: argparse.Namespace) -> str:
+    if args.pid_file is not None:
+        return args.pid_file
+    try:
+        return load_config(args).pid_file
+    except config.ConfigError:
+        return config.Config().pid_file  # a broken config must not hide a running master
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return status.run(pid_file_of(args), args.json, args.watch)
+
+
+def find_master(args: argparse.Namespace) -> tuple[psutil.Process, Scoreboard] | int:
+    """The running master and its scoreboard, or the exit code after saying why not."""
+    try:
+        return status.find_master(pid_file_of(args))
+    except status.StatusError as e:
+        print(f"lancelotd: {e}", file=sys.stderr)
+        return e.code
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    proc, path = _master(args)
-    if proc is None:
-        print(f"lancelotd: not running (no live master in PID file {path})", file=sys.stderr)
-        return 3
+    found = find_master(args)
+    if isinstance(found, int):
+        return found
+    proc, board = found
+    before = board.read_header().reloads
     proc.send_signal(signal.SIGHUP)
-    print(f"sent SIGHUP to master {proc.pid}")
-    return 0
+    if args.no_wait:
+        print(f"sent SIGHUP to master {proc.pid}")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while True:
+        header = board.read_header()
+        if header.reloads > before and not header.reload_pending:
+            break
+        if not is_alive(proc):
+            print(f"lancelotd: master {proc.pid} exited during the reload", file=sys.stderr)
+            return 1
+        if time.monotonic() > deadline:
+            print(f"lancelotd: reload not finished after {args.timeout:g}s", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    if header.last_reload_ok:
+        print(f"reloaded: {board.read_message()}")
+        return 0
+    print(f"lancelotd: reload failed: {board.read_message()}", file=sys.stderr)
+    return 1
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    proc, path = _master(args)
-    if proc is None:
-        print(f"lancelotd: not running (no live master in PID file {path})", file=sys.stderr)
-        return 3
+    found = find_master(args)
+    if isinstance(found, int):
+        return found
+    proc, _ = found
     proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
+    if args.no_wait:
+        return 0
     deadline = time.monotonic() + args.timeout
     while is_alive(proc):
         if time.monotonic() > deadline:

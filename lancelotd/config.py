@@ -42,6 +42,7 @@ class Config:
     workers: int = field(default_factory=cpu_count)
     backlog: int = 4096
     pid_file: str = field(default_factory=default_pid_file)
+    metrics_bind: str = ""
     unknown_answer: str = "I don't know that."
     max_question_bytes: int = 1024
     idle_timeout: float = 60.0
@@ -117,6 +118,12 @@ def _binds(v: Any) -> str | None:
     return None
 
 
+def _optional_address(v: Any) -> str | None:
+    if v == "":
+        return None
+    return _binds([v]) if isinstance(v, str) else f"must be \"HOST:PORT\" or \"\", not {v!r}"
+
+
 def _answer_text(v: Any) -> str | None:
     if not isinstance(v, str):
         return f"must be a string, not {v!r}"
@@ -134,6 +141,7 @@ SETTINGS: dict[tuple[str, str], tuple[str, Callable[[Any], str | None]]] = {
     ("server", "workers"): ("workers", _workers),
     ("server", "backlog"): ("backlog", _positive_int),
     ("server", "pid_file"): ("pid_file", _string),
+    ("server", "metrics_bind"): ("metrics_bind", _optional_address),
     ("protocol", "unknown_answer"): ("unknown_answer", _answer_text),
     ("protocol", "max_question_bytes"): ("max_question_bytes", _positive_int),
     ("protocol", "idle_timeout"): ("idle_timeout", _positive_number),

@@ -60,6 +60,7 @@ class Slot:
     started: float = 0.0  # wall-clock time.time()
     heartbeat: float = 0.0  # time.monotonic() of the last loop tick
     connections: int = 0
+    rate: float = 0.0  # questions answered per second over the last tick
     counters: Counters | None = None
 
 
@@ -76,16 +77,19 @@ class Header:
     replaced_crashed: int = 0
     replaced_hung: int = 0
     recycled: int = 0
+    reload_pending: int = 0  # 1 while a reload runs or waits: `lancelotd reload` waits for 0
     retired: Counters | None = None  # totals of workers that have exited
 
 
 # q = 8-byte words throughout, d for times.
-SLOT_FMT = "<qqqqddq" + "q" * len(COUNTER_NAMES)
+SLOT_FMT = "<qqqqddqd" + "q" * len(COUNTER_NAMES)
 SLOT_SIZE = 128
-HEADER_FMT = "<8sqdqqqqdqqqq" + "q" * len(COUNTER_NAMES)
+HEADER_FMT = "<8sqdqqqqdqqqqq" + "q" * len(COUNTER_NAMES)
 HEADER_SIZE = 256
+MESSAGE_SIZE = 1024  # the last reload's result, for `lancelotd reload` to print
+SLOTS_AT = HEADER_SIZE + MESSAGE_SIZE
 assert struct.calcsize(SLOT_FMT) <= SLOT_SIZE and struct.calcsize(HEADER_FMT) <= HEADER_SIZE
-SIZE = HEADER_SIZE + SLOTS * SLOT_SIZE
+SIZE = SLOTS_AT + SLOTS * SLOT_SIZE
 
 
 def path_for(pid_file: str) -> str:
@@ -129,14 +133,14 @@ class Scoreboard:
     def write_slot(self, index: int, slot: Slot) -> None:
         c = slot.counters or Counters()
         struct.pack_into(
-            SLOT_FMT, self.mem, HEADER_SIZE + index * SLOT_SIZE,
+            SLOT_FMT, self.mem, SLOTS_AT + index * SLOT_SIZE,
             slot.pid, slot.number, slot.generation, slot.state, slot.started, slot.heartbeat,
-            slot.connections, *(getattr(c, name) for name in COUNTER_NAMES),
+            slot.connections, slot.rate, *(getattr(c, name) for name in COUNTER_NAMES),
         )
 
     def read_slot(self, index: int) -> Slot:
-        values = struct.unpack_from(SLOT_FMT, self.mem, HEADER_SIZE + index * SLOT_SIZE)
-        return Slot(*values[:7], counters=Counters(*values[7:]))  # type: ignore[arg-type]
+        values = struct.unpack_from(SLOT_FMT, self.mem, SLOTS_AT + index * SLOT_SIZE)
+        return Slot(*values[:8], counters=Counters(*values[8:]))  # type: ignore[arg-type]
 
     def free_slot(self) -> int:
         for index in range(SLOTS):
@@ -160,12 +164,27 @@ class Scoreboard:
         struct.pack_into(
             HEADER_FMT, self.mem, 0, MAGIC, h.master_pid, h.started, h.generation, h.workers_target,
             h.reloads, h.reload_failures, h.last_reload, h.last_reload_ok, h.replaced_crashed,
-            h.replaced_hung, h.recycled, *(getattr(c, name) for name in COUNTER_NAMES),
+            h.replaced_hung, h.recycled, h.reload_pending, *(getattr(c, name) for name in COUNTER_NAMES),
         )
 
     def read_header(self) -> Header:
         values = struct.unpack_from(HEADER_FMT, self.mem, 0)
-        return Header(*values[1:12], retired=Counters(*values[12:]))  # type: ignore[arg-type]
+        return Header(*values[1:13], retired=Counters(*values[13:]))  # type: ignore[arg-type]
+
+    def write_message(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")[: MESSAGE_SIZE - 1]
+        self.mem[HEADER_SIZE:SLOTS_AT] = data + bytes(MESSAGE_SIZE - len(data))
+
+    def read_message(self) -> str:
+        return self.mem[HEADER_SIZE:SLOTS_AT].rstrip(b"\0").decode("utf-8", "replace")
+
+    def totals(self) -> Counters:
+        """Every worker's counters, the retired ones included."""
+        total = Counters()
+        total.add(self.read_header().retired or Counters())
+        for _, slot in self.slots():
+            total.add(slot.counters or Counters())
+        return total
 
     def remove_file_if_ours(self) -> None:
         """Remove the file unless a newer master (USR2) has put its own there."""

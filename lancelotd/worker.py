@@ -89,6 +89,7 @@ class Worker:
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = time.time()
+        self.published_at = time.monotonic()
         # accept statistics, logged at exit: wake-ups per accepted connection
         self.accept_wakeups = 0
         self.empty_wakeups = 0
@@ -143,6 +144,9 @@ class Worker:
     def _publish(self, now: float) -> None:
         """Write this worker's slot: heartbeat and counters (once per tick)."""
         c = self.counters
+        elapsed = now - self.published_at
+        rate = self.answered / elapsed if elapsed > 0 else 0.0
+        self.published_at = now
         c.answered += self.answered
         c.bytes_in += self.bytes_in
         c.bytes_out += self.bytes_out
@@ -150,7 +154,7 @@ class Worker:
         c.unknown = self.table.unknown_count
         self.spec.board.write_slot(self.spec.slot, Slot(
             os.getpid(), self.number, self.generation, self.state, self.started, now,
-            len(self.conns), c,
+            len(self.conns), rate, c,
         ))
 
     def _loop(self) -> int:

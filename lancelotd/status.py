@@ -1,0 +1,284 @@
+"""`lancelotd status`: what every process is doing, from the PID file alone.
+
+The PID file names the master; the scoreboard beside it holds what the
+workers publish; psutil adds CPU and memory; /proc/net/tcp gives each
+listening socket's accept-queue depth.  Exit codes follow LSB:
+0 running, 1 dead but PID file exists, 3 not running, 4 unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import psutil
+
+from . import pidfile
+from .scoreboard import STATE_NAMES, Counters, Scoreboard
+from .scoreboard import path_for as scoreboard_path
+
+RUNNING, DEAD, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
+SCHEMA = 1
+ERROR_KINDS = ("unknown", "too_long", "not_ascii", "timeouts")
+
+
+class StatusError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
+    """The live master and its scoreboard, or StatusError saying what is wrong."""
+    try:
+        pid = pidfile.read(pid_file)
+    except PermissionError:
+        raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: permission denied") from None
+    except ValueError:
+        pid = None
+    if pid is None:
+        if os.path.exists(pid_file):
+            raise StatusError(UNKNOWN, f"PID file {pid_file} does not hold a PID")
+        raise StatusError(NOT_RUNNING, f"not running (no PID file {pid_file})")
+    proc = pidfile.master_process(pid_file)
+    if proc is None:
+        if not psutil.pid_exists(pid):
+            why = "which is not running"
+        else:
+            why = "which is not lancelotd"
+        raise StatusError(DEAD, f"dead: PID file {pid_file} names PID {pid}, {why} (stale)")
+    try:
+        board = Scoreboard.open(scoreboard_path(pid_file))
+    except (OSError, ValueError) as e:
+        raise StatusError(UNKNOWN, f"master {pid} is running but its scoreboard is unreadable: {e}") from None
+    return proc, board
+
+
+def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
+    """Everything `status` shows, as plain data (the --json schema, documented in the README)."""
+    header = board.read_header()
+    now_wall, now_mono = time.time(), time.monotonic()
+    workers = []
+    for _, slot in board.slots():
+        counters = slot.counters or Counters()
+        workers.append({
+            "pid": slot.pid, "number": slot.number, "generation": slot.generation,
+            "state": STATE_NAMES.get(slot.state, "?"),
+            "uptime_s": round(now_wall - slot.started, 1) if slot.started else 0.0,
+            "heartbeat_age_s": round(now_mono - slot.heartbeat, 2) if slot.heartbeat else None,
+            "connections": slot.connections,
+            "answered_per_s": round(slot.rate, 1),
+            **process_figures(slot.pid),
+            "answered": counters.answered, "accepted": counters.accepted,
+            "errors": {kind: getattr(counters, kind) for kind in ERROR_KINDS},
+            "bytes_in": counters.bytes_in, "bytes_out": counters.bytes_out,
+        })
+    workers.sort(key=lambda w: (w["generation"], w["number"]))
+    totals = board.totals()
+    answered_per_s = round(sum(w["answered_per_s"] for w in workers if w["state"] != "free"), 1)
+    return {
+        "schema": SCHEMA,
+        "state": "running",
+        "time": now_wall,
+        "master": {
+            "pid": proc.pid, "generation": header.generation, "workers_target": header.workers_target,
+            "uptime_s": round(now_wall - header.started, 1), "title": " ".join(proc.cmdline()).strip(),
+            **process_figures(proc.pid),
+        },
+        "listeners": listeners(proc),
+        "reloads": {
+            "count": header.reloads, "failures": header.reload_failures,
+            "last": header.last_reload or None, "last_ok": bool(header.last_reload_ok),
+            "last_message": board.read_message(), "pending": bool(header.reload_pending),
+        },
+        "replaced": {"crashed": header.replaced_crashed, "hung": header.replaced_hung,
+                     "recycled": header.recycled},
+        "workers": workers,
+        "totals": {
+            "connections": sum(w["connections"] for w in workers),
+            "answered_per_s": answered_per_s,
+            **{k: v for k, v in asdict(totals).items() if k not in ERROR_KINDS},
+            "errors": {kind: getattr(totals, kind) for kind in ERROR_KINDS},
+        },
+    }
+
+
+def process_figures(pid: int) -> dict[str, Any]:
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            mem = proc.memory_full_info()
+            return {"cpu_seconds": round(times.user + times.system, 2), "rss": mem.rss, "uss": mem.uss}
+    except (psutil.Error, OSError):
+        return {"cpu_seconds": None, "rss": None, "uss": None}
+
+
+def listeners(proc: psutil.Process) -> list[dict[str, Any]]:
+    """The master's listening TCP sockets with their accept-queue depth and limit."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+            target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return []
+    found = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A = LISTEN
+                continue
+            # For a listening socket the kernel reports its accept queue as rx_queue.
+            rx_queue = int(fields[4].split(":")[1], 16)
+            found.append({"address": decode_address(fields[1], v6), "accept_queue": rx_queue})
+    return found
+
+
+def decode_address(hex_address: str, v6: bool) -> str:
+    import ipaddress
+
+    host_hex, port_hex = hex_address.split(":")
+    raw = bytes.fromhex(host_hex)
+    if v6:  # four little-endian 32-bit words
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        return f"[{ipaddress.IPv6Address(raw)}]:{int(port_hex, 16)}"
+    return f"{ipaddress.IPv4Address(raw[::-1])}:{int(port_hex, 16)}"
+
+
+def add_cpu(current: dict[str, Any], previous: dict[str, Any]) -> None:
+    """CPU % of each process over the interval between two snapshots."""
+    elapsed = current["time"] - previous["time"]
+    before = {w["pid"]: w for w in previous["workers"]}
+    for worker in current["workers"]:
+        old = before.get(worker["pid"])
+        worker["cpu_percent"] = rate(worker["cpu_seconds"], old and old["cpu_seconds"], elapsed, 100)
+    master, old_master = current["master"], previous["master"]
+    master["cpu_percent"] = rate(master["cpu_seconds"], old_master["cpu_seconds"], elapsed, 100)
+    current["interval_s"] = round(elapsed, 3)
+
+
+def rate(now: float | None, before: float | None, elapsed: float, scale: float = 1.0) -> float | None:
+    if now is None or before is None or elapsed <= 0:
+        return None
+    return round((now - before) * scale / elapsed, 1)
+
+
+# --- human output -----------------------------------------------------------
+
+def human(snap: dict[str, Any]) -> str:
+    m, r, rep, t = snap["master"], snap["reloads"], snap["replaced"], snap["totals"]
+    last = "never"
+    if r["last"]:
+        last = f"{'ok' if r['last_ok'] else 'FAILED'} {ago(time.time() - r['last'])} ago"
+        if not r["last_ok"]:
+            last += f": {r['last_message']}"
+    lines = [
+        f"lancelotd running: master {m['pid']}, up {duration(m['uptime_s'])}, generation {m['generation']}, "
+        f"{m['workers_target']} workers wanted",
+        f"  {m['title']}",
+        "  listening: " + (", ".join(f"{listener['address']} (accept queue {listener['accept_queue']})"
+                                     for listener in snap["listeners"]) or "-"),
+        f"  reloads: {r['count']} ({r['failures']} failed), last {last}"
+        + (" - reload under way" if r["pending"] else ""),
+        f"  workers replaced: {rep['crashed']} crashed, {rep['hung']} hung, {rep['recycled']} recycled",
+        "",
+    ]
+    header = ("ROLE", "PID", "GEN", "STATE", "UPTIME", "CPU%", "RSS", "USS", "CONNS", "ANSWERED", "ANS/S")
+    rows = [header, ("master", m["pid"], m["generation"], "-", duration(m["uptime_s"]),
+                     num(m.get("cpu_percent")), size(m["rss"]), size(m["uss"]), "-", "-", "-")]
+    for w in snap["workers"]:
+        rows.append((f"worker {w['number']}", w["pid"], w["generation"], w["state"], duration(w["uptime_s"]),
+                     num(w.get("cpu_percent")), size(w["rss"]), size(w["uss"]), w["connections"],
+                     w["answered"], num(w.get("answered_per_s"))))
+    rows.append(("total", "", "", "", "", "", "", "", t["connections"], t["answered"],
+                 num(t.get("answered_per_s"))))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [str(c).ljust(widths[i]) if i < 4 else str(c).rjust(widths[i]) for i, c in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    e = t["errors"]
+    lines.append(f"errors: {e['unknown']} unknown questions, {e['too_long']} too long, "
+                 f"{e['not_ascii']} non-ASCII, {e['timeouts']} idle timeouts; {t['accepted']} connections "
+                 f"accepted, {size(t['bytes_in'])} in, {size(t['bytes_out'])} out")
+    return "\n".join(lines)
+
+
+def num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(value)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+ago = duration
+
+
+# --- the command ------------------------------------------------------------
+
+def run(pid_file: str, as_json: bool, watch: float | None, interval: float = 0.5) -> int:
+    try:
+        proc, board = find_master(pid_file)
+    except StatusError as e:
+        if as_json:
+            print(json.dumps({"schema": SCHEMA, "state": state_name(e.code), "problem": str(e),
+                              "pid_file": pid_file}))
+        else:
+            print(f"lancelotd: {e}", file=sys.stderr)
+        return e.code
+    previous = None
+    try:
+        while True:
+            try:
+                snap = snapshot(proc, board)
+            except psutil.NoSuchProcess:
+                print("lancelotd: the master exited", file=sys.stderr)
+                return DEAD
+            if previous is None:
+                previous = snap
+                time.sleep(interval)  # CPU % is measured over a short interval
+                continue
+            add_cpu(snap, previous)
+            snap["pid_file"] = pid_file
+            text = json.dumps(snap, indent=None if watch else 2) if as_json else human(snap)
+            if watch and not as_json:
+                sys.stdout.write("\x1b[H\x1b[2J")  # refresh in place
+            print(text, flush=True)
+            if not watch:
+                return RUNNING
+            previous = snap
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        return RUNNING
+
+
+def state_name(code: int) -> str:
+    return {RUNNING: "running", DEAD: "dead", NOT_RUNNING: "stopped", UNKNOWN: "unknown"}[code]
