@@ -240,9 +240,12 @@ def test_term_answers_questions_received_but_not_yet_read(start_daemon):
         received = bytearray()
         while chunk := sock.recv(1 << 20):
             received += chunk
-    count = sent // len(NAME_Q)
-    assert len(received) == count * len(NAME_A)
+        unsent_at_most = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    # Questions still in the client's own send buffer when TERM came were not
+    # received by the server, so it owes no answer for them; all others it does.
+    count = len(received) // len(NAME_A)
     assert received == NAME_A * count
+    assert count * len(NAME_Q) >= sent - unsent_at_most - len(NAME_Q)
     assert daemon.wait_exit(10) == 0
     assert not daemon.pid_file.exists()
 
