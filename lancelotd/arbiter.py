@@ -484,6 +484,7 @@ class Arbiter:
         self.cfg, self.generation, self.listeners = reload.cfg, reload.generation, reload.listeners
         self.target = reload.cfg.workers
         self.reload = None
+        self.publish()  # retiring workers read the current generation here: their hand-off targets
         for worker in list(self.workers.values()):
             if worker.generation != self.generation:
                 self.retire(worker)

@@ -9,8 +9,9 @@ EPOLLEXCLUSIVE, so the kernel wakes one worker per new connection instead of
 all of them (the thundering herd).
 
 Signals from the master: TERM = stop (answer what was received, close),
-INT/QUIT = exit now, USR2 = retire (stop accepting, serve the connections
-held until they close or graceful_timeout passes), USR1 = reopen the log.
+INT/QUIT = exit now, USR2 = retire (stop accepting, hand the connections
+held to current workers - see handoff.py - and serve those it cannot hand
+over until they close or graceful_timeout passes), USR1 = reopen the log.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from dataclasses import dataclass
 
 from setproctitle import setproctitle
 
-from . import logs
+from . import handoff, logs
 from .config import Config
 from .logs import log, set_role
 from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
 from .scoreboard import DRAINING, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
+from .scoreboard import path_for as scoreboard_path
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -90,6 +92,10 @@ class Worker:
         self.bytes_out = 0
         self.started = time.time()
         self.published_at = time.monotonic()
+        self.channels: dict[int, socket.socket] = {}  # hand-off channels from retiring workers
+        self.sender = handoff.Sender(scoreboard_path(cfg.pid_file) if cfg.pid_file else "", spec.board,
+                                     cfg.max_connections)
+        self.handed_off = 0
         # accept statistics, logged at exit: wake-ups per accepted connection
         self.accept_wakeups = 0
         self.empty_wakeups = 0
@@ -128,6 +134,8 @@ class Worker:
         set_role(f"worker {self.number}")
         setproctitle(f"lancelotd: worker {self.number} [gen {self.generation}]")
         self._install_signals()
+        self.inbox = handoff.listen()
+        self.epoll.register(self.inbox.fileno(), EPOLLIN)
         self._start_accepting()
         self._set_state(SERVING, time.monotonic())
         log.debug("serving (gen %d)", self.generation)
@@ -175,6 +183,8 @@ class Worker:
                         code = self._handle_signals(now)
                         if code is not None:
                             return code
+                    else:
+                        self._take_over(fd, now)
                     continue
                 if conn.out:
                     self._flush(conn)
@@ -234,6 +244,48 @@ class Worker:
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
 
+    # --- hand-off ------------------------------------------------------
+
+    def _take_over(self, fd: int, now: float) -> None:
+        """Accept a hand-off channel, or adopt the connections sent on one."""
+        if fd == self.inbox.fileno():
+            channel = handoff.accept_channel(self.inbox)
+            if channel is not None:
+                self.channels[channel.fileno()] = channel
+                self.epoll.register(channel.fileno(), EPOLLIN)
+            return
+        channel = self.channels.get(fd)
+        if channel is None:
+            return
+        received, closed = handoff.receive(channel)
+        for sock, pending in received:
+            conn = Conn(sock, self.table, now)
+            conn.session.pending = pending
+            self.conns[conn.fd] = conn
+            self.epoll.register(conn.fd, EPOLLIN)
+        if closed:
+            del self.channels[fd]
+            channel.close()
+
+    def _hand_off(self) -> None:
+        """Retiring: pass every connection at a question boundary to a current worker."""
+        ready = [c for c in self.conns.values() if c.state == OPEN and not c.out]
+        if not ready:
+            return
+        targets = self.sender.targets()
+        handed = 0
+        for conn in ready:
+            if not targets or not self.sender.send(conn.sock, conn.session.pending, targets):
+                break  # fallback: this worker keeps serving it (and tries again next tick)
+            # Unregister first: epoll watches the open file, which lives on in the target.
+            self.epoll.unregister(conn.fd)
+            del self.conns[conn.fd]
+            conn.sock.close()
+            handed += 1
+        if handed:
+            self.handed_off += handed
+            log.info("handed %d connections over (%d left)", handed, len(self.conns))
+
     # --- writing and closing -------------------------------------------
 
     def _send(self, conn: Conn, out: bytes) -> None:
@@ -264,6 +316,8 @@ class Worker:
             self._close(conn)
         else:
             self.epoll.modify(conn.fd, EPOLLIN)
+            if self.state == DRAINING:
+                self._hand_off()  # its answers are out: now it can go
 
     def _protocol_error(self, conn: Conn, out: bytes) -> None:
         self.answered -= 1  # the error line is not an answer
@@ -311,6 +365,8 @@ class Worker:
             log.warning("master %d is gone: exiting", self.master_pid)
             return 1
         self._expire(now)
+        if self.state == DRAINING:
+            self._hand_off()  # again, for those a target could not take before
         max_requests = self.spec.max_requests
         if max_requests and self.state == SERVING and self.counters.answered + self.answered >= max_requests:
             log.info("served %d questions (max_requests): retiring", max_requests)
@@ -368,7 +424,7 @@ class Worker:
         self._stop_accepting()
         for sock in self.listeners.values():
             sock.close()  # our copy only: never shutdown() a shared listener
-        self.listeners = {}
+        self.listeners.clear()  # the loop holds this very dict
 
     def _drain(self, now: float) -> None:
         """Retire: accept no more, keep serving until clients leave or graceful_timeout."""
@@ -377,6 +433,7 @@ class Worker:
         self._close_listeners()
         self.deadline = now + self.cfg.graceful_timeout
         self._set_state(DRAINING, now)
+        self._hand_off()
 
     def _stop(self, now: float) -> None:
         """TERM: answer every complete question already received, then close."""
@@ -417,8 +474,10 @@ class Worker:
     def _exit_code(self) -> int:
         self._publish(time.monotonic())  # the master folds our last counters into its totals
         log.info(
-            "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered",
+            "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered, "
+            "%d connections handed over",
             self.counters.accepted, self.accept_wakeups, self.empty_wakeups, self.counters.answered,
+            self.handed_off,
         )
         return 0
 
