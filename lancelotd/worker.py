@@ -166,14 +166,18 @@ class Worker:
         ))
 
     def _loop(self) -> int:
+        # Everything the per-request path touches is a local: this loop is
+        # where a worker spends its life, and locals are Python's fast path.
         conns = self.conns
         listeners = self.listeners
         epoll = self.epoll
         poll = epoll.poll
+        exact = self.table.exact.get
         next_tick = time.monotonic() + TICK
         while True:
             events = poll(TICK)
             now = time.monotonic()
+            answered = bytes_in = bytes_out = 0
             for fd, _ev in events:
                 conn = conns.get(fd)
                 if conn is None:
@@ -189,30 +193,49 @@ class Worker:
                 if conn.out:
                     self._flush(conn)
                     continue
-                # hot path: read, answer, send
+                # The hot path: one recv, one lookup, one send.
+                sock = conn.sock
                 try:
-                    data = conn.sock.recv(RECV_SIZE)
+                    data = sock.recv(RECV_SIZE)
                 except BlockingIOError:
                     continue
                 except OSError:
                     self._close(conn)
                     continue
-                if conn.state == LINGERING:
-                    if not data:
-                        self._close(conn)
-                    continue
                 if not data:  # half-close: all it sent is answered (and sent) already
                     self._forget(conn)
                     continue
-                self.bytes_in += len(data)
-                out, must_close = conn.session.feed(data)
-                if out:
-                    conn.last = now
-                    self.answered += out.count(b".")
-                    self.bytes_out += len(out)
-                    self._send(conn, out)
+                if conn.state == LINGERING:
+                    continue  # closing: what it still sends is read and dropped
+                bytes_in += len(data)
+                session = conn.session
+                out = None if session.pending else exact(data)
+                if out is not None:  # one whole known question, as most clients send
+                    answered += 1
+                    must_close = False
+                else:
+                    out, must_close = session.feed(data)
+                    if not out:  # an unfinished question (an error always has its line)
+                        continue
+                    answered += out.count(b".") - must_close  # an error line is no answer
+                conn.last = now
+                bytes_out += len(out)
+                try:
+                    sent = sock.send(out)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._close(conn)
+                    continue
+                if sent != len(out):
+                    # Back-pressure: stop reading from this client until it reads.
+                    conn.out = out[sent:]
+                    epoll.modify(fd, EPOLLOUT)
                 if must_close:
                     self._protocol_error(conn, out)
+            self.answered += answered
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
             if self.state != SERVING and not conns:
                 return self._exit_code()  # retired or stopping, and the last client left
             if now >= next_tick:
@@ -288,19 +311,6 @@ class Worker:
 
     # --- writing and closing -------------------------------------------
 
-    def _send(self, conn: Conn, out: bytes) -> None:
-        try:
-            sent = conn.sock.send(out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._close(conn)
-            return
-        if sent < len(out):
-            # Back-pressure: stop reading from this client until it reads.
-            conn.out = out[sent:]
-            self.epoll.modify(conn.fd, EPOLLOUT)
-
     def _flush(self, conn: Conn) -> None:
         try:
             sent = conn.sock.send(conn.out)
@@ -320,7 +330,6 @@ class Worker:
                 self._hand_off()  # its answers are out: now it can go
 
     def _protocol_error(self, conn: Conn, out: bytes) -> None:
-        self.answered -= 1  # the error line is not an answer
         if out.endswith(TOO_LONG):
             self.counters.too_long += 1
         elif out.endswith(NOT_ASCII):
