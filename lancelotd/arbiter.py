@@ -310,7 +310,12 @@ class Arbiter:
             self.spawn(number, self.generation, self.cfg, self.listeners)
 
     def spawn(self, number: int, generation: int, cfg: Config, listeners: dict[str, socket.socket]) -> None:
-        slot = self.board.free_slot()
+        try:
+            slot = self.board.free_slot()
+        except RuntimeError:  # every slot taken by draining generations: wait for them
+            log.error("scoreboard full (%d processes): worker %d not spawned yet", SLOTS, number)
+            self.next_spawn = time.monotonic() + 1.0
+            return
         self.board.write_slot(slot, Slot(state=STARTING, number=number, generation=generation))
         jitter = random.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
         spec = WorkerSpec(number, generation, list(listeners.values()), cfg, self.pid, self.board, slot,

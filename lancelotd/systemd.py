@@ -66,11 +66,18 @@ class Notifier:
 
 
 def watchdog_interval() -> float:
-    """Seconds of WatchdogSec= meant for this process, or 0."""
+    """Seconds of WatchdogSec= meant for this process, or 0.
+
+    Once WATCHDOG_PID is known to name us, it goes: a USR2 successor inherits
+    our environment and becomes the main process (MAINPID=), so the pings are
+    its job then; with our PID still in WATCHDOG_PID it would never send one,
+    and systemd would kill the upgraded service after WatchdogSec.
+    """
     usec = os.environ.get("WATCHDOG_USEC", "")
     pid = os.environ.get("WATCHDOG_PID", "")
     if not usec.isdigit() or (pid and pid != str(os.getpid())):
         return 0.0
+    os.environ.pop("WATCHDOG_PID", None)
     return int(usec) / 1e6
 
 
