@@ -30,7 +30,7 @@ from . import logs, pidfile
 from .config import Config, ConfigError
 from .logs import log
 from .metrics import MetricsServer, ScoreboardCollector
-from .scoreboard import DRAINING, SLOTS, STARTING, STATE_NAMES, Counters, Header, Scoreboard, Slot
+from .scoreboard import DRAINING, FREE, SLOTS, STARTING, STATE_NAMES, Counters, Header, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
 from .sockets import BindError, bind, format_address
 from .systemd import Notifier, listen_fds
@@ -406,6 +406,8 @@ class Arbiter:
         now = time.monotonic()
         for worker in list(self.workers.values()):
             slot = self.board.read_slot(worker.slot)
+            if slot.state == FREE:
+                continue  # cannot happen for a live worker's slot; never act on it
             if slot.state == DRAINING and not worker.retiring:
                 worker.retiring = True  # max_requests reached: it retired itself
                 self.header.recycled += 1
@@ -551,12 +553,17 @@ class Arbiter:
 
     def start_upgrade(self) -> None:
         """Re-exec our command line as a new master that inherits the sockets."""
+        pid_file = self.cfg.pid_file
+        if pid_file and pidfile.master_process(pid_file + ".oldbin") is not None:
+            # Our own predecessor is still draining: its .oldbin must not be lost.
+            log.warning("USR2 ignored: the previous master (%s) is still draining",
+                        pidfile.read(pid_file + ".oldbin"))
+            return
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         fds = {sock.fileno(): address for address, sock in self.listeners.items()}
         env = dict(os.environ)
         env[ENV_INHERIT] = ",".join(f"{fd}={address}" for fd, address in fds.items())
         env[ENV_READY_FD] = str(ready_w)
-        pid_file = self.cfg.pid_file
         if pid_file and os.path.exists(pid_file):
             os.replace(pid_file, pid_file + ".oldbin")  # the new master writes its own
         argv = [sys.executable, *sys.orig_argv[1:]]

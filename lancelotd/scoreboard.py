@@ -9,8 +9,9 @@ a worker is ready, to check its heartbeat, and to keep the totals of
 workers that have exited.
 
 Each slot is written by one process only.  Readers may see a slot half
-updated; every field is a naturally aligned 8-byte word, so each value read
-is whole, and counters only grow, which is all a status display needs.
+updated, but never a field half written: every field is a naturally aligned
+8-byte word, stored with one aligned store (see _store), and counters only
+grow, which is all a status display and the master's checks need.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Scoreboard:
         self.mem = mem
         self.path = path
         self.inode = os.stat(path).st_ino if path else 0
+        self.words: tuple[memoryview, memoryview] | None = None  # 'q' and 'd' views, for writers
 
     @classmethod
     def create(cls, path: str | None) -> Scoreboard:
@@ -130,13 +132,30 @@ class Scoreboard:
 
     # --- worker slots ----------------------------------------------------
 
+    def _store(self, offset: int, codes: str, values: tuple) -> None:
+        """Write 8-byte fields, each with one aligned store.
+
+        Not struct.pack_into: it zeroes the whole range before filling it in,
+        so a reader could see a live slot as all zeros (state FREE, heartbeat
+        0) and the master would take a healthy worker for a hung one.
+        """
+        if self.words is None:
+            view = memoryview(self.mem)
+            self.words = (view.cast("q"), view.cast("d"))
+        ints, floats = self.words
+        base = offset // 8
+        for i, (code, value) in enumerate(zip(codes, values, strict=True)):
+            if code == "d":
+                floats[base + i] = value
+            else:
+                ints[base + i] = value
+
     def write_slot(self, index: int, slot: Slot) -> None:
         c = slot.counters or Counters()
-        struct.pack_into(
-            SLOT_FMT, self.mem, SLOTS_AT + index * SLOT_SIZE,
+        self._store(SLOTS_AT + index * SLOT_SIZE, SLOT_FMT[1:], (
             slot.pid, slot.number, slot.generation, slot.state, slot.started, slot.heartbeat,
             slot.connections, slot.rate, *(getattr(c, name) for name in COUNTER_NAMES),
-        )
+        ))
 
     def read_slot(self, index: int) -> Slot:
         values = struct.unpack_from(SLOT_FMT, self.mem, SLOTS_AT + index * SLOT_SIZE)
@@ -161,11 +180,11 @@ class Scoreboard:
 
     def write_header(self, h: Header) -> None:
         c = h.retired or Counters()
-        struct.pack_into(
-            HEADER_FMT, self.mem, 0, MAGIC, h.master_pid, h.started, h.generation, h.workers_target,
+        self._store(8, HEADER_FMT[3:], (  # after the magic, written once at creation
+            h.master_pid, h.started, h.generation, h.workers_target,
             h.reloads, h.reload_failures, h.last_reload, h.last_reload_ok, h.replaced_crashed,
             h.replaced_hung, h.recycled, h.reload_pending, *(getattr(c, name) for name in COUNTER_NAMES),
-        )
+        ))
 
     def read_header(self) -> Header:
         values = struct.unpack_from(HEADER_FMT, self.mem, 0)
@@ -195,5 +214,9 @@ class Scoreboard:
             pass
 
     def close(self) -> None:
+        if self.words:
+            for view in self.words:
+                view.release()
+            self.words = None
         self.mem.close()
 

@@ -38,7 +38,7 @@ LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 RECV_SIZE = 65536
 ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
 LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
-TICK = 1.0
+TICK = 1.0  # at most; see Worker.tick
 
 # Connection states
 OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
@@ -96,6 +96,9 @@ class Worker:
         self.sender = handoff.Sender(scoreboard_path(cfg.pid_file) if cfg.pid_file else "", spec.board,
                                      cfg.max_connections)
         self.handed_off = 0
+        # The heartbeat goes with the tick: several per worker_timeout, so a
+        # busy but healthy worker is never mistaken for a hung one.
+        self.tick = min(TICK, cfg.worker_timeout / 4)
         # accept statistics, logged at exit: wake-ups per accepted connection
         self.accept_wakeups = 0
         self.empty_wakeups = 0
@@ -173,9 +176,10 @@ class Worker:
         epoll = self.epoll
         poll = epoll.poll
         exact = self.table.exact.get
-        next_tick = time.monotonic() + TICK
+        tick = self.tick
+        next_tick = time.monotonic() + tick
         while True:
-            events = poll(TICK)
+            events = poll(tick)
             now = time.monotonic()
             answered = bytes_in = bytes_out = 0
             for fd, _ev in events:
@@ -239,7 +243,7 @@ class Worker:
             if self.state != SERVING and not conns:
                 return self._exit_code()  # retired or stopping, and the last client left
             if now >= next_tick:
-                next_tick = now + TICK
+                next_tick = now + tick
                 code = self._tick(now)
                 if code is not None:
                     return code
