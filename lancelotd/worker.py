@@ -92,6 +92,7 @@ class Worker:
         self.bytes_out = 0
         self.started = time.time()
         self.published_at = time.monotonic()
+        self.rate = 0.0  # questions answered per second over the last tick
         self.channels: dict[int, socket.socket] = {}  # hand-off channels from retiring workers
         self.sender = handoff.Sender(scoreboard_path(cfg.pid_file) if cfg.pid_file else "", spec.board,
                                      cfg.max_connections)
@@ -156,7 +157,8 @@ class Worker:
         """Write this worker's slot: heartbeat and counters (once per tick)."""
         c = self.counters
         elapsed = now - self.published_at
-        rate = self.answered / elapsed if elapsed > 0 else 0.0
+        if elapsed >= self.tick / 2:  # a state change between ticks keeps the last rate
+            self.rate = self.answered / elapsed
         self.published_at = now
         c.answered += self.answered
         c.bytes_in += self.bytes_in
@@ -165,7 +167,7 @@ class Worker:
         c.unknown = self.table.unknown_count
         self.spec.board.write_slot(self.spec.slot, Slot(
             os.getpid(), self.number, self.generation, self.state, self.started, now,
-            len(self.conns), rate, c,
+            len(self.conns), self.rate, c,
         ))
 
     def _loop(self) -> int:
