@@ -1,0 +1,485 @@
+"""SPEC §6 without systemd: sd_notify messages, LISTEN_FDS adoption, --daemon.
+
+The test plays systemd's part: its own AF_UNIX datagram socket (a path, or an
+abstract "@name") is the daemon's NOTIFY_SOCKET, with SO_PASSCRED so every
+message carries its sender's PID as the kernel saw it; a listening socket of
+its own goes in as fd 3 with LISTEN_FDS=1 and LISTEN_PID=<the daemon's PID>
+(the wrapper below sets the PID variables right before exec, as systemd does).
+
+Every daemon runs in its own session and is killed with its group and reaped
+at teardown (conftest's start_daemon, or the `spawn` fixture here).  Tests
+whose master outlives its parent (USR2, --daemon) make the test process a
+child subreaper, so the orphan is reparented to it and reaped too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import Daemon, recv_until, wait_for
+
+NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
+STATUS_LINE = re.compile(r"gen (\d+), (\d+) workers, (\d+) questions answered, last reload: (.+)")
+PR_SET_CHILD_SUBREAPER = 36
+LISTEN_VARS = (b"LISTEN_PID=", b"LISTEN_FDS=", b"LISTEN_FDNAMES=")
+
+# Runs as the daemon's process before exec'ing it: puts TEST_LISTEN_FD on fd 3
+# and sets the variables named in TEST_OWN_PID to its PID, which exec keeps.
+WRAPPER = """
+import os, sys
+fd = int(os.environ.pop("TEST_LISTEN_FD", "-1"))
+if fd >= 0 and fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+for name in filter(None, os.environ.pop("TEST_OWN_PID", "").split(",")):
+    os.environ[name] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+# --- the notify socket ---------------------------------------------------------------------
+
+@dataclass
+class Message:
+    pid: int  # the sender, from SCM_CREDENTIALS
+    fields: dict[str, str]
+    raw: str
+    seq: int
+    at: float  # time.monotonic() when received
+
+    def get(self, key: str) -> str | None:
+        return self.fields.get(key)
+
+
+class NotifySocket:
+    """systemd's end of sd_notify: receives, and keeps, every datagram."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address  # the value for NOTIFY_SOCKET
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.messages: list[Message] = []
+
+    def receive(self, timeout: float) -> Message | None:
+        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0))
+        if not readable:
+            return None
+        data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
+        pid = 0
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid, _, _ = struct.unpack("iII", payload[:12])
+        raw = data.decode()
+        fields = dict(line.split("=", 1) for line in raw.split("\n") if "=" in line)
+        message = Message(pid, fields, raw, len(self.messages), time.monotonic())
+        self.messages.append(message)
+        return message
+
+    def wait(self, predicate: Callable[[Message], object], timeout: float = 10.0,
+             what: str = "a message", after: Message | None = None) -> Message:
+        """The first message (after `after`) that satisfies `predicate`, received by now or soon."""
+        deadline = time.monotonic() + timeout
+        i = after.seq + 1 if after else 0
+        while True:
+            for message in self.messages[i:]:
+                if predicate(message):
+                    return message
+            i = len(self.messages)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                     f"received: {[(m.pid, m.raw) for m in self.messages]}")
+            self.receive(remaining)
+
+    def collect(self, seconds: float) -> list[Message]:
+        """Everything that arrives in the next `seconds` (to show that something does not)."""
+        first = len(self.messages)
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.receive(remaining)
+        return self.messages[first:]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ready(m: Message) -> bool:
+    return m.get("READY") == "1"
+
+
+@pytest.fixture(params=["path", "abstract"])
+def notify_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NotifySocket]:
+    if request.param == "path":
+        sock = NotifySocket(str(tmp_path / "notify.sock"))
+    else:
+        sock = NotifySocket(f"@lancelotd-test-{os.getpid()}-{secrets.token_hex(4)}")
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(str(tmp_path / "notify.sock"))
+    yield sock
+    sock.close()
+
+
+# --- processes -------------------------------------------------------------------------------
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Orphans of our subtree (a USR2 successor, a --daemon master) become our children.
+
+    Request it before start_daemon/spawn so that it is torn down after them:
+    then it kills what is left of lancelotd among our children and reaps
+    every child that has exited.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+    try:
+        yield
+    finally:
+        for child in psutil.Process().children():
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE or " ".join(child.cmdline()).startswith(
+                        "lancelotd:"):
+                    os.kill(child.pid, signal.SIGKILL)
+                    os.waitpid(child.pid, 0)
+            except (OSError, psutil.Error):
+                pass
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+class Wrapped(Daemon):
+    """A `lancelotd serve` started through WRAPPER: fd 3 and *_PID variables as systemd sets them."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str], listen: socket.socket | None,
+                 own_pid: tuple[str, ...]) -> None:
+        self.tmp = tmp
+        self.pid_file = tmp / "lancelotd.pid"
+        self.log_file = tmp / "lancelotd.log"
+        self.config_file = tmp / "lancelotd.toml"
+        self.cmd = [sys.executable, "-c", WRAPPER, "-m", "lancelotd", "serve",
+                    "--pid-file", str(self.pid_file), *args]
+        full_env = dict(os.environ, **env, TEST_OWN_PID=",".join(own_pid))
+        full_env.pop("LANCELOTD_CONFIG", None)
+        pass_fds: tuple[int, ...] = ()
+        if listen is not None:
+            full_env["TEST_LISTEN_FD"] = str(listen.fileno())
+            pass_fds = (listen.fileno(),)
+        self.stderr = open(self.log_file, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
+                                     stderr=self.stderr, start_new_session=True, env=full_env,
+                                     pass_fds=pass_fds)
+        self.port = 0
+
+    def wait_pid_file(self, timeout: float = 10.0) -> int:
+        def written() -> int | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lancelotd exited with {self.proc.returncode}:\n{self.log()}")
+            return read_pid(self.pid_file) == self.proc.pid or None
+        wait_for(written, timeout, "the PID file")
+        return self.proc.pid
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Wrapped]]:
+    started: list[Wrapped] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, listen: socket.socket | None = None,
+              own_pid: tuple[str, ...] = ()) -> Wrapped:
+        tmp = tmp_path / f"w{len(started)}"
+        tmp.mkdir()
+        daemon = Wrapped(tmp, list(args), env or {}, listen, own_pid)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill_all()
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_child_exit(pid: int, timeout: float = 10.0) -> int:
+    """Exit code of a child of ours (an orphan reparented to us, with `subreaper`)."""
+    def reaped() -> int | None:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) + 1000 if done else None  # 0 would be falsy
+    return wait_for(reaped, timeout, f"process {pid} to exit") - 1000  # type: ignore[operator]
+
+
+def ask(port: int, question: bytes = NAME_Q) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(question)
+        return recv_until(sock, b".")
+
+
+def environ(pid: int) -> bytes:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read()
+
+
+def listening_ports(pid: int) -> set[int]:
+    return {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"}
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+# =================================================================================
+# sd_notify
+# =================================================================================
+
+def test_ready_with_status_once_serving(start_daemon, notify_any):
+    d = start_daemon(workers=2, env={"NOTIFY_SOCKET": notify_any.address}, wait=False)
+    message = notify_any.wait(ready, what="READY=1")
+    assert message.pid == d.proc.pid
+    assert STATUS_LINE.fullmatch(message.get("STATUS") or ""), message.raw
+    assert STATUS_LINE.fullmatch(message.get("STATUS")).groups() == ("1", "2", "0", "none")
+    d.wait_ready()  # the port, from the log
+    assert d.ask(NAME_Q) == NAME_A
+    assert all(m.pid == d.proc.pid for m in notify_any.messages), "a message not from the master"
+    assert sum(ready(m) for m in notify_any.messages) == 1
+
+
+def test_hup_sends_reloading_with_monotonic_usec_then_ready(start_daemon, notify):
+    d = start_daemon(config="[server]\nworkers = 2\n", env={"NOTIFY_SOCKET": notify.address}, wait=False)
+    started = notify.wait(ready, what="READY=1")
+    d.wait_ready()
+
+    before = monotonic_usec()
+    d.signal(signal.SIGHUP)
+    reloading = notify.wait(lambda m: m.get("RELOADING") == "1", what="RELOADING=1", after=started)
+    after = monotonic_usec()
+    assert reloading.pid == d.proc.pid
+    assert before <= int(reloading.get("MONOTONIC_USEC") or 0) <= after, reloading.raw
+    done = notify.wait(ready, what="READY=1 after the reload", after=reloading)
+    assert not any(ready(m) for m in notify.messages[reloading.seq + 1:done.seq])
+    gen, workers, _, last = STATUS_LINE.fullmatch(done.get("STATUS")).groups()
+    assert (gen, workers) == ("2", "2") and last.startswith("ok at "), done.raw
+
+    # A refused config: RELOADING=1 too, and READY=1 again (systemd waits for it), saying why.
+    d.config_file.write_text("[server]\nworkers = 0\n")
+    d.signal(signal.SIGHUP)
+    reloading = notify.wait(lambda m: m.get("RELOADING") == "1", what="RELOADING=1", after=done)
+    refused = notify.wait(ready, what="READY=1 after the refused reload", after=reloading)
+    assert STATUS_LINE.fullmatch(refused.get("STATUS")).group(4).startswith("FAILED at "), refused.raw
+    assert "workers" in refused.get("STATUS"), refused.raw
+    assert d.ask(NAME_Q) == NAME_A
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT], ids=["TERM", "QUIT"])
+def test_stop_sends_stopping(start_daemon, notify, signum):
+    d = start_daemon(workers=2, env={"NOTIFY_SOCKET": notify.address}, wait=False)
+    started = notify.wait(ready, what="READY=1")
+    d.wait_ready()
+    d.signal(signum)
+    stopping = notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1", after=started)
+    assert stopping.pid == d.proc.pid
+    assert d.wait_exit() == 0
+    assert not any(ready(m) for m in notify.messages[stopping.seq:])
+
+
+def test_watchdog_pings_at_half_the_interval(start_daemon, notify):
+    d = start_daemon(workers=1, env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"},
+                     wait=False)
+    started = notify.wait(ready, what="READY=1")
+    pings = []
+    for _ in range(3):
+        pings.append(notify.wait(lambda m: m.get("WATCHDOG") == "1", timeout=1.5, what="WATCHDOG=1",
+                                 after=pings[-1] if pings else started))
+    assert all(m.pid == d.proc.pid for m in pings)
+    assert pings[1].at - started.at <= 1.5, "fewer than 2 pings in the 1.5 s after READY=1"
+    gaps = [b.at - a.at for a, b in zip(pings, pings[1:], strict=False)]
+    # Every half WatchdogSec: never as late as WatchdogSec itself, and no flood either.
+    assert all(0.3 < gap < 1.0 for gap in gaps), f"gaps between pings {gaps} for WatchdogSec=1s"
+
+
+@pytest.mark.parametrize("env", [{"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, {}],
+                         ids=["for-another-pid", "not-set"])
+def test_no_watchdog_pings_unless_meant_for_us(start_daemon, notify, env):
+    start_daemon(workers=1, env={"NOTIFY_SOCKET": notify.address, **env}, wait=False)
+    notify.wait(ready, what="READY=1")
+    later = notify.collect(1.2)  # two ping intervals of a WatchdogSec=1s
+    assert not any(m.get("WATCHDOG") for m in notify.messages + later)
+
+
+def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(subreaper, spawn, notify):
+    # As under systemd: WATCHDOG_PID names the first master.
+    d = spawn("-b", "127.0.0.1:0", "-w", "2", own_pid=("WATCHDOG_PID",),
+              env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"})
+    old = d.wait_pid_file()
+    d.wait_ready()
+    started = notify.wait(lambda m: ready(m) and m.pid == old, what="READY=1")
+    notify.wait(lambda m: m.get("WATCHDOG") == "1" and m.pid == old, what="a ping from the master")
+
+    d.signal(signal.SIGUSR2)
+    new_ready = notify.wait(lambda m: ready(m) and m.pid != old, what="READY=1 from the new master",
+                            after=started)
+    new = new_ready.pid
+    handover = notify.wait(lambda m: m.get("MAINPID") is not None, what="MAINPID=", after=started)
+    assert handover.pid == old and handover.get("MAINPID") == str(new), handover.raw
+    assert handover.seq > new_ready.seq  # only once the new one serves
+    assert d.wait_exit(10) == 0  # the old master, its workers had no client
+    assert not any(m.get("STOPPING") and m.pid == old for m in notify.messages), \
+        "STOPPING=1 from the old master would make systemd stop the service"
+    assert read_pid(d.pid_file) == new
+    assert ask(d.port) == NAME_A
+    # The new master is the main process now: the watchdog is its job.
+    last = notify.messages[-1]
+    notify.wait(lambda m: m.get("WATCHDOG") == "1" and m.pid == new, timeout=1.5,
+                what="a ping from the new master", after=last)
+    assert b"WATCHDOG_PID=" not in environ(new)
+
+    os.kill(new, signal.SIGTERM)
+    notify.wait(lambda m: m.get("STOPPING") == "1" and m.pid == new, what="STOPPING=1 from the new master")
+    assert wait_child_exit(new) == 0
+
+
+# =================================================================================
+# LISTEN_FDS
+# =================================================================================
+
+def test_listen_fds_adopted(subreaper, spawn, notify):
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    # -b would bind somewhere else: with an activated socket it must not.
+    d = spawn("-b", "127.0.0.1:0", "-w", "2", listen=listener, own_pid=("LISTEN_PID",),
+              env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "lancelotd.socket", "NOTIFY_SOCKET": notify.address})
+    listener.close()  # the daemon's now: only it can answer there
+    master = d.wait_pid_file()
+    notify.wait(ready, what="READY=1")
+    assert ask(port) == NAME_A
+    log = d.log()
+    assert f"listening on 127.0.0.1:{port} (inherited)" in log, log
+    assert len(re.findall(r"listening on ", log)) == 1, log
+    assert listening_ports(master) == {port}
+    workers = d.wait_workers(2)
+    for worker in workers:
+        assert listening_ports(worker.pid) == {port}
+
+    # The variables are gone from the daemon's environment, so nothing it
+    # starts takes the sockets for its own: its USR2 successor (exec'd with
+    # that environment) has none, and still serves on the adopted socket.
+    d.signal(signal.SIGUSR2)
+    new = wait_for(lambda: (pid := read_pid(d.pid_file)) != master and pid, 10, "the new master")
+    notify.wait(lambda m: m.get("MAINPID") == str(new), what="MAINPID=")
+    assert d.wait_exit(10) == 0
+    assert not any(var in environ(new) for var in LISTEN_VARS), environ(new)
+    assert ask(port) == NAME_A
+    assert listening_ports(new) == {port}
+    os.kill(new, signal.SIGTERM)
+    assert wait_child_exit(new) == 0
+    with pytest.raises(ConnectionRefusedError):
+        ask(port)
+
+
+def test_listen_fds_for_another_pid_are_not_adopted(spawn):
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    d = spawn("-b", "127.0.0.1:0", "-w", "1", listen=listener, env={"LISTEN_FDS": "1", "LISTEN_PID": "1"})
+    try:
+        d.wait_ready()
+    finally:
+        listener.close()
+    assert d.port != port
+    assert "(inherited)" not in d.log()
+    assert ask(d.port) == NAME_A
+
+
+# =================================================================================
+# --daemon
+# =================================================================================
+
+def launch(tmp: Path, *args: str, pid_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`lancelotd serve --daemon ...`: the launcher, run to completion."""
+    pid_file = pid_file or tmp / "lancelotd.pid"
+    env = dict(os.environ)
+    env.pop("LANCELOTD_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lancelotd", "serve", "--daemon", "--pid-file", str(pid_file),
+         "--log-file", str(tmp / "lancelotd.log"), *args],
+        capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
+
+
+def stop(pid_file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lancelotd", "stop", "--pid-file", str(pid_file),
+                           "--timeout", "20"], capture_output=True, text=True, timeout=30)
+
+
+def test_daemon_detaches_once_serving_and_stops(subreaper, tmp_path):
+    pid_file = tmp_path / "lancelotd.pid"
+    result = launch(tmp_path, "-b", "127.0.0.1:0", "-w", "2")
+    # capture_output: had the daemon kept the launcher's stdout or stderr, run() would still wait.
+    assert result.returncode == 0, result.stderr
+    # Right away, without waiting: the PID file is there and it answers.
+    pid = read_pid(pid_file)
+    assert pid is not None, "the launcher returned before the PID file was written"
+    port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)$", (tmp_path / "lancelotd.log").read_text(),
+                         re.M).group(1))
+    assert ask(port) == NAME_A
+    try:
+        master = psutil.Process(pid)
+        assert master.ppid() == os.getpid()  # an orphan, reparented to us (the subreaper)
+        assert os.getsid(pid) not in (os.getsid(0), os.getpid()) and os.getpgid(pid) != os.getpgid(0)
+        with open(f"/proc/{pid}/stat") as f:
+            tty_nr = int(f.read().rsplit(")", 1)[1].split()[4])
+        assert tty_nr == 0, "the daemon has a controlling terminal"
+        assert master.cwd() == "/"
+        assert all(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null" for fd in (0, 1, 2))
+        with open(f"/proc/{pid}/status") as f:
+            assert re.search(r"^Umask:\s+0022$", f.read(), re.M)
+        assert len(master.children()) == 2
+
+        # A second one with the same PID file is refused, by the launcher.
+        again = launch(tmp_path, "-b", "127.0.0.1:0")
+        assert again.returncode == 1
+        assert f"already running as PID {pid}" in again.stderr, again.stderr
+
+        stopped = stop(pid_file)
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"stopped master {pid}" in stopped.stdout
+    finally:
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            os.kill(pid, signal.SIGKILL)
+    assert wait_child_exit(pid) == 0
+    assert not pid_file.exists()
+    with pytest.raises(ConnectionRefusedError):
+        ask(port)
+
+
+def test_daemon_bind_conflict_fails_in_the_launcher(subreaper, tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    with taken:
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        result = launch(tmp_path, "-b", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert f"cannot bind 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert result.stderr.startswith("lancelotd: "), result.stderr
+    assert not (tmp_path / "lancelotd.pid").exists()
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not left, f"processes left behind: {left}"
