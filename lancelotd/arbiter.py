@@ -18,7 +18,6 @@ import random
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ KILL_GRACE = 1.0  # how long a stop waits past its timeout before SIGKILL
 RELOAD_TIMEOUT = 30.0  # a new generation not serving by then is abandoned
 UPGRADE_TIMEOUT = 30.0  # a new master not ready by then is abandoned
 ENV_INHERIT = "LANCELOTD_INHERIT_FDS"  # "fd=address,..." handed over by USR2
-ENV_READY_FD = "LANCELOTD_READY_FD"  # we write "1" here once serving (USR2, --daemon)
+ENV_READY_FD = "LANCELOTD_READY_FD"  # we write "ready" here once serving (USR2, --daemon)
 ACTIVATED = "systemd "  # key prefix of sockets from socket activation
 STATUS_EVERY = 5.0  # seconds between STATUS= refreshes for systemctl status
 
@@ -83,8 +82,9 @@ class Reload:
 
 @dataclass
 class Upgrade:
-    proc: subprocess.Popen
-    ready_r: int
+    ready_r: int  # the new master reports "pid N", then "ready" (or "error ..."), here
+    pid: int = 0
+    news: bytes = b""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -372,8 +372,7 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.worker_exited(worker, status)
-            elif self.upgrade and pid == self.upgrade.proc.pid:
-                self.upgrade_failed(f"the new master {describe_status(status)} before it was ready")
+            # else: the short-lived launcher of a USR2 successor
 
     def worker_exited(self, worker: WorkerProc, status: int) -> None:
         slot = self.board.read_slot(worker.slot)
@@ -433,7 +432,7 @@ class Arbiter:
         self.notifier.ready(self.status_line())
         if self.ready_fd is not None:
             try:
-                os.write(self.ready_fd, b"1")
+                os.write(self.ready_fd, b"ready\n")
             except OSError as e:
                 log.warning("cannot tell the old master we are ready: %s", e.strerror)
             os.close(self.ready_fd)
@@ -568,34 +567,77 @@ class Arbiter:
             os.replace(pid_file, pid_file + ".oldbin")  # the new master writes its own
         argv = [sys.executable, *sys.orig_argv[1:]]
         self.move_metrics(Config(metrics_bind=""))  # the new master binds it again
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
-            proc = subprocess.Popen(argv, pass_fds=[*fds, ready_w], env=env, cwd=self.cwd)
-        except OSError as e:
-            os.close(ready_r)
-            self.restore_pid_file()
-            self.move_metrics(self.cfg)
-            log.error("upgrade failed: cannot start %s: %s", argv[0], e.strerror)
-            return
+            launcher = os.fork()
+            if launcher == 0:
+                self._launch_successor(argv, env, [*fds, ready_w], ready_w)
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             os.close(ready_w)
-        self.upgrade = Upgrade(proc, ready_r)
+        self.upgrade = Upgrade(ready_r)
         self.set_title(" (old, upgrading)")
-        log.info("upgrade: started new master %d (%s)", proc.pid, " ".join(argv))
+        log.info("upgrade: starting a new master: %s", " ".join(argv))
+
+    def _launch_successor(self, argv: list[str], env: dict[str, str], fds: list[int], ready_w: int) -> None:
+        """In a short-lived child: fork and exec the new master, report its PID, exit.
+
+        Orphaned at once, the new master is adopted by init - under systemd,
+        by systemd itself, which then supervises it as its own child once
+        MAINPID= names it (a main process it did not adopt is one whose stop
+        it does not wait for).
+        """
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    for fd in fds:
+                        os.set_inheritable(fd, True)
+                    os.chdir(self.cwd)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                    os.execve(argv[0], argv, env)
+                except OSError as e:
+                    os.write(ready_w, f"error cannot start {argv[0]}: {e.strerror}\n".encode())
+                finally:
+                    os._exit(1)
+            os.write(ready_w, f"pid {pid}\n".encode())
+        finally:
+            os._exit(0)
 
     def upgrade_answered(self) -> None:
+        """Read the new master's news: its PID, then "ready" or an error."""
         upgrade = self.upgrade
         assert upgrade is not None
         try:
-            ready = os.read(upgrade.ready_r, 1) == b"1"
+            data = os.read(upgrade.ready_r, 4096)
         except OSError:
-            ready = False
-        if not ready:
-            return  # EOF: the new master died; reap() will say how
+            data = b""
+        if not data:
+            self.upgrade_failed(f"the new master {upgrade.pid or ''} exited before it was ready")
+            return
+        upgrade.news += data
+        while b"\n" in upgrade.news:
+            line, _, upgrade.news = upgrade.news.partition(b"\n")
+            word, _, rest = line.decode("utf-8", "replace").partition(" ")
+            if word == "pid" and rest.isdigit():
+                upgrade.pid = int(rest)
+                log.info("upgrade: new master %d started", upgrade.pid)
+            elif word == "ready":
+                self.upgrade_succeeded(upgrade)
+                return
+            elif word == "error":
+                self.upgrade_failed(f"the new master failed: {rest}")
+                return
+
+    def upgrade_succeeded(self, upgrade: Upgrade) -> None:
         os.close(upgrade.ready_r)
-        log.info("upgrade: new master %d is ready; retiring our workers", upgrade.proc.pid)
-        # systemd follows the new master as the service's main process.
-        self.notifier.main_pid(upgrade.proc.pid)
         self.upgrade = None
+        log.info("upgrade: new master %s is ready; retiring our workers", upgrade.pid)
+        if upgrade.pid:  # systemd follows the new master as the service's main process
+            self.notifier.main_pid(upgrade.pid)
         self.stopping = "upgraded"
         self.stop_deadline = time.monotonic() + self.cfg.graceful_timeout + KILL_GRACE
         self.close_listeners(self.listeners)  # the new master has its own copies
@@ -606,8 +648,13 @@ class Arbiter:
 
     def check_upgrade(self) -> None:
         if self.upgrade and time.monotonic() - self.upgrade.started > UPGRADE_TIMEOUT:
-            self.kill(self.upgrade.proc.pid, signal.SIGTERM)
-            self.upgrade_failed(f"the new master was not ready within {UPGRADE_TIMEOUT:.0f}s")
+            self.abandon_upgrade(f"the new master was not ready within {UPGRADE_TIMEOUT:.0f}s")
+
+    def abandon_upgrade(self, why: str) -> None:
+        """Stop a new master that is not ready yet, and keep serving."""
+        if self.upgrade and self.upgrade.pid:
+            self.kill(self.upgrade.pid, signal.SIGTERM)
+        self.upgrade_failed(why)
 
     def upgrade_failed(self, why: str) -> None:
         upgrade = self.upgrade
@@ -632,8 +679,7 @@ class Arbiter:
             return
         log.info("%s stop: signalling %d workers", how, len(self.workers))
         if self.upgrade:
-            self.kill(self.upgrade.proc.pid, signal.SIGTERM)
-            self.upgrade_failed("stopping")
+            self.abandon_upgrade("stopping")
         self.stopping = how
         self.stop_deadline = time.monotonic() + grace
         self.signal_workers(worker_signal)

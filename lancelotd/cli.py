@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -112,36 +113,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .arbiter import ENV_READY_FD, Arbiter, StartError
-    from .daemonize import detach, report_failure
+    from .daemonize import detach
 
-    start_dir = os.getcwd()
-
-    def absolute(path: str) -> str:
-        """Paths mean what they meant at start, after --daemon's chdir("/") too."""
-        return path and os.path.join(start_dir, path)
-
-    if args.config:
-        args.config = absolute(args.config)
-
-    def configure() -> config.Config:
-        """The config file with the command line's options on top (again on each reload)."""
-        cfg = load_config(args).with_overrides(
-            bind=args.bind, workers=args.workers, pid_file=args.pid_file,
-            log_file=args.log_file, log_level=args.log_level,
-        )
-        return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file))
-
+    configure = config_loader(args)
     try:
         cfg = configure()
-    except config.ConfigError as e:
-        for problem in e.problems:
-            print(f"lancelotd: {e.path}: {problem}", file=sys.stderr)
-        return 1
-    try:
         setup_logging(cfg.log_file, cfg.log_level)
+    except config.ConfigError as e:
+        return start_failed([f"{e.path}: {problem}" for problem in e.problems])
     except OSError as e:
-        print(f"lancelotd: cannot open log file {cfg.log_file}: {e.strerror}", file=sys.stderr)
-        return 1
+        return start_failed([f"cannot open log file {cfg.log_file}: {e.strerror}"])
     arbiter = Arbiter(cfg, configure)
     try:
         arbiter.prepare()
@@ -152,11 +133,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         arbiter.start()
     except StartError as e:
         log.error("%s", e)
-        report_failure(str(e))
-        if cfg.log_file:  # the operator at the terminal sees it too
-            print(f"lancelotd: {e}", file=sys.stderr)
-        return 1
+        # On stderr too when the log goes to a file: the operator at the terminal sees it.
+        return start_failed([str(e)] if cfg.log_file else [], str(e), arbiter.ready_fd)
     return arbiter.run()
+
+
+def config_loader(args: argparse.Namespace) -> Callable[[], config.Config]:
+    """A function giving the config file with the command line's options on top.
+
+    The master calls it again on every reload.  Paths are made absolute
+    against the start directory, so they mean the same after --daemon's
+    chdir("/").
+    """
+    start_dir = os.getcwd()
+
+    def absolute(path: str) -> str:
+        return path and os.path.join(start_dir, path)
+
+    if args.config:
+        args.config = absolute(args.config)
+
+    def configure() -> config.Config:
+        cfg = load_config(args).with_overrides(
+            bind=args.bind, workers=args.workers, pid_file=args.pid_file,
+            log_file=args.log_file, log_level=args.log_level,
+        )
+        return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file))
+
+    return configure
+
+
+def start_failed(lines: list[str], reason: str = "", ready_fd: int | None = None) -> int:
+    """Say why serve could not start: on stderr, and to whoever waits on the ready pipe."""
+    from .daemonize import report_failure
+
+    for line in lines:
+        print(f"lancelotd: {line}", file=sys.stderr)
+    report_failure(reason or "; ".join(lines), ready_fd)
+    return 1
 
 
 def pid_file_of(args: argparse.Namespace) -> str:

@@ -8,12 +8,16 @@ a ready pipe, as unicorn does, rather than a race against the PID file.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
+import time
 
 import daemon
 
 from .arbiter import ENV_READY_FD
+
+READY_TIMEOUT = 60.0  # a master not serving by then has failed (its log says why)
 
 
 def detach(keep_fds: list[int]) -> int | None:
@@ -40,23 +44,30 @@ def detach(keep_fds: list[int]) -> int | None:
 
 def _wait_for_daemon(ready_r: int, pid: int) -> int:
     os.waitpid(pid, 0)  # the intermediate process, gone as soon as it detached
-    chunks = []
-    while chunk := os.read(ready_r, 4096):
-        if not chunks and chunk == b"1":
-            return 0  # listening, PID file written
-        chunks.append(chunk)
+    news = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while b"\n" not in news:
+        if not select.select([ready_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            news = f"error not ready after {READY_TIMEOUT:.0f}s (see the log)\n".encode()
+            break
+        chunk = os.read(ready_r, 4096)
+        if not chunk:
+            break
+        news += chunk
     os.close(ready_r)
-    message = b"".join(chunks)
-    reason = message.decode("utf-8", "replace").strip() or "the daemon exited before it was ready"
+    if news.startswith(b"ready\n"):
+        return 0  # listening, PID file written, workers serving
+    reason = news.decode("utf-8", "replace").strip().removeprefix("error ")
+    reason = reason or "the daemon exited before it was ready"
     print(f"lancelotd: {reason}", file=sys.stderr)
     return 1
 
 
-def report_failure(message: str) -> None:
-    """In the daemon: hand a start failure to the launcher waiting on the pipe."""
-    fd = os.environ.pop(ENV_READY_FD, None)
+def report_failure(message: str, fd: int | str | None = None) -> None:
+    """Hand a start failure to whoever waits on the ready pipe (--daemon's launcher, USR2)."""
+    fd = fd if fd is not None else os.environ.pop(ENV_READY_FD, None)
     if fd:
         try:
-            os.write(int(fd), message.encode("utf-8", "replace"))
+            os.write(int(fd), f"error {message}\n".encode("utf-8", "replace"))
         except OSError:
             pass

@@ -25,26 +25,24 @@ import ctypes
 import os
 import re
 import select
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import LISTENING, Daemon, recv_all, recv_until, wait_for
+from loadgen import assert_no_errors, load
+from loadgen import build as build_loadgen
 
 from lancelotd.scoreboard import SERVING, Counters, Scoreboard, Slot
 
 NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
 COLOR_Q = b"Color?"
 TOO_LONG = b"Error: question too long."
-LOADGEN_SRC = Path(__file__).resolve().parents[2] / "shared" / "tools" / "loadgen" / "loadgen.c"
 DEFAULT_ANSWERS = """
 "What is your name?" = "My name is Sir Lancelot of Camelot."
 "What is your quest?" = "To seek the Holy Grail."
@@ -330,45 +328,7 @@ class Asker:
 
 @pytest.fixture(scope="module")
 def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not LOADGEN_SRC.exists():
-        pytest.skip(f"loadgen source not found at {LOADGEN_SRC}")
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        pytest.skip("no C compiler (cc, gcc or clang) to build loadgen")
-    exe = tmp_path_factory.mktemp("loadgen") / "loadgen"
-    built = subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(LOADGEN_SRC)],
-                           capture_output=True, text=True)
-    assert built.returncode == 0, f"building loadgen failed:\n{built.stderr}"
-    return exe
-
-
-@contextmanager
-def load(exe: Path, port: int, conns: int = 50, seconds: float = 3.0, per_request: bool = False,
-         threads: int = 1) -> Iterator[dict[str, str]]:
-    """Run loadgen in the background; on exit from the block, wait for it and fill in its results."""
-    cmd = [str(exe), "-H", "127.0.0.1", "-p", str(port), "-c", str(conns), "-d", str(seconds),
-           "-t", str(threads)]
-    if per_request:
-        cmd.append("-r")
-    result: dict[str, str] = {}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield result
-        out, err = proc.communicate(timeout=seconds + 15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, f"loadgen exited with {proc.returncode}: {out}{err}"
-    lines = [line for line in out.splitlines() if "errors=" in line]
-    assert lines, f"no result line from loadgen: {out!r} {err!r}"
-    result.update(kv.split("=", 1) for kv in lines[-1].split() if "=" in kv)
-
-
-def assert_no_errors(result: dict[str, str]) -> None:
-    line = " ".join(f"{k}={v}" for k, v in result.items())
-    assert result["errors"] == "0", line
-    assert int(result["requests"]) > 0, line
+    return build_loadgen(tmp_path_factory.mktemp("loadgen"))
 
 
 # --- subreaper (USR2) -------------------------------------------------------------
@@ -380,9 +340,9 @@ PR_SET_CHILD_SUBREAPER = 36
 def subreaper() -> Iterator[None]:
     """Make the test process the reaper of orphans in its subtree.
 
-    After USR2 the new master is the old master's child; once the old one
-    exits, the new one is reparented - to us, with this, so we can reap it and
-    see its exit status (this machine's PID 1 reaps nobody).
+    After USR2 the new master is orphaned at birth (the old master starts it
+    through a short-lived child) and reparented - to us, with this, so we can
+    reap it and see its exit status (this machine's PID 1 reaps nobody).
     Request this fixture before start_daemon so it is torn down after it.
     """
     libc = ctypes.CDLL(None, use_errno=True)
@@ -641,12 +601,15 @@ def test_usr2_rollback_when_the_new_master_fails(subreaper, start_daemon):
     d.config_file.write_text("garbage [[[\n")
     d.signal(signal.SIGUSR2)
     line = wait_log(d.log_file, r"upgrade failed: .*")[0].group(0)
-    assert "exited with code 1" in line, line
+    assert "not valid TOML" in line, line  # the new master's own reason, passed back
     assert "keeps serving" in line
     assert read_pid(d.pid_file) == d.proc.pid
     assert not Path(str(d.pid_file) + ".oldbin").exists()
     assert d.ask(NAME_Q) == NAME_A
     assert workers_of(d.proc.pid) == workers
+    # The new master, orphaned at birth, is ours (the subreaper's) to reap.
+    new_master = int(wait_log(d.log_file, r"upgrade: new master (\d+) started")[0].group(1))
+    assert wait_child_exit(new_master, 5) == 1
     members = {p.pid for p in group_members(d.proc.pid)}
     assert members == {d.proc.pid, *workers}, describe(group_members(d.proc.pid))
 
