@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 log = logging.getLogger("lancelotd")
 
 _role = "master"
 FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(role)s: %(message)s"
+# For the journal: it stamps the time itself, and takes a syslog priority
+# from a "<N>" prefix, so `journalctl -p err` finds refused reloads.
+JOURNAL_FORMAT = "<%(priority)d>%(levelname)s [%(process)d] %(role)s: %(message)s"
+PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
 class _RoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _role
+        record.priority = PRIORITIES.get(record.levelname, 6)
         return True
+
+
+def stderr_is_journal() -> bool:
+    """True when systemd connected our stderr to journald ($JOURNAL_STREAM names it)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{device}:{inode}"
 
 
 def set_role(role: str) -> None:
@@ -43,7 +59,8 @@ def setup(log_file: str, level: str) -> None:
         handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    journal = not log_file and stderr_is_journal()
+    handler.setFormatter(logging.Formatter(JOURNAL_FORMAT if journal else FORMAT))
     handler.addFilter(_RoleFilter())
     old = list(log.handlers)
     log.addHandler(handler)
