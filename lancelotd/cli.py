@@ -226,8 +226,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     found = find_master(args)
-    if isinstance(found, int):
-        return found
+    if isinstance(found, int):  # LSB: stopping a stopped service succeeds
+        return 0 if found in (status.NOT_RUNNING, status.DEAD) else found
     proc, _ = found
     proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:

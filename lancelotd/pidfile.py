@@ -29,7 +29,7 @@ def read(path: str) -> int | None:
             text = f.read().strip()
     except (FileNotFoundError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isdigit() and int(text) > 0 else None
 
 
 def master_process(path: str) -> psutil.Process | None:

@@ -36,10 +36,8 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
     """The live master and its scoreboard, or StatusError saying what is wrong."""
     try:
         pid = pidfile.read(pid_file)
-    except PermissionError:
-        raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: permission denied") from None
-    except ValueError:
-        pid = None
+    except OSError as e:
+        raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: {e.strerror}") from None
     if pid is None:
         if os.path.exists(pid_file):
             raise StatusError(UNKNOWN, f"PID file {pid_file} does not hold a PID")
