@@ -8,7 +8,12 @@ the current generation, which carries on serving it.  The client sees
 nothing, and from its next question on gets the new config's answers.
 
 Every worker listens on an abstract-namespace SOCK_SEQPACKET socket named
-after its PID (one message = one connection; no file to clean up).  Targets
+after its PID (one message = one connection; no file to clean up).  The
+receiver answers every connection on the same channel: an ACK, or - when it
+is at its own max_connections - the connection itself, sent back, which the
+sender then keeps serving (the scoreboard a sender chooses by is up to a
+second old, and two workers may retire at once).  A sender leaves only once
+every connection it sent has been answered for.  Targets
 come from the scoreboard file beside the PID file, which after a USR2
 upgrade is the new master's: so the same code hands connections across an
 upgrade.  Peers are checked with SO_PEERCRED: only our own user may hand us
@@ -20,11 +25,16 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 
 from .logs import log
 from .scoreboard import SERVING, Scoreboard
 
 MAX_MESSAGE = 65536  # a connection's unfinished question travels with it
+FULL_FOR = 5.0  # seconds a target that sent a connection back is left alone
+ACK = b"+"  # "adopted"; never empty: an empty SEQPACKET message reads like EOF
+ANSWER_WITHIN = 2.0  # seconds a sender waits for a target's answer before it gives up
 
 
 def address(pid: int) -> str:
@@ -55,32 +65,62 @@ def accept_channel(inbox: socket.socket) -> socket.socket | None:
     return channel
 
 
-def receive(channel: socket.socket) -> tuple[list[tuple[socket.socket, bytes]], bool]:
-    """Connections waiting on a channel as (socket, unfinished question), and whether it closed."""
+def receive(channel: socket.socket) -> tuple[list[tuple[socket.socket, bytes]], int, bool]:
+    """What waits on a channel: connections as (socket, unfinished question), ACKs, and EOF."""
     received = []
+    acks = 0
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(channel, MAX_MESSAGE, 1)
         except BlockingIOError:
-            return received, False
+            return received, acks, False
         except OSError:
-            return received, True
-        if not fds:
-            return received, True  # EOF: the sender is done
-        sock = socket.socket(fileno=fds[0])
-        sock.setblocking(False)
-        received.append((sock, data))
+            return received, acks, True
+        if fds:
+            sock = socket.socket(fileno=fds[0])
+            sock.setblocking(False)
+            received.append((sock, data))
+        elif data == ACK:
+            acks += 1
+        else:
+            return received, acks, True  # EOF: the other side is gone
+
+
+def acknowledge(channel: socket.socket) -> None:
+    try:
+        channel.send(ACK)
+    except OSError:
+        pass  # the sender is gone: it no longer waits
+
+
+def send_back(channel: socket.socket, sock: socket.socket, pending: bytes) -> bool:
+    """Return a connection to the worker that sent it (we are full); True if it went."""
+    try:
+        socket.send_fds(channel, [pending], [sock.fileno()])
+    except OSError:
+        return False
+    sock.close()
+    return True
 
 
 class Sender:
-    """The retiring side: picks targets and sends connections to them."""
+    """The retiring side: picks targets and sends connections to them.
 
-    def __init__(self, board_path: str, own_board: Scoreboard, max_connections: int) -> None:
+    `watch` is called with each new channel: connections a full target sends
+    back arrive on it, and the worker adopts them again.
+    """
+
+    def __init__(self, board_path: str, own_board: Scoreboard, max_connections: int,
+                 watch: Callable[[socket.socket], None]) -> None:
         self.board_path = board_path
         self.own_board = own_board
-        self.max_connections = max_connections
-        self.channels: dict[int, socket.socket] = {}
+        self.max_connections = max_connections  # ours: a hint only, the target's own limit rules
+        self.watch = watch
+        self.channels: dict[int, socket.socket] = {}  # target pid -> channel
         self.sent: dict[int, int] = {}  # target pid -> connections sent, for a fair spread
+        self.full_until: dict[int, float] = {}  # target pid -> when to try it again
+        self.unanswered: dict[int, int] = {}  # target pid -> connections sent, not yet answered for
+        self.last_sent = 0.0
 
     def targets(self) -> list[tuple[int, int]]:
         """(pid, load) of the current generation's serving workers, least loaded first."""
@@ -91,8 +131,11 @@ class Sender:
         except (OSError, ValueError):
             pass
         current = board.read_header().generation
+        now = time.monotonic()
         found = []
         for _, slot in board.slots():
+            if self.full_until.get(slot.pid, 0.0) > now:
+                continue
             if slot.generation == current and slot.state == SERVING and slot.pid != os.getpid():
                 load = slot.connections + self.sent.get(slot.pid, 0)
                 if load < self.max_connections:
@@ -115,10 +158,46 @@ class Sender:
                 self._drop(pid)
                 continue
             self.sent[pid] = self.sent.get(pid, 0) + 1
-            targets[index] = (pid, load + 1)
-            targets.sort(key=lambda t: t[1])
+            self.unanswered[pid] = self.unanswered.get(pid, 0) + 1
+            self.last_sent = time.monotonic()
+            if load + 1 >= self.max_connections:
+                del targets[index]  # full as far as we know
+            else:
+                targets[index] = (pid, load + 1)
+                targets.sort(key=lambda t: t[1])
             return True
         return False
+
+    def answered(self, channel_fd: int, acks: int, returned: int) -> None:
+        """A target's answers: `acks` adopted, `returned` sent back (it is full: leave it a while)."""
+        pid = self._pid_of(channel_fd)
+        if pid is None:
+            return
+        self.unanswered[pid] = max(0, self.unanswered.get(pid, 0) - acks - returned)
+        if returned:
+            self.full_until[pid] = time.monotonic() + FULL_FOR
+            self.sent[pid] = max(0, self.sent.get(pid, 0) - returned)
+
+    def waiting(self) -> bool:
+        """Connections sent whose fate the targets have not told yet (for ANSWER_WITHIN)."""
+        return any(self.unanswered.values()) and time.monotonic() - self.last_sent < ANSWER_WITHIN
+
+    def channel(self, channel_fd: int) -> socket.socket | None:
+        pid = self._pid_of(channel_fd)
+        return None if pid is None else self.channels[pid]
+
+    def forget(self, channel_fd: int) -> None:
+        """The target closed its end (it exited): drop the channel."""
+        pid = self._pid_of(channel_fd)
+        if pid is not None:
+            self.unanswered.pop(pid, None)
+            self._drop(pid)
+
+    def _pid_of(self, channel_fd: int) -> int | None:
+        for pid, channel in self.channels.items():
+            if channel.fileno() == channel_fd:
+                return pid
+        return None
 
     def _channel(self, pid: int) -> socket.socket | None:
         channel = self.channels.get(pid)
@@ -131,6 +210,7 @@ class Sender:
                 return None
             channel.setblocking(False)
             self.channels[pid] = channel
+            self.watch(channel)
         return channel
 
     def _drop(self, pid: int) -> None:

@@ -95,7 +95,7 @@ class Worker:
         self.rate = 0.0  # questions answered per second over the last tick
         self.channels: dict[int, socket.socket] = {}  # hand-off channels from retiring workers
         self.sender = handoff.Sender(scoreboard_path(cfg.pid_file) if cfg.pid_file else "", spec.board,
-                                     cfg.max_connections)
+                                     cfg.max_connections, self._watch_channel)
         self.handed_off = 0
         # The heartbeat goes with the tick: several per worker_timeout, so a
         # busy but healthy worker is never mistaken for a hung one.
@@ -242,8 +242,8 @@ class Worker:
             self.answered += answered
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
-            if self.state != SERVING and not conns:
-                return self._exit_code()  # retired or stopping, and the last client left
+            if self.state != SERVING and not conns and not self.sender.waiting():
+                return self._exit_code()  # retired or stopping, the last client gone or handed over
             if now >= next_tick:
                 next_tick = now + tick
                 code = self._tick(now)
@@ -266,35 +266,58 @@ class Worker:
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
             accepted += 1
+            if self._full():
+                break
         self.counters.accepted += accepted
         if not accepted:
             self.empty_wakeups += 1
-        if len(self.conns) >= self.cfg.max_connections:
+        if self._full():
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
 
     # --- hand-off ------------------------------------------------------
 
+    def _watch_channel(self, channel: socket.socket) -> None:
+        self.epoll.register(channel.fileno(), EPOLLIN)
+
     def _take_over(self, fd: int, now: float) -> None:
-        """Accept a hand-off channel, or adopt the connections sent on one."""
+        """Accept a hand-off channel; adopt connections sent on one, or sent back to us."""
         if fd == self.inbox.fileno():
             channel = handoff.accept_channel(self.inbox)
             if channel is not None:
                 self.channels[channel.fileno()] = channel
-                self.epoll.register(channel.fileno(), EPOLLIN)
+                self._watch_channel(channel)
             return
         channel = self.channels.get(fd)
-        if channel is None:
-            return
-        received, closed = handoff.receive(channel)
+        outbound = channel is None
+        if outbound:
+            channel = self.sender.channel(fd)
+            if channel is None:
+                return
+        received, acks, closed = handoff.receive(channel)
         for sock, pending in received:
+            if outbound:  # a full target sent it back: we keep serving it
+                self.handed_off -= 1
+                log.info("a connection came back from a full worker: serving it here")
+            elif self._full() and handoff.send_back(channel, sock, pending):
+                continue
+            else:
+                handoff.acknowledge(channel)
             conn = Conn(sock, self.table, now)
             conn.session.pending = pending
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
-        if closed:
-            del self.channels[fd]
-            channel.close()
+        if outbound:
+            self.sender.answered(fd, acks, len(received))
+        if closed:  # closing the socket also takes it out of the epoll set
+            if outbound:
+                self.sender.forget(fd)
+            else:
+                del self.channels[fd]
+                channel.close()
+
+    def _full(self) -> bool:
+        return len(self.conns) >= self.cfg.max_connections
 
     def _hand_off(self) -> None:
         """Retiring: pass every connection at a question boundary to a current worker."""
@@ -388,7 +411,7 @@ class Worker:
             self._drain(now)
         self._publish(now)
         if self.state != SERVING:
-            if not self.conns:
+            if not self.conns and not self.sender.waiting():
                 return self._exit_code()
             if now >= self.deadline:
                 if self.state == DRAINING:
@@ -431,7 +454,7 @@ class Worker:
                 log.info("log file reopened")
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
-        if self.state != SERVING and not self.conns:
+        if self.state != SERVING and not self.conns and not self.sender.waiting():
             return self._exit_code()
         return None
 

@@ -105,14 +105,29 @@ def test_fresh_client_answered_fast_among_2000_idle_and_500_slowloris(start_daem
 
 # --- accepting: wake-ups and sharing ----------------------------------------------------------
 
+def waiting_in_epoll(pids: list[int]) -> bool:
+    """Every one of these processes is asleep in epoll_wait (the kernel's wait channel says so)."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                if "epoll_wait" not in f.read():
+                    return False
+        except OSError:
+            return False
+    return True
+
+
 def test_idle_server_wakes_about_one_worker_per_connection(start_daemon):
     daemon = start_daemon(workers=2)
+    workers = [w.pid for w in daemon.workers()]
     count = 200
     for _ in range(count):
+        # An idle server: the connection arrives while every worker waits in epoll.
+        # (A worker still busy with the last one would make the kernel wake another.)
+        wait_for(lambda: waiting_in_epoll(workers), 5, "both workers idle in epoll_wait")
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
             sock.sendall(NAME_Q)
             sock.shutdown(socket.SHUT_WR)
-            # wait for the server's close: the server is idle again before the next one
             assert recv_all(sock) == NAME_A
     stats = stop_and_collect(daemon, 2)
     accepted = sum(s[0] for s in stats.values())

@@ -401,10 +401,11 @@ def test_stop_command_stops_a_running_daemon(start_daemon):
     assert str(daemon.proc.pid) in out
     assert all(gone(pid) for pid in worker_pids)
     assert not daemon.pid_file.exists()
-    # nothing to stop any more: a clear failure, not a traceback
+    # nothing to stop any more: success (LSB), with a clear word, not a traceback
     again = lancelotd_cli("stop", "--pid-file", str(daemon.pid_file))
-    assert again.returncode != 0
-    assert str(daemon.pid_file) in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 0
+    assert "not running" in again.stderr and str(daemon.pid_file) in again.stderr
+    assert "Traceback" not in again.stderr
 
 
 def test_lancelot_ask_prints_one_answer_per_line(start_daemon):

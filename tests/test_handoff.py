@@ -1,0 +1,623 @@
+"""Issue 6: a retired worker hands its open connections to a current worker (SCM_RIGHTS).
+
+Real daemons, real TCP on loopback, real signals.  What a client must see when the worker
+holding its connection is retired (HUP reload, TTOU, max_requests recycling, USR2 upgrade):
+no close, no reset, no lost or duplicated answer, and from its next question on the answers
+of the current config.  The retired worker exits as soon as it has handed everything over;
+when no current worker can take a connection (all at max_connections) it keeps serving it
+and drains as before.  Connections are spread over the current workers, least loaded first.
+
+The client under test is a `Client`: one persistent connection, a question every few ms,
+every answer checked (it must be one of the expected answers, and answers never go back to
+an older config).  Waits are on readiness signals - a log line, a PID gone, psutil's view
+of who holds a socket, the scoreboard (`lancelotd status --json`, published once per worker
+tick) - never fixed sleeps, except the pacing of the HUP storm, which is the load pattern.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import Daemon, recv_until, wait_for
+from loadgen import assert_no_errors, load
+from loadgen import build as build_loadgen
+from test_lifecycle import (  # noqa: F401 - subreaper is a fixture
+    exited,
+    holder_of,
+    live_children,
+    read_pid,
+    subreaper,
+    wait_child_exit,
+    wait_log,
+    wait_pool,
+    workers_of,
+)
+
+from lancelotd.scoreboard import Scoreboard
+
+COLOR_Q = b"Color?"
+BLUE, GREEN = b"Blue.", b"Green."
+NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
+# "[pid] worker N: handed K connections over (L left)"
+HANDED = re.compile(r"\[(\d+)\] worker \d+: handed (\d+) connections over \((\d+) left\)")
+GRACE = 30  # graceful_timeout: a drain (the fallback) is never mistaken for a hand-off
+
+
+def conf(workers: int = 2, color: str = "Blue.", max_connections: int | None = None,
+         lifecycle: str = "") -> str:
+    """A complete config: the default questions (loadgen checks them) plus `Color?`."""
+    limit = f"max_connections = {max_connections}" if max_connections else ""
+    return f"""
+[server]
+workers = {workers}
+
+[protocol]
+unknown_answer = "No idea."
+{limit}
+
+[lifecycle]
+graceful_timeout = {GRACE}
+{lifecycle}
+
+[answers]
+"What is your name?" = "My name is Sir Lancelot of Camelot."
+"What is your quest?" = "To seek the Holy Grail."
+"What is your favorite color?" = "Blue."
+"Color?" = "{color}"
+"""
+
+
+def rewrite(d: Daemon, text: str) -> None:
+    """Replace the config file atomically: a HUP never reads half a file."""
+    tmp = d.config_file.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, d.config_file)
+
+
+# --- the client under test -------------------------------------------------------
+
+class Client:
+    """One persistent connection asking `question` every `pause` seconds, in a thread.
+
+    `expected` lists the acceptable answers from oldest config to newest: an answer
+    outside it, or older than one already seen, is an error, as are EOF, a reset and a
+    timeout.  The first error ends the client.
+    """
+
+    def __init__(self, sock: socket.socket, expected: list[bytes], question: bytes = COLOR_Q,
+                 pause: float = 0.003, name: str = "client") -> None:
+        self.sock, self.expected, self.question, self.pause, self.name = sock, expected, question, pause, name
+        sock.settimeout(5)
+        self.answers: list[tuple[float, bytes]] = []  # (monotonic time received, answer)
+        self.errors: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        newest = 0
+        while not self.stopping.is_set():
+            try:
+                self.sock.sendall(self.question)
+                answer = recv_until(self.sock, b".")
+            except (OSError, EOFError) as e:
+                self.errors.append(f"{self.name}: {e!r} after {len(self.answers)} answers")
+                return
+            self.answers.append((time.monotonic(), answer))
+            if answer not in self.expected:
+                self.errors.append(f"{self.name}: wrong answer {answer!r}")
+                return
+            index = self.expected.index(answer)
+            if index < newest:
+                self.errors.append(f"{self.name}: {answer!r} after {self.expected[newest]!r}")
+                return
+            newest = index
+            time.sleep(self.pause)
+
+    def __enter__(self) -> Client:
+        self.thread.start()
+        self.wait_more(3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+    @property
+    def last(self) -> bytes | None:
+        return self.answers[-1][1] if self.answers else None
+
+    def wait_more(self, count: int, timeout: float = 5.0) -> None:
+        """Wait for `count` more answers (fails at once when the client has failed)."""
+        target = len(self.answers) + count
+
+        def more() -> bool:
+            assert not self.errors, self.errors
+            return len(self.answers) >= target
+        wait_for(more, timeout, f"{count} more answers for {self.name}")
+
+    def first(self, answer: bytes) -> float | None:
+        """When `answer` first arrived."""
+        return next((t for t, a in self.answers if a == answer), None)
+
+    def check(self) -> None:
+        assert not self.errors, self.errors
+        assert not self.thread.is_alive(), f"{self.name} still running"
+
+
+# --- who holds what ----------------------------------------------------------------
+
+def held(pid: int, port: int) -> int:
+    """Established connections on `port` that process `pid` holds (psutil: its descriptors)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return 0
+    return sum(1 for c in conns if c.laddr.port == port and c.raddr and c.status == psutil.CONN_ESTABLISHED)
+
+
+def server_rx_queue(sock: socket.socket) -> int | None:
+    """Bytes the server has not read yet from the client socket `sock` (/proc/net/tcp)."""
+    def hexaddr(addr: tuple[str, int]) -> str:
+        return f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
+    server_side, client_side = hexaddr(sock.getpeername()), hexaddr(sock.getsockname())
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == server_side and fields[2] == client_side:
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def status(d: Daemon, pid_file: Path | None = None) -> dict:
+    """`lancelotd status --json`: the scoreboard as operators see it."""
+    out = subprocess.run([sys.executable, "-m", "lancelotd", "status", "--json",
+                          "--pid-file", str(pid_file or d.pid_file)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def handed(log: str) -> dict[int, list[tuple[int, int]]]:
+    """pid -> [(handed, left), ...] from the workers' hand-off lines."""
+    found: dict[int, list[tuple[int, int]]] = {}
+    for m in HANDED.finditer(log):
+        found.setdefault(int(m.group(1)), []).append((int(m.group(2)), int(m.group(3))))
+    return found
+
+
+def wait_tick(board: Scoreboard, pid: int) -> None:
+    """Wait for the next loop tick of worker `pid` (its heartbeat on the scoreboard moves), or its exit."""
+    def heartbeat() -> float:
+        return next((slot.heartbeat for _, slot in board.slots() if slot.pid == pid), 0.0)
+    seen = heartbeat()
+    wait_for(lambda: heartbeat() > seen or exited(pid), 5, f"a tick of worker {pid}")
+
+
+def hups_handled(log: str) -> int:
+    """How many HUPs the master has acted on: each one logs "reloading" or, while a reload is
+    under way, "queued"; a queued reload, run once the one under way is done, logs one more
+    "reloading" that answers no new HUP."""
+    count, queued, queued_run_next = 0, False, False
+    for kind in re.findall(r"master: (reloading|reload requested|reload done|reload failed|reload refused)",
+                           log):
+        if kind == "reload requested":
+            count += 1
+            queued = True
+        elif kind == "reloading":
+            if queued_run_next:
+                queued_run_next = False
+            else:
+                count += 1
+        elif kind in ("reload done", "reload failed"):
+            queued_run_next, queued = queued, False
+    return count
+
+
+def reloads_under_way(log: str) -> bool:
+    started = len(re.findall(r"master: reloading ", log))
+    ended = len(re.findall(r"master: (?:reload done|reload failed|reload refused)", log))
+    return started != ended
+
+
+@contextmanager
+def only_accepting(keep: int, pool: dict[int, tuple[int, int]]) -> Iterator[None]:
+    """SIGSTOP every worker of `pool` but `keep`, so that `keep` accepts the connections made here.
+
+    (A stopped process is off the listener's wait queue only once it has actually stopped.)
+    """
+    others = [pid for pid in pool if pid != keep]
+    try:
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        for pid in others:
+            wait_for(lambda pid=pid: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 5,
+                     f"worker {pid} stopped")
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def connect_to(d: Daemon, pid: int, pool: dict[int, tuple[int, int]], count: int = 1) -> list[socket.socket]:
+    """`count` connections, each answered once, all accepted by worker `pid`."""
+    socks = []
+    with only_accepting(pid, pool):
+        for _ in range(count):
+            sock = d.connect()
+            socks.append(sock)
+            sock.sendall(COLOR_Q)
+            recv_until(sock, b".")
+    assert all(holder_of(s, list(pool)) == pid for s in socks)
+    return socks
+
+
+@pytest.fixture(scope="module")
+def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_loadgen(tmp_path_factory.mktemp("loadgen"))
+
+
+# =================================================================================
+# (a) HUP: a persistent client switches to the new answers within a second
+# =================================================================================
+
+def test_hup_hands_a_persistent_connection_over(start_daemon):
+    d = start_daemon(config=conf(workers=2, color="Blue."))
+    master = d.proc.pid
+    gen1 = wait_pool(master, 2, generation=1)
+    sock = d.connect()
+    with sock, Client(sock, [BLUE, GREEN]) as client:
+        old = holder_of(sock, list(gen1))
+        assert old is not None
+        rewrite(d, conf(workers=2, color="Green."))
+        hup = time.monotonic()
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: client.first(GREEN), 5, "the first answer from the new config")
+        switched = client.first(GREEN) - hup
+        # The old generation leaves as soon as it has handed over (not after graceful_timeout).
+        gen2 = wait_pool(master, 2, generation=2, timeout=5)
+        client.wait_more(20)
+        new = holder_of(sock, list(gen2))
+    client.check()
+    assert switched < 1.0, f"the new answer came {switched:.3f}s after HUP"
+    assert new in gen2, "the connection is not held by a generation-2 worker"
+    assert handed(d.log()).get(old) == [(1, 0)], d.log()[-3000:]
+    assert exited(old)
+
+
+# =================================================================================
+# (b) a question split across the hand-off is answered with the new config
+# =================================================================================
+
+@pytest.mark.parametrize("split", [1, 5], ids=["C|olor?", "Color|?"])
+def test_question_split_across_the_hand_off(start_daemon, split):
+    d = start_daemon(config=conf(workers=2, color="Blue."))
+    gen1 = wait_pool(d.proc.pid, 2, generation=1)
+    with d.connect() as sock:
+        # A whole question and the first part of the next in one segment: once the answer to
+        # the first is back, the worker has read the part too (it holds it as unfinished).
+        sock.sendall(NAME_Q + COLOR_Q[:split])
+        assert recv_until(sock, b".") == NAME_A
+        wait_for(lambda: server_rx_queue(sock) == 0, 5, "the server to read every byte sent")
+        old = holder_of(sock, list(gen1))
+        assert old is not None
+
+        rewrite(d, conf(workers=2, color="Green."))
+        d.signal(signal.SIGHUP)
+        wait_log(d.log_file, rf"\[{old}\] worker \d+: handed 1 connections over \(0 left\)", timeout=5)
+        wait_for(lambda: exited(old), 5, "the old worker to exit")
+
+        sock.sendall(COLOR_Q[split:])
+        assert recv_until(sock, b".") == GREEN  # "No idea." if the first part was lost
+        sock.sendall(COLOR_Q)
+        assert recv_until(sock, b".") == GREEN
+        assert holder_of(sock, list(wait_pool(d.proc.pid, 2, generation=2))) is not None
+
+
+# =================================================================================
+# (c) the same for TTOU, max_requests recycling and a USR2 upgrade
+# =================================================================================
+
+def test_ttou_hands_the_retired_workers_connection_over(start_daemon):
+    d = start_daemon(config=conf(workers=3))
+    master = d.proc.pid
+    pool = wait_pool(master, 3, generation=1)
+    by_number = {number: pid for pid, (number, _) in pool.items()}
+    third = by_number[3]
+    (sock,) = connect_to(d, third, pool)  # TTOU retires the highest numbered worker
+    with sock, Client(sock, [BLUE]) as client:
+        d.signal(signal.SIGTTOU)
+        wait_log(d.log_file, r"TTOU: 2 workers")
+        wait_for(lambda: exited(third), 3, "worker 3 to exit once it has handed its connection over")
+        client.wait_more(20)
+        holder = holder_of(sock, [by_number[1], by_number[2]])
+    client.check()
+    assert holder is not None, "the connection is not held by worker 1 or 2"
+    assert handed(d.log()).get(third) == [(1, 0)], d.log()[-3000:]
+    assert set(wait_pool(master, 2, generation=1)) == {by_number[1], by_number[2]}
+
+
+def test_max_requests_recycling_hands_the_connection_over(start_daemon):
+    d = start_daemon(config=conf(workers=1, lifecycle="max_requests = 100"))
+    master = d.proc.pid
+    (first,) = wait_pool(master, 1, generation=1)
+    sock = d.connect()
+    with sock, Client(sock, [BLUE], pause=0.002) as client:
+        # The client alone drives the recycling: ~100 answers, retire, hand over, again.
+        wait_for(lambda: len(re.findall(r"recycled after max_requests", d.log())) >= 3, 20,
+                 "three recyclings")
+        client.wait_more(20)
+        current = live_children(master) or []
+        holder = holder_of(sock, [p.pid for p in current])
+    client.check()
+    hand_offs = handed(d.log())
+    assert len(hand_offs) >= 2, d.log()[-3000:]
+    assert all(lines[-1][1] == 0 for lines in hand_offs.values()), hand_offs
+    assert first in hand_offs and exited(first)
+    assert holder is not None and holder != first
+    # Each recycled worker left once its connection was handed over, not after graceful_timeout.
+    recycled = [int(pid) for pid in re.findall(r"\[(\d+)\] worker \d+: served \d+ questions", d.log())]
+    wait_for(lambda: all(exited(pid) for pid in recycled), 3, "every recycled worker to exit")
+
+
+@pytest.mark.usefixtures("subreaper")  # before start_daemon: torn down after it
+def test_usr2_hands_connections_to_the_new_masters_workers(start_daemon):
+    d = start_daemon(config=conf(workers=2, color="Blue."))
+    old_master = d.proc.pid
+    old_workers = wait_pool(old_master, 2, generation=1)
+    sock = d.connect()
+    with sock, Client(sock, [BLUE, GREEN]) as client:
+        old = holder_of(sock, list(old_workers))
+        assert old is not None
+        rewrite(d, conf(workers=2, color="Green."))  # the new master reads the file again
+        usr2 = time.monotonic()
+        d.signal(signal.SIGUSR2)
+        new_master = wait_for(lambda: (read_pid(d.pid_file) or old_master) != old_master
+                              and read_pid(d.pid_file), 10, "the new master's PID in the PID file")
+        wait_for(lambda: client.first(GREEN), 10, "the first answer from the new master's workers")
+        switched = client.first(GREEN) - usr2
+        # The old master exits once its workers have handed everything over, while the
+        # client keeps being answered.
+        assert d.wait_exit(5) == 0
+        client.wait_more(20)
+        new_workers = wait_pool(new_master, 2, generation=1)
+        serving = holder_of(sock, list(new_workers))
+    client.check()
+    assert serving is not None, "the connection is not held by the new master's workers"
+    assert psutil.Process(serving).ppid() == new_master != old_master
+    assert handed(d.log()).get(old) == [(1, 0)], d.log()[-3000:]
+    assert switched < 5.0, f"the new answer came {switched:.3f}s after USR2"
+    assert not Path(str(d.pid_file) + ".oldbin").exists()
+    os.kill(new_master, signal.SIGTERM)
+    assert wait_child_exit(new_master, 10) == 0
+
+
+# =================================================================================
+# (d) the storm: 40 HUPs at 5 per second under persistent clients
+# =================================================================================
+
+def test_hup_storm_with_persistent_clients(start_daemon, loadgen):
+    workers, hups = 2, 40
+    colors = [f"Color{i}.".encode() for i in range(hups + 1)]
+    d = start_daemon(config=conf(workers=workers, color=colors[0].decode()))
+    master = d.proc.pid
+    wait_pool(master, workers, generation=1)
+    socks = [d.connect() for _ in range(4)]
+    clients = [Client(s, colors, pause=0.005, name=f"client {i}") for i, s in enumerate(socks)]
+    with load(loadgen, d.port, conns=10, seconds=hups * 0.2 + 1.5) as result:
+        for c in clients:
+            c.__enter__()
+        try:
+            for i in range(1, hups + 1):
+                rewrite(d, conf(workers=workers, color=colors[i].decode()))
+                d.signal(signal.SIGHUP)
+                last_hup = time.monotonic()
+                if i < hups:
+                    time.sleep(0.2)  # the load pattern: 5 HUPs a second
+
+            def back_to_workers() -> bool:
+                assert not any(c.errors for c in clients), [c.errors for c in clients]
+                log = d.log()
+                if hups_handled(log) < hups or reloads_under_way(log):
+                    return False
+                try:  # zombies count: a process not reaped yet is still there
+                    return len(psutil.Process(master).children()) == workers
+                except psutil.Error:
+                    return False
+            wait_for(back_to_workers, 10, f"every HUP handled and the master's children back to {workers}")
+            settled = time.monotonic() - last_hup
+            # Every client is on the last generation.
+            for c in clients:
+                wait_for(lambda c=c: c.last == colors[-1], 5, f"{c.name} to get the last config's answer")
+        finally:
+            for c in clients:
+                c.__exit__()
+            for s in socks:
+                s.close()
+    for c in clients:
+        c.check()
+    assert_no_errors(result)
+    log = d.log()
+    assert len(re.findall(r"master: reloading ", log)) == len(re.findall(r"master: reload done", log)), \
+        log[-3000:]
+    assert not re.findall(r"^.* (?:WARNING|ERROR|CRITICAL) .*$", log, re.M)
+    assert settled < 2.0, f"the master had {workers} children only {settled:.2f}s after the last HUP"
+
+
+# =================================================================================
+# (e) fair spread: the connections of one retiring worker go to all current workers
+# =================================================================================
+
+def test_connections_are_spread_over_the_new_generation(start_daemon):
+    count = 40
+    d = start_daemon(config=conf(workers=4, color="Blue."))
+    master = d.proc.pid
+    pool = wait_pool(master, 4, generation=1)
+    fourth = next(pid for pid, (number, _) in pool.items() if number == 4)
+    socks = connect_to(d, fourth, pool, count)  # every connection on worker 4
+    try:
+        rewrite(d, conf(workers=4, color="Green."))
+        d.signal(signal.SIGHUP)
+        gen2 = wait_pool(master, 4, generation=2, timeout=5)  # generation 1 handed all and left
+        lines = handed(d.log()).get(fourth, [])
+        assert sum(n for n, _ in lines) == count and lines[-1][1] == 0, d.log()[-3000:]
+
+        def published() -> dict[int, int] | None:  # workers publish once per tick (~1 s)
+            shares = {w["pid"]: w["connections"] for w in status(d)["workers"] if w["generation"] == 2}
+            return shares if sum(shares.values()) == count else None
+        shares = wait_for(published, 10, f"the scoreboard to show {count} connections in generation 2")
+        for s in socks:
+            s.sendall(COLOR_Q)
+            assert recv_until(s, b".") == GREEN
+    finally:
+        for s in socks:
+            s.close()
+    assert set(shares) == set(gen2)
+    assert all(shares.values()), f"a new worker got no connection: {shares}"
+    assert max(shares.values()) <= 0.6 * count, f"one worker got more than 60%: {shares}"
+
+
+# =================================================================================
+# (f) fallback: when no current worker can take a connection, the old one keeps it
+# =================================================================================
+
+def test_ttou_fallback_when_the_others_are_full(start_daemon):
+    """One sender, one config: workers 1 and 2 are at max_connections, so retired worker 3
+    keeps serving its clients (draining), and hands them over one by one as room appears."""
+    d = start_daemon(config=conf(workers=3, max_connections=2))
+    master = d.proc.pid
+    pool = wait_pool(master, 3, generation=1)
+    by_number = {number: pid for pid, (number, _) in pool.items()}
+    third = by_number[3]
+    on_third = connect_to(d, third, pool, 2)  # worker 3 is full now and accepts no more
+    others = []
+    for _ in range(4):
+        sock = d.connect()
+        sock.sendall(COLOR_Q)
+        assert recv_until(sock, b".") == BLUE
+        others.append(sock)
+    holders = {s: holder_of(s, list(pool)) for s in others}
+    assert Counter(holders.values()) == {by_number[1]: 2, by_number[2]: 2}
+    board = Scoreboard.open(str(d.pid_file) + ".scoreboard")
+    clients = [Client(s, [BLUE], name=f"client {i}") for i, s in enumerate(on_third + others)]
+    try:
+        for c in clients:
+            c.__enter__()
+
+        def published(pid: int, connections: int) -> bool:
+            return any(slot.pid == pid and slot.connections == connections for _, slot in board.slots())
+        wait_for(lambda: all(published(by_number[n], 2) for n in (1, 2, 3)), 5,
+                 "every worker's 2 connections on the scoreboard")
+
+        d.signal(signal.SIGTTOU)
+        wait_log(d.log_file, r"TTOU: 2 workers")
+
+        # Two ticks of worker 3 (each one a hand-off attempt): still there, still serving.
+        for _ in range(2):
+            wait_tick(board, third)
+        for c in clients:
+            c.wait_more(5)
+        assert not exited(third)
+        assert all(holder_of(s, list(pool)) == third for s in on_third)
+        assert third not in handed(d.log()), d.log()[-3000:]
+
+        # Room for one on worker 1: one connection moves; room on worker 2: the last one moves,
+        # and worker 3 leaves.  Never more than a target has room for.
+        for step, number in enumerate((1, 2), start=1):
+            gone = next(s for s in others if holders[s] == by_number[number])
+            clients[2 + others.index(gone)].__exit__()
+            gone.close()
+            wait_for(lambda step=step: len(handed(d.log()).get(third, [])) >= step, 5,
+                     f"hand-off number {step} from worker 3")
+            lines = handed(d.log())[third]
+            assert lines == [(1, 2 - i) for i in range(1, step + 1)], (
+                f"worker 3 handed {lines} (connections, left) with room for one on worker {number}; "
+                f"workers 1 and 2 now hold {held(by_number[1], d.port)} and {held(by_number[2], d.port)} "
+                f"connections (max_connections = 2)")
+        wait_for(lambda: exited(third), 3, "worker 3 to exit once it has handed everything over")
+        for c in clients[:2]:
+            c.wait_more(10)
+        for s in on_third:
+            assert holder_of(s, [by_number[1], by_number[2]]) is not None
+    finally:
+        for c in clients:
+            c.__exit__()
+        board.close()
+        for s in on_third + others:
+            s.close()
+    for c in clients:
+        c.check()
+
+
+@pytest.mark.parametrize("old_limit,old_workers,held_per_worker", [(2, 2, 2), (0, 1, 4)],
+                         ids=["same-limit-two-senders", "limit-lowered-one-sender"])
+def test_hup_fallback_when_the_new_generation_is_full(start_daemon, old_limit, old_workers, held_per_worker):
+    """More connections than the new generation may hold (max_connections = 2, one new worker):
+    it takes what it may, the old workers keep serving the rest (draining), nothing is dropped.
+
+    same-limit-two-senders: both configs say 2; two old workers with 2 connections each.
+    limit-lowered-one-sender: the old config has no limit, one old worker holds 4; the new says 2.
+    """
+    limit = 2
+    d = start_daemon(config=conf(workers=old_workers, max_connections=old_limit or None))
+    master = d.proc.pid
+    gen1 = wait_pool(master, old_workers, generation=1)
+    socks = []
+    for pid in gen1:
+        socks += connect_to(d, pid, gen1, held_per_worker) if old_workers > 1 else \
+            [d.connect() for _ in range(held_per_worker)]
+    for s in socks:
+        s.sendall(COLOR_Q)
+        assert recv_until(s, b".") == BLUE
+    total = len(socks)
+    assert sum(held(pid, d.port) for pid in gen1) == total
+    clients = [Client(s, [BLUE, GREEN], name=f"client {i}") for i, s in enumerate(socks)]
+    board = Scoreboard.open(str(d.pid_file) + ".scoreboard")
+    try:
+        for c in clients:
+            c.__enter__()
+        rewrite(d, conf(workers=1, color="Green.", max_connections=limit))
+        d.signal(signal.SIGHUP)
+        wait_log(d.log_file, r"reload done: generation 2")
+        (new,) = wait_for(lambda: [pid for pid, (_, g) in workers_of(master).items() if g == 2], 5,
+                          "the generation-2 worker")
+
+        # The new worker fills up to its limit; then every client is answered, by whoever holds it.
+        wait_for(lambda: sum(c.last == GREEN for c in clients) >= limit, 5,
+                 f"{limit} clients answered by the new worker")
+        most = held(new, d.port)
+        for pid in [new, *gen1]:  # a tick (a publish, a hand-off attempt) of every worker
+            wait_tick(board, pid)
+            most = max(most, held(new, d.port))
+        for c in clients:
+            c.wait_more(5)
+        most = max(most, held(new, d.port))
+        # A full target sends a connection back to its sender, which logs it.
+        moved = sum(n for lines in handed(d.log()).values() for n, _ in lines) - d.log().count("came back")
+        draining = [w for w in status(d)["workers"] if w["generation"] == 1]
+        green = sum(c.last == GREEN for c in clients)
+    finally:
+        for c in clients:
+            c.__exit__()
+        board.close()
+        for s in socks:
+            s.close()
+    for c in clients:
+        c.check()  # nothing dropped: no EOF, no reset, no wrong answer
+    assert most <= limit, (f"the new worker holds {most} connections, over its max_connections = {limit}; "
+                           f"hand-off lines: {handed(d.log())}")
+    assert moved == limit < total, f"handed {moved} of {total}: {handed(d.log())}"
+    assert green == limit
+    assert draining and all(w["state"] == "draining" for w in draining), draining
