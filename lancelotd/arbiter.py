@@ -31,8 +31,9 @@ from .config import Config, ConfigError
 from .logs import log
 from .scoreboard import DRAINING, FREE, SLOTS, STARTING, STATE_NAMES, Counters, Header, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
-from .sockets import BindError, bind, format_address
+from .sockets import ACTIVATED, BindError, format_address, open_listeners
 from .systemd import Notifier, listen_fds
+from .upgrade import ENV_READY_FD, Upgrade, inherited_listeners, launch_successor
 from .worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
@@ -54,9 +55,6 @@ MAX_BACKOFF = 30.0  # cap of the delay between boots of workers that keep dying
 KILL_GRACE = 1.0  # how long a stop waits past its timeout before SIGKILL
 RELOAD_TIMEOUT = 30.0  # a new generation not serving by then is abandoned
 UPGRADE_TIMEOUT = 30.0  # a new master not ready by then is abandoned
-ENV_INHERIT = "LANCELOTD_INHERIT_FDS"  # "fd=address,..." handed over by USR2
-ENV_READY_FD = "LANCELOTD_READY_FD"  # we write "ready" here once serving (USR2, --daemon)
-ACTIVATED = "systemd "  # key prefix of sockets from socket activation
 STATUS_EVERY = 5.0  # seconds between STATUS= refreshes for systemctl status
 
 
@@ -80,14 +78,6 @@ class Reload:
     cfg: Config
     generation: int
     listeners: dict[str, socket.socket]
-    started: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Upgrade:
-    ready_r: int  # the new master reports "pid N", then "ready" (or "error ..."), here
-    pid: int = 0
-    news: bytes = b""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -563,73 +553,24 @@ class Arbiter:
             log.warning("USR2 ignored: the previous master (%s) is still draining",
                         pidfile.read(pid_file + ".oldbin"))
             return
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        fds = {sock.fileno(): address for address, sock in self.listeners.items()}
-        env = dict(os.environ)
-        env[ENV_INHERIT] = ",".join(f"{fd}={address}" for fd, address in fds.items())
-        env[ENV_READY_FD] = str(ready_w)
         if pid_file and os.path.exists(pid_file):
             os.replace(pid_file, pid_file + ".oldbin")  # the new master writes its own
         argv = [sys.executable, *sys.orig_argv[1:]]
         self.move_metrics(Config(metrics_bind=""))  # the new master binds it again
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        try:
-            launcher = os.fork()
-            if launcher == 0:
-                self._launch_successor(argv, env, [*fds, ready_w], ready_w)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            os.close(ready_w)
-        self.upgrade = Upgrade(ready_r)
+        self.upgrade = launch_successor(argv, self.cwd, self.listeners, SIGNALS)
         self.set_title(" (old, upgrading)")
         log.info("upgrade: starting a new master: %s", " ".join(argv))
-
-    def _launch_successor(self, argv: list[str], env: dict[str, str], fds: list[int], ready_w: int) -> None:
-        """In a short-lived child: fork and exec the new master, report its PID, exit.
-
-        Orphaned at once, the new master is adopted by init - under systemd,
-        by systemd itself, which then supervises it as its own child once
-        MAINPID= names it (a main process it did not adopt is one whose stop
-        it does not wait for).
-        """
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    for fd in fds:
-                        os.set_inheritable(fd, True)
-                    os.chdir(self.cwd)
-                    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-                    os.execve(argv[0], argv, env)
-                except OSError as e:
-                    os.write(ready_w, f"error cannot start {argv[0]}: {e.strerror}\n".encode())
-                finally:
-                    os._exit(1)
-            os.write(ready_w, f"pid {pid}\n".encode())
-        finally:
-            os._exit(0)
 
     def upgrade_answered(self) -> None:
         """Read the new master's news: its PID, then "ready" or an error."""
         upgrade = self.upgrade
         assert upgrade is not None
-        try:
-            data = os.read(upgrade.ready_r, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            self.upgrade_failed(f"the new master {upgrade.pid or ''} exited before it was ready")
-            return
-        upgrade.news += data
-        while b"\n" in upgrade.news:
-            line, _, upgrade.news = upgrade.news.partition(b"\n")
-            word, _, rest = line.decode("utf-8", "replace").partition(" ")
-            if word == "pid" and rest.isdigit():
-                upgrade.pid = int(rest)
+        for word, rest in upgrade.read_news():
+            if word == "pid":
                 log.info("upgrade: new master %d started", upgrade.pid)
+            elif word == "eof":
+                self.upgrade_failed(f"the new master {upgrade.pid or ''} exited before it was ready")
+                return
             elif word == "ready":
                 self.upgrade_succeeded(upgrade)
                 return
@@ -714,43 +655,6 @@ class Arbiter:
             pidfile.remove(self.cfg.pid_file + ".oldbin", self.pid)
             self.board.remove_file_if_ours()
         log.info("master stopped")
-
-
-def inherited_listeners() -> dict[str, socket.socket]:
-    """Sockets an upgrading master handed us, by the address they were bound for."""
-    spec = os.environ.pop(ENV_INHERIT, "")
-    inherited = {}
-    for item in filter(None, spec.split(",")):
-        fd, _, address = item.partition("=")
-        sock = socket.socket(fileno=int(fd))
-        sock.set_inheritable(False)
-        inherited[address] = sock
-    return inherited
-
-
-def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
-    """Sockets for cfg.bind: existing ones reused (their queues survive), the rest bound.
-
-    Sockets from socket activation are kept as they are: the socket unit, not
-    the config, says where to listen.  On failure the sockets bound here are
-    closed and `existing` is untouched.
-    """
-    if any(address.startswith(ACTIVATED) for address in existing):
-        return dict(existing)
-    listeners: dict[str, socket.socket] = {}
-    try:
-        for address in cfg.bind:
-            sock = existing.get(address)
-            if sock is None:
-                sock = bind(address, cfg.backlog)
-                log.info("listening on %s", format_address(sock.getsockname()))
-            listeners[address] = sock
-    except BindError:
-        for address, sock in listeners.items():
-            if existing.get(address) is not sock:
-                sock.close()
-        raise
-    return listeners
 
 
 def drain(fd: int) -> bytes:

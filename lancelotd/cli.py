@@ -112,8 +112,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .arbiter import ENV_READY_FD, Arbiter, StartError
+    from .arbiter import Arbiter, StartError
     from .daemonize import detach
+    from .upgrade import ENV_READY_FD
 
     configure = config_loader(args)
     try:

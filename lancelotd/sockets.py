@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
+
+from .logs import log
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+ACTIVATED = "systemd "  # key prefix of sockets from socket activation
 
 
 class BindError(Exception):
@@ -53,14 +62,26 @@ def bind(address: str, backlog: int) -> socket.socket:
     return sock
 
 
-def bind_all(addresses: tuple[str, ...], backlog: int) -> list[socket.socket]:
-    """Bind every address, or none: on failure the ones already bound are closed."""
-    sockets: list[socket.socket] = []
+def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
+    """Sockets for cfg.bind: existing ones reused (their queues survive), the rest bound.
+
+    Sockets from socket activation are kept as they are: the socket unit, not
+    the config, says where to listen.  On failure the sockets bound here are
+    closed and `existing` is untouched.
+    """
+    if any(address.startswith(ACTIVATED) for address in existing):
+        return dict(existing)
+    listeners: dict[str, socket.socket] = {}
     try:
-        for address in addresses:
-            sockets.append(bind(address, backlog))
+        for address in cfg.bind:
+            sock = existing.get(address)
+            if sock is None:
+                sock = bind(address, cfg.backlog)
+                log.info("listening on %s", format_address(sock.getsockname()))
+            listeners[address] = sock
     except BindError:
-        for sock in sockets:
-            sock.close()
+        for address, sock in listeners.items():
+            if existing.get(address) is not sock:
+                sock.close()
         raise
-    return sockets
+    return listeners
