@@ -448,6 +448,7 @@ class Arbiter:
         self.header.generation = self.generation
         self.header.workers_target = self.target
         self.header.reload_pending = int(bool(self.reload or self.reload_queued))
+        self.header.metrics_port = self.metrics.port if self.metrics else 0
         self.board.write_header(self.header)
         now = time.monotonic()
         if self.notifier.enabled and (force_status or now >= self.next_status):

@@ -106,6 +106,7 @@ class MetricsServer:
         self.address = address
         self.listener = bind(address, backlog)
         self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)  # type: ignore[arg-type]
         self.clients: dict[int, tuple[socket.socket, bytearray, float]] = {}

@@ -79,13 +79,14 @@ class Header:
     replaced_hung: int = 0
     recycled: int = 0
     reload_pending: int = 0  # 1 while a reload runs or waits: `lancelotd reload` waits for 0
+    metrics_port: int = 0  # so `status` can tell the metrics listener from the service's
     retired: Counters | None = None  # totals of workers that have exited
 
 
 # q = 8-byte words throughout, d for times.
 SLOT_FMT = "<qqqqddqd" + "q" * len(COUNTER_NAMES)
 SLOT_SIZE = 128
-HEADER_FMT = "<8sqdqqqqdqqqqq" + "q" * len(COUNTER_NAMES)
+HEADER_FMT = "<8sqdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES)
 HEADER_SIZE = 256
 MESSAGE_SIZE = 1024  # the last reload's result, for `lancelotd reload` to print
 SLOTS_AT = HEADER_SIZE + MESSAGE_SIZE
@@ -183,12 +184,13 @@ class Scoreboard:
         self._store(8, HEADER_FMT[3:], (  # after the magic, written once at creation
             h.master_pid, h.started, h.generation, h.workers_target,
             h.reloads, h.reload_failures, h.last_reload, h.last_reload_ok, h.replaced_crashed,
-            h.replaced_hung, h.recycled, h.reload_pending, *(getattr(c, name) for name in COUNTER_NAMES),
+            h.replaced_hung, h.recycled, h.reload_pending, h.metrics_port,
+            *(getattr(c, name) for name in COUNTER_NAMES),
         ))
 
     def read_header(self) -> Header:
         values = struct.unpack_from(HEADER_FMT, self.mem, 0)
-        return Header(*values[1:13], retired=Counters(*values[13:]))  # type: ignore[arg-type]
+        return Header(*values[1:14], retired=Counters(*values[14:]))  # type: ignore[arg-type]
 
     def write_message(self, text: str) -> None:
         data = text.encode("utf-8", "replace")[: MESSAGE_SIZE - 1]

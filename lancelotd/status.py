@@ -87,7 +87,7 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
             "uptime_s": round(now_wall - header.started, 1), "title": " ".join(proc.cmdline()).strip(),
             **process_figures(proc.pid),
         },
-        "listeners": listeners(proc),
+        "listeners": listeners(proc, header.metrics_port),
         "reloads": {
             "count": header.reloads, "failures": header.reload_failures,
             "last": header.last_reload or None, "last_ok": bool(header.last_reload_ok),
@@ -116,8 +116,8 @@ def process_figures(pid: int) -> dict[str, Any]:
         return {"cpu_seconds": None, "rss": None, "uss": None}
 
 
-def listeners(proc: psutil.Process) -> list[dict[str, Any]]:
-    """The master's listening TCP sockets with their accept-queue depth and limit."""
+def listeners(proc: psutil.Process, metrics_port: int) -> list[dict[str, Any]]:
+    """The master's listening TCP sockets with their role and accept-queue depth."""
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{proc.pid}/fd"):
@@ -139,7 +139,9 @@ def listeners(proc: psutil.Process) -> list[dict[str, Any]]:
                 continue
             # For a listening socket the kernel reports its accept queue as rx_queue.
             rx_queue = int(fields[4].split(":")[1], 16)
-            found.append({"address": decode_address(fields[1], v6), "accept_queue": rx_queue})
+            address = decode_address(fields[1], v6)
+            role = "metrics" if int(fields[1].rsplit(":", 1)[1], 16) == metrics_port else "service"
+            found.append({"address": address, "role": role, "accept_queue": rx_queue})
     return found
 
 
@@ -185,8 +187,10 @@ def human(snap: dict[str, Any]) -> str:
         f"lancelotd running: master {m['pid']}, up {duration(m['uptime_s'])}, generation {m['generation']}, "
         f"{m['workers_target']} workers wanted",
         f"  {m['title']}",
-        "  listening: " + (", ".join(f"{listener['address']} (accept queue {listener['accept_queue']})"
-                                     for listener in snap["listeners"]) or "-"),
+        "  listening: " + (", ".join(
+            f"{listener['address']} (accept queue {listener['accept_queue']})"
+            if listener["role"] == "service" else f"{listener['address']} (metrics)"
+            for listener in snap["listeners"]) or "-"),
         f"  reloads: {r['count']} ({r['failures']} failed), last {last}"
         + (" - reload under way" if r["pending"] else ""),
         f"  workers replaced: {rep['crashed']} crashed, {rep['hung']} hung, {rep['recycled']} recycled",

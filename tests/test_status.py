@@ -175,7 +175,7 @@ RUNNING_SCHEMA = {
     "state": OneOf("running"),
     "master": {"pid": INT, "generation": INT, "workers_target": INT, "uptime_s": NUM, "title": str,
                "cpu_seconds": NUM, "cpu_percent": NUM, "rss": INT, "uss": INT},
-    "listeners": ListOf({"address": str, "accept_queue": INT}),
+    "listeners": ListOf({"address": str, "role": OneOf("service", "metrics"), "accept_queue": INT}),
     "reloads": {"count": INT, "failures": INT, "last": Opt(NUM), "last_ok": bool, "last_message": str,
                 "pending": bool},
     "replaced": {"crashed": INT, "hung": INT, "recycled": INT},
@@ -236,7 +236,7 @@ def test_schema_checker_catches_mistakes():
     good = {"schema": 1, "state": "running", "time": 1.0,
             "master": {"pid": 1, "generation": 1, "workers_target": 1, "uptime_s": 1.0, "title": "t",
                        "cpu_seconds": 0.1, "cpu_percent": 0.0, "rss": 1, "uss": 1},
-            "listeners": [{"address": "127.0.0.1:1", "accept_queue": 0}],
+            "listeners": [{"address": "127.0.0.1:1", "role": "service", "accept_queue": 0}],
             "reloads": {"count": 0, "failures": 0, "last": None, "last_ok": True, "last_message": "",
                         "pending": False},
             "replaced": {"crashed": 0, "hung": 0, "recycled": 0},
@@ -693,6 +693,12 @@ def test_metrics(start_daemon):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=5)
     assert error.value.code == 404
+    # `status` tells the metrics listener from the service's
+    expected = {f"127.0.0.1:{d.port}": "service", url.split("/")[2]: "metrics"}
+
+    def roles() -> dict[str, str]:
+        return {entry["address"]: entry["role"] for entry in status_json(d.pid_file)["listeners"]}
+    wait_for(lambda: roles() == expected, 5, f"the listeners in status to be {expected}")
 
     with board_of(d) as board:
         pool = wait_serving(board, 2)
