@@ -1,4 +1,4 @@
-"""`lancelotd` command line (SPEC §5): serve, check-config, stop, reload."""
+"""`lancelotd` command line (SPEC §5): serve, check-config, status, stop, reload."""
 
 from __future__ import annotations
 
