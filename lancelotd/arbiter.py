@@ -103,7 +103,6 @@ class Arbiter:
         self.stop_deadline = 0.0
         self.pid_file_written = False
         self.metrics: MetricsServer | None = None
-        self.last_reload_message = ""
 
     # --- start ---------------------------------------------------------
 
@@ -443,7 +442,7 @@ class Arbiter:
         for pid in list(self.workers):
             self.kill(pid, signum)
 
-    def publish(self, force_status: bool = False) -> None:
+    def publish(self) -> None:
         """The header for `lancelotd status`; now and then a STATUS= line for systemd."""
         self.header.generation = self.generation
         self.header.workers_target = self.target
@@ -451,19 +450,18 @@ class Arbiter:
         self.header.metrics_port = self.metrics.port if self.metrics else 0
         self.board.write_header(self.header)
         now = time.monotonic()
-        if self.notifier.enabled and (force_status or now >= self.next_status):
+        if self.notifier.enabled and now >= self.next_status:
             self.next_status = now + STATUS_EVERY
             self.notifier.status(self.status_line())
 
     def status_line(self) -> str:
-        answered = self.header.retired.answered + sum(
-            slot.counters.answered for _, slot in self.board.slots() if slot.counters)
+        answered = self.board.totals().answered
         last = "none"
         if self.header.reloads:
             when = time.strftime("%H:%M:%S", time.localtime(self.header.last_reload))
             last = f"{'ok' if self.header.last_reload_ok else 'FAILED'} at {when}"
             if not self.header.last_reload_ok:
-                last += f" ({self.last_reload_message})"
+                last += f" ({self.board.read_message()})"
         return (f"gen {self.generation}, {len(self.serving())} workers, {answered} questions answered, "
                 f"last reload: {last}")
 
@@ -530,7 +528,6 @@ class Arbiter:
         self.header.reload_failures += 0 if ok else 1
         self.header.last_reload = time.time()
         self.header.last_reload_ok = int(ok)
-        self.last_reload_message = why
         self.board.write_message(why)
         self.publish()
         self.notifier.ready(self.status_line())  # done, or refused: systemd waits for this

@@ -202,13 +202,15 @@ class Sender:
     def _channel(self, pid: int) -> socket.socket | None:
         channel = self.channels.get(pid)
         if channel is None:
-            channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            # Non-blocking from the start: a target whose inbox queue is full
+            # answers EAGAIN instead of stalling this worker's loop.
+            channel = socket.socket(socket.AF_UNIX,
+                                    socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             try:
                 channel.connect(address(pid))
             except OSError:
                 channel.close()
                 return None
-            channel.setblocking(False)
             self.channels[pid] = channel
             self.watch(channel)
         return channel
@@ -217,7 +219,3 @@ class Sender:
         channel = self.channels.pop(pid, None)
         if channel is not None:
             channel.close()
-
-    def close(self) -> None:
-        for pid in list(self.channels):
-            self._drop(pid)

@@ -180,7 +180,7 @@ def human(snap: dict[str, Any]) -> str:
     m, r, rep, t = snap["master"], snap["reloads"], snap["replaced"], snap["totals"]
     last = "never"
     if r["last"]:
-        last = f"{'ok' if r['last_ok'] else 'FAILED'} {ago(time.time() - r['last'])} ago"
+        last = f"{'ok' if r['last_ok'] else 'FAILED'} {duration(time.time() - r['last'])} ago"
         if not r["last_ok"]:
             last += f": {r['last_message']}"
     lines = [
@@ -240,8 +240,6 @@ def duration(seconds: float) -> str:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
-
-ago = duration
 
 
 # --- the command ------------------------------------------------------------
