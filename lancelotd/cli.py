@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             "reload": cmd_reload}[args.command](args)
 
 
-def load_config(args: argparse.Namespace) -> config.Config:
-    return config.load(args.config if args.config is not None else default_config_path())
+def load_config(args: argparse.Namespace, base_dir: str | None = None) -> config.Config:
+    return config.load(args.config if args.config is not None else default_config_path(), base_dir)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -155,7 +155,7 @@ def config_loader(args: argparse.Namespace) -> Callable[[], config.Config]:
         args.config = absolute(args.config)
 
     def configure() -> config.Config:
-        cfg = load_config(args).with_overrides(
+        cfg = load_config(args, start_dir).with_overrides(
             bind=args.bind, workers=args.workers, pid_file=args.pid_file,
             log_file=args.log_file, log_level=args.log_level,
         )

@@ -7,11 +7,14 @@ validation walks the whole file and reports every problem with its key, so
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from .scoreboard import SLOTS
 
 DEFAULT_ANSWERS = {
     "What is your name?": "My name is Sir Lancelot of Camelot.",
@@ -19,6 +22,15 @@ DEFAULT_ANSWERS = {
     "What is your favorite color?": "Blue.",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# Bounds; etc/lancelotd.toml gives the reason for each next to its setting.
+MAX_WORKERS = SLOTS // 2  # a reload runs the old and the new generation side by side
+MAX_BACKLOG = 65535  # listen() overflows past a C int; the kernel caps it at somaxconn anyway
+MAX_QUESTION_BYTES = 65536
+MAX_ANSWER_BYTES = 1024  # a read can hold a question per byte ("?"): bounds what it makes a worker send
+MAX_CONNECTIONS = 1_000_000
+MAX_SECONDS = 86400.0  # every timeout: finite, so deadlines stay sane numbers
+MIN_WORKER_TIMEOUT = 1.0  # a worker's loop heartbeats once a second
 
 
 def default_pid_file() -> str:
@@ -57,8 +69,17 @@ class Config:
     path: str = ""  # the file it came from, "" for built-in defaults
 
     def with_overrides(self, **changes: Any) -> Config:
-        """A copy with the command line's options applied (None = not given)."""
+        """A copy with the command line's options applied (None = not given).
+
+        They pass the same checks as the file's settings; a problem names the
+        option (--workers), as the file's name their keys.
+        """
         given = {k: v for k, v in changes.items() if v is not None}
+        checks = {name: check for name, check in SETTINGS.values()}
+        problems = [f"--{name.replace('_', '-')}: {reason}"
+                    for name, value in given.items() if (reason := checks[name](value))]
+        if problems:
+            raise ConfigError("command line", problems)
         if "bind" in given:
             given["bind"] = tuple(given["bind"])
         return replace(self, **given)
@@ -75,26 +96,43 @@ class ConfigError(Exception):
 
 # --- checkers: each returns None or a reason ------------------------------
 
-def _positive_int(v: Any) -> str | None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        return f"must be a positive integer, not {v!r}"
-    return None
+Checker = Callable[[Any], str | None]
 
 
-def _positive_number(v: Any) -> str | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        return f"must be a positive number of seconds, not {v!r}"
-    return None
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_in(low: int, high: int) -> Checker:
+    def check(v: Any) -> str | None:
+        if not _is_int(v) or not low <= v <= high:
+            return f"must be an integer from {low} to {high}, not {v!r}"
+        return None
+    return check
+
+
+def _seconds(at_least: float = 0.0) -> Checker:
+    """More than 0 (and at least `at_least`), at most a day; nan and inf fail both tests."""
+    def check(v: Any) -> str | None:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not number or not (v > 0 and at_least <= v <= MAX_SECONDS):
+            low = f"at least {at_least:g}" if at_least else "more than 0"
+            return f"must be a number of seconds, {low} and at most {MAX_SECONDS:g} (a day), not {v!r}"
+        return None
+    return check
 
 
 def _count(v: Any) -> str | None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    if not _is_int(v) or v < 0:
         return f"must be an integer >= 0, not {v!r}"
     return None
 
 
 def _workers(v: Any) -> str | None:
-    return None if v == "auto" else _positive_int(v) and f"must be a positive integer or \"auto\", not {v!r}"
+    if v == "auto" or (_is_int(v) and 1 <= v <= MAX_WORKERS):
+        return None
+    return (f"must be \"auto\" or an integer from 1 to {MAX_WORKERS} (the scoreboard holds {SLOTS} "
+            f"processes, two generations during a reload), not {v!r}")
 
 
 def _string(v: Any) -> str | None:
@@ -108,13 +146,48 @@ def _log_level(v: Any) -> str | None:
 def _binds(v: Any) -> str | None:
     from .sockets import parse_address  # local: sockets imports nothing from here
 
-    if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(a, str) for a in v):
         return f"must be a non-empty list of \"HOST:PORT\" strings, not {v!r}"
     for address in v:
         try:
             parse_address(address)
         except ValueError as e:
             return str(e)
+    for i, address in enumerate(v):
+        for earlier in v[:i]:
+            clash = bind_clash(earlier, address)
+            if clash:
+                return clash
+    return None
+
+
+def _normal_address(address: str) -> tuple[str, str, int]:
+    """(family, host, port) with the host's spelling made canonical ("::1" for "0:0::1")."""
+    from .sockets import parse_address
+
+    host, port = parse_address(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "name", host.lower(), port  # a host name: only the same name is known to clash
+    return f"ipv{ip.version}", str(ip), port
+
+
+def bind_clash(first: str, second: str) -> str | None:
+    """Why two listening addresses cannot both be bound, or None.
+
+    The same address twice is refused even with port 0: listeners are kept
+    by address, so the second socket would be lost.  A wildcard and a
+    specific address of one family on one port clash too: Linux refuses
+    the second bind (EADDRINUSE) even with SO_REUSEADDR.
+    """
+    family, host, port = _normal_address(first)
+    family2, host2, port2 = _normal_address(second)
+    if (family, host, port) == (family2, host2, port2):
+        return f"{second!r} is the same address as {first!r}"
+    wildcards = ("0.0.0.0", "::")
+    if family == family2 and port == port2 != 0 and (host in wildcards or host2 in wildcards):
+        return f"{second!r} overlaps {first!r}: the wildcard address already holds port {port}"
     return None
 
 
@@ -131,23 +204,44 @@ def _answer_text(v: Any) -> str | None:
         return "must be ASCII"
     if not v.endswith(".") or v.count(".") != 1:
         return "must end with '.' and contain no other '.'"
+    if len(v) > MAX_ANSWER_BYTES:
+        return f"is {len(v)} bytes long, more than {MAX_ANSWER_BYTES}"
+    return None
+
+
+def check_log_file(path: str, base_dir: str) -> str | None:
+    """Can a log file be created at `path` (relative to base_dir)?  Its directory must exist.
+
+    Whether this process may write there is left to start-up, which opens
+    it: check-config may run as another user than the service.
+    """
+    if not path:
+        return None
+    full = os.path.join(base_dir, path)
+    if os.path.isdir(full):
+        return f"{full} is a directory"
+    directory = os.path.dirname(full)
+    if not os.path.exists(directory):
+        return f"directory {directory} does not exist"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
     return None
 
 
 # (table, key) -> (Config field, checker); the shipped etc/lancelotd.toml
 # documents each of them.
-SETTINGS: dict[tuple[str, str], tuple[str, Callable[[Any], str | None]]] = {
+SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("server", "bind"): ("bind", _binds),
     ("server", "workers"): ("workers", _workers),
-    ("server", "backlog"): ("backlog", _positive_int),
+    ("server", "backlog"): ("backlog", _int_in(1, MAX_BACKLOG)),
     ("server", "pid_file"): ("pid_file", _string),
     ("server", "metrics_bind"): ("metrics_bind", _optional_address),
     ("protocol", "unknown_answer"): ("unknown_answer", _answer_text),
-    ("protocol", "max_question_bytes"): ("max_question_bytes", _positive_int),
-    ("protocol", "idle_timeout"): ("idle_timeout", _positive_number),
-    ("protocol", "max_connections"): ("max_connections", _positive_int),
-    ("lifecycle", "graceful_timeout"): ("graceful_timeout", _positive_number),
-    ("lifecycle", "worker_timeout"): ("worker_timeout", _positive_number),
+    ("protocol", "max_question_bytes"): ("max_question_bytes", _int_in(1, MAX_QUESTION_BYTES)),
+    ("protocol", "idle_timeout"): ("idle_timeout", _seconds()),
+    ("protocol", "max_connections"): ("max_connections", _int_in(1, MAX_CONNECTIONS)),
+    ("lifecycle", "graceful_timeout"): ("graceful_timeout", _seconds()),
+    ("lifecycle", "worker_timeout"): ("worker_timeout", _seconds(MIN_WORKER_TIMEOUT)),
     ("lifecycle", "max_requests"): ("max_requests", _count),
     ("lifecycle", "max_requests_jitter"): ("max_requests_jitter", _count),
     ("log", "file"): ("log_file", _string),
@@ -174,8 +268,29 @@ def check_answers(answers: Any, max_question_bytes: int) -> list[str]:
     return problems
 
 
-def from_dict(data: dict[str, Any], path: str = "") -> Config:
-    """Validate a parsed TOML document completely; raise ConfigError listing every problem."""
+def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
+    """Problems of settings that are each valid alone: combinations, and the file system."""
+    problems = []
+    log_problem = check_log_file(values.get("log_file", ""), base_dir)
+    if log_problem:
+        problems.append(f"log.file: {log_problem}")
+    metrics = values.get("metrics_bind", "")
+    for address in values.get("bind", Config.bind) if metrics else ():
+        clash = bind_clash(address, metrics)
+        if clash:
+            problems.append(f"server.metrics_bind: {clash} in server.bind")
+    if values.get("max_requests_jitter", 0) and not values.get("max_requests", 0):
+        problems.append("lifecycle.max_requests_jitter: has no effect without max_requests; "
+                        "set max_requests too, or remove it")
+    return problems
+
+
+def from_dict(data: dict[str, Any], path: str = "", base_dir: str | None = None) -> Config:
+    """Validate a parsed TOML document completely; raise ConfigError listing every problem.
+
+    Relative paths are checked against base_dir (default: the current
+    directory), the directory they will be resolved against.
+    """
     problems: list[str] = []
     values: dict[str, Any] = {}
     for table, content in data.items():
@@ -198,6 +313,7 @@ def from_dict(data: dict[str, Any], path: str = "") -> Config:
                 problems.append(f"{table}.{key}: {reason}")
             else:
                 values[name] = value
+    problems += check_together(values, base_dir if base_dir is not None else os.getcwd())
     if values.get("workers") == "auto":
         del values["workers"]
     if "bind" in values:
@@ -211,7 +327,7 @@ def from_dict(data: dict[str, Any], path: str = "") -> Config:
     return Config(path=path, **values)
 
 
-def load(path: str | None) -> Config:
+def load(path: str | None, base_dir: str | None = None) -> Config:
     """The Config in `path`, or the built-in defaults when path is None."""
     if path is None:
         return Config()
@@ -222,4 +338,4 @@ def load(path: str | None) -> Config:
         raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
-    return from_dict(data, os.path.abspath(path))
+    return from_dict(data, os.path.abspath(path), base_dir)

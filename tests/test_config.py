@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from lancelotd import config
 from lancelotd.config import Config, ConfigError, from_dict
+from lancelotd.scoreboard import SLOTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,3 +94,163 @@ def test_load_reports_toml_syntax_and_missing_file(tmp_path: Path) -> None:
 def test_overrides() -> None:
     cfg = Config().with_overrides(bind=["127.0.0.1:0"], workers=3, pid_file=None)
     assert cfg.bind == ("127.0.0.1:0",) and cfg.workers == 3 and cfg.pid_file == Config().pid_file
+
+
+# --- bounds (issue 9, item 8): each refused with its key -----------------------------------
+
+
+def keys_of(data: dict) -> list[str]:
+    return [p.split(":")[0] for p in problems(data)]
+
+
+def test_workers_fit_two_generations_in_the_scoreboard() -> None:
+    most = SLOTS // 2
+    assert from_dict({"server": {"workers": most}}).workers == most
+    found = problems({"server": {"workers": most + 1}})
+    assert len(found) == 1 and found[0].startswith("server.workers:") and str(most) in found[0]
+
+
+def test_backlog_fits_listen() -> None:
+    assert from_dict({"server": {"backlog": 65535}}).backlog == 65535
+    assert keys_of({"server": {"backlog": 65536}}) == ["server.backlog"]
+    assert keys_of({"server": {"backlog": 2**31}}) == ["server.backlog"]
+
+
+def test_worker_timeout_at_least_a_second() -> None:
+    assert from_dict({"lifecycle": {"worker_timeout": 1}}).worker_timeout == 1
+    assert keys_of({"lifecycle": {"worker_timeout": 0.5}}) == ["lifecycle.worker_timeout"]
+
+
+def test_max_question_bytes_bounded() -> None:
+    assert from_dict({"protocol": {"max_question_bytes": 65536}}).max_question_bytes == 65536
+    assert keys_of({"protocol": {"max_question_bytes": 65537}}) == ["protocol.max_question_bytes"]
+
+
+def test_answer_length_bounded() -> None:
+    longest = "A" * (config.MAX_ANSWER_BYTES - 1) + "."
+    too_long = "A" + longest
+    cfg = from_dict({"protocol": {"unknown_answer": longest}, "answers": {"Q?": longest}})
+    assert cfg.unknown_answer == longest
+    assert keys_of({"protocol": {"unknown_answer": too_long}}) == ["protocol.unknown_answer"]
+    assert keys_of({"answers": {"Q?": too_long}}) == ["answers.'Q?'"]
+    assert str(config.MAX_ANSWER_BYTES) in problems({"answers": {"Q?": too_long}})[0]
+
+
+@pytest.mark.parametrize("bind", [
+    ["127.0.0.1:1060", "127.0.0.1:1060"],
+    [":1060", "0.0.0.0:1060"],
+    ["[::1]:1060", "[::1]:1060"],
+    ["[::1]:1060", "[0:0::1]:1060"],
+    ["127.0.0.1:0", "127.0.0.1:0"],  # one socket per address: the second would be lost
+    ["0.0.0.0:1060", "127.0.0.1:1060"],  # the wildcard already holds the port (EADDRINUSE)
+    ["[::1]:1060", "[::]:1060"],
+])
+def test_duplicate_bind_addresses_refused(bind: list[str]) -> None:
+    found = problems({"server": {"bind": bind}})
+    assert len(found) == 1 and found[0].startswith("server.bind:"), found
+    assert bind[1] in found[0]
+
+
+def test_distinct_bind_addresses_accepted() -> None:
+    bind = ["0.0.0.0:1060", "[::]:1060", "127.0.0.1:0", ":0", "127.0.0.2:1061", "[::1]:1061"]
+    assert from_dict({"server": {"bind": bind}}).bind == tuple(bind)
+
+
+def test_metrics_bind_apart_from_the_service() -> None:
+    found = problems({"server": {"bind": ["127.0.0.1:1060"], "metrics_bind": "0.0.0.0:1060"}})
+    assert len(found) == 1 and found[0].startswith("server.metrics_bind:"), found
+    assert from_dict({"server": {"bind": ["127.0.0.1:1060"], "metrics_bind": "127.0.0.1:9100"}})
+
+
+def test_log_file_directory_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "lancelotd.log"
+    found = problems({"log": {"file": str(missing)}})
+    assert len(found) == 1 and found[0].startswith("log.file:") and "does not exist" in found[0]
+    found = problems({"log": {"file": str(tmp_path)}})
+    assert len(found) == 1 and found[0].startswith("log.file:") and "directory" in found[0]
+    assert from_dict({"log": {"file": str(tmp_path / "x.log")}}).log_file == str(tmp_path / "x.log")
+    # a relative path is checked against the directory it will be resolved against
+    (tmp_path / "logs").mkdir()
+    assert from_dict({"log": {"file": "logs/x.log"}}, base_dir=str(tmp_path)).log_file == "logs/x.log"
+    assert keys_of({"log": {"file": "no-such-dir/x.log"}}) == ["log.file"]
+
+
+@pytest.mark.parametrize("table, key", [
+    ("protocol", "idle_timeout"), ("lifecycle", "graceful_timeout"), ("lifecycle", "worker_timeout")])
+def test_timeouts_are_finite_and_at_most_a_day(table: str, key: str) -> None:
+    assert from_dict({table: {key: config.MAX_SECONDS}})
+    for value in (config.MAX_SECONDS + 1, float("inf"), float("nan")):
+        assert keys_of({table: {key: value}}) == [f"{table}.{key}"], value
+
+
+def test_max_connections_bounded() -> None:
+    assert from_dict({"protocol": {"max_connections": config.MAX_CONNECTIONS}})
+    too_many = config.MAX_CONNECTIONS + 1
+    assert keys_of({"protocol": {"max_connections": too_many}}) == ["protocol.max_connections"]
+
+
+def test_jitter_needs_max_requests() -> None:
+    cfg = from_dict({"lifecycle": {"max_requests": 1000, "max_requests_jitter": 100}})
+    assert cfg.max_requests_jitter == 100
+    assert keys_of({"lifecycle": {"max_requests_jitter": 100}}) == ["lifecycle.max_requests_jitter"]
+
+
+def test_overrides_are_validated_and_name_the_option() -> None:
+    with pytest.raises(ConfigError) as e:
+        Config().with_overrides(workers=100000)
+    assert [p.split(":")[0] for p in e.value.problems] == ["--workers"]
+    with pytest.raises(ConfigError) as e:
+        Config().with_overrides(bind=["127.0.0.1:1", "127.0.0.1:1"])
+    assert [p.split(":")[0] for p in e.value.problems] == ["--bind"]
+
+
+# --- the same verdicts from the real command ------------------------------------------------
+
+
+def run_lancelotd(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "LANCELOTD_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "lancelotd", *args], capture_output=True, text=True,
+                          timeout=30, env=env, stdin=subprocess.DEVNULL)
+
+
+def test_check_config_reports_bounds_with_their_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bounds.toml"
+    path.write_text(f"""
+[server]
+bind = ["127.0.0.1:1060", ":1061", "0.0.0.0:1061"]
+workers = 100000
+backlog = 100000
+
+[log]
+file = "{tmp_path}/missing/lancelotd.log"
+""")
+    result = run_lancelotd("check-config", "-c", str(path))
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    for key in ("server.bind", "server.workers", "server.backlog", "log.file"):
+        assert f"{path}: {key}:" in result.stderr, (key, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_too_many_workers_on_the_command_line(start_daemon) -> None:
+    daemon = start_daemon("-w", "100000", wait=False)
+
+    def exited() -> bool:
+        assert not daemon.pid_file.exists(), f"it started with -w 100000:\n{daemon.log()}"
+        return daemon.proc.poll() is not None
+    wait_for(exited, 20, "lancelotd to refuse -w 100000")
+    assert daemon.proc.returncode == 1
+    assert "--workers" in daemon.log() and str(SLOTS // 2) in daemon.log(), daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+def test_relative_log_file_is_checked_where_serve_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A reload after --daemon's chdir("/") checks logs/x.log in the start directory, not in /."""
+    from lancelotd.cli import build_parser, config_loader
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "lancelotd.toml").write_text('[log]\nfile = "logs/x.log"\n')
+    monkeypatch.chdir(tmp_path)
+    configure = config_loader(build_parser().parse_args(["serve", "-c", "lancelotd.toml"]))
+    monkeypatch.chdir("/")
+    assert configure().log_file == str(tmp_path / "logs" / "x.log")
