@@ -51,7 +51,7 @@ def cpu_count() -> int:
 @dataclass(frozen=True)
 class Config:
     bind: tuple[str, ...] = ("0.0.0.0:1060",)
-    workers: int = field(default_factory=cpu_count)
+    workers: int = field(default_factory=lambda: min(cpu_count(), MAX_WORKERS))  # "auto"
     backlog: int = 4096
     pid_file: str = field(default_factory=default_pid_file)
     metrics_bind: str = ""

@@ -65,7 +65,7 @@ def test_every_problem_is_reported() -> None:
 
 
 def test_workers_auto_and_booleans() -> None:
-    assert from_dict({"server": {"workers": "auto"}}).workers == config.cpu_count()
+    assert from_dict({"server": {"workers": "auto"}}).workers == min(config.cpu_count(), config.MAX_WORKERS)
     assert any(p.startswith("server.workers") for p in problems({"server": {"workers": True}}))
 
 
