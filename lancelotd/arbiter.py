@@ -232,6 +232,8 @@ class Arbiter(Supervision, Generations, Upgrades):
         if self.stopping and name in ("HUP", "TTIN", "TTOU", "USR2"):
             log.info("%s ignored: stopping", name)
             return
+        if name == os.environ.get("LANCELOTD_TEST_FAULT_SIGNAL"):  # fault injection for the tests
+            raise RuntimeError(f"injected fault in the {name} handler")
         getattr(self, "handle_" + name.lower())()
 
     def handle_chld(self) -> None:
