@@ -136,6 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("%s", e)
         # On stderr too when the log goes to a file: the operator at the terminal sees it.
         return start_failed([str(e)] if cfg.log_file else [], str(e), arbiter.ready_fd)
+    except Exception as e:  # a bug: its traceback goes to the log, which --daemon keeps
+        log.exception("cannot start")
+        return start_failed([f"cannot start: {e!r}"] if cfg.log_file else [], repr(e), arbiter.ready_fd)
     return arbiter.run()
 
 

@@ -69,3 +69,13 @@ def setup(log_file: str, level: str) -> None:
         h.close()
     log.setLevel(level.upper())
     log.propagate = False
+
+
+def reopen(log_file: str, level: str) -> bool:
+    """setup() for a running process (USR1, reload, rollback): False, and the old
+    handler kept, when the file cannot be opened; the caller logs why."""
+    try:
+        setup(log_file, level)
+    except OSError:
+        return False
+    return True

@@ -116,6 +116,9 @@ class Worker:
             signal.signal(sig, signal.SIG_IGN)  # the master's business, not ours
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.epoll.register(self.sig_r, EPOLLIN)
+        # The master forked us with its signals blocked: only now that our
+        # own handlers are in place may they arrive (a USR1 before would kill us).
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
     def _record_signal(self, signum: int, frame: object) -> None:
         self.pending_signals.append(signum)

@@ -1,0 +1,152 @@
+"""SPEC §7, the master's promise, with real daemons: no fault short of SIGKILL to the master ends
+the service, and a fault in a lifecycle operation leaves the service as it was.
+
+Each test provokes one fault that once took the master down (or would have), then checks that the
+same master still supervises: it answers, replaces workers, and stops cleanly on TERM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+from conftest import Daemon, recv_until, wait_for
+
+NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
+
+
+def worker_pids(d: Daemon) -> set[int]:
+    return {w.pid for w in d.workers()}
+
+
+def stops_cleanly(d: Daemon) -> None:
+    """The master is still in charge: TERM ends it with 0, after its workers."""
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(15) == 0, d.log()[-3000:]
+    assert "master stopped" in d.log()
+
+
+def wait_log(d: Daemon, pattern: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+    def found() -> list[str] | None:
+        hits = re.findall(pattern, d.log(), re.M)
+        return hits if len(hits) >= count else None
+    return wait_for(found, timeout, f"{count}x /{pattern}/ in the log")  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("signum", [35, 40, 63])
+def test_worker_killed_by_a_real_time_signal_is_replaced(start_daemon, signum):
+    d = start_daemon("-w", "2", workers=2)
+    victim = min(worker_pids(d))
+    os.kill(victim, signum)
+    name = f"SIGRTMIN+{signum - signal.SIGRTMIN}" if signum != signal.SIGRTMIN else "SIGRTMIN"
+    wait_log(d, rf"\(pid {victim}, gen 1\) was killed by {re.escape(name)} unexpectedly: replacing it")
+    wait_for(lambda: len(worker_pids(d) - {victim}) == 2, 5, "a replacement")
+    assert d.proc.poll() is None
+    assert d.ask(NAME_Q) == NAME_A
+    assert "Traceback" not in d.log()
+    stops_cleanly(d)
+
+
+def test_an_exception_in_a_handler_is_logged_and_supervision_goes_on(start_daemon):
+    d = start_daemon("-w", "1", workers=1, env={"LANCELOTD_TEST_FAULT_SIGNAL": "TTIN"})
+    (first,) = worker_pids(d)
+    d.signal(signal.SIGTTIN)
+    wait_log(d, r"unexpected error handling TTIN; supervision goes on")
+    assert "RuntimeError: injected fault in the TTIN handler" in d.log(), "the traceback is logged"
+    os.kill(first, signal.SIGKILL)  # the master still supervises
+    wait_for(lambda: len(worker_pids(d) - {first}) == 1, 5, "a replacement")
+    assert d.ask(NAME_Q) == NAME_A
+    stops_cleanly(d)
+
+
+def test_log_file_that_cannot_be_reopened_on_usr1(start_daemon, tmp_path):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    d = start_daemon("-w", "2", "--log-file", str(logdir / "lancelotd.log"), wait=False)
+    wait_for(lambda: d.pid_file.exists() and (logdir / "lancelotd.log").exists(), 10, "the master")
+    d.log_file = logdir / "lancelotd.log"
+    d.wait_ready(workers=2)
+    before = worker_pids(d)
+    kept = tmp_path / "kept.log"
+    os.link(logdir / "lancelotd.log", kept)  # the file the processes keep writing to
+    shutil.rmtree(logdir)  # root ignores permissions: take the directory away instead
+    d.signal(signal.SIGUSR1)
+    d.log_file = kept
+    wait_log(d, r"master: cannot reopen the log file .*: logging on to the one already open")
+    wait_log(d, r"worker \d: cannot reopen the log file", count=2)
+    assert d.ask(NAME_Q) == NAME_A
+    assert worker_pids(d) == before, "no worker died of it"
+    assert d.proc.poll() is None
+    logdir.mkdir()  # so the master's last lines can be written where it expects them
+    stops_cleanly(d)
+
+
+def test_max_requests_with_connect_per_request_clients_during_reloads(start_daemon):
+    """Workers that recycle themselves while a reload runs are recycled, not crashes, and
+    never abort the reload."""
+    conf = "[server]\nworkers = 2\n[lifecycle]\nmax_requests = 20\nmax_requests_jitter = 5\n"
+    d = start_daemon(config=conf, workers=2)
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def ask_in_a_loop() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+                    sock.sendall(NAME_Q)
+                    if recv_until(sock, b".") != NAME_A:
+                        failures.append("wrong answer")
+            except OSError as e:
+                failures.append(repr(e))
+
+    clients = [threading.Thread(target=ask_in_a_loop) for _ in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        for round_ in range(1, 6):
+            wait_log(d, r"recycled after max_requests", count=round_, timeout=15)
+            reload = subprocess.run(
+                [sys.executable, "-m", "lancelotd", "reload", "--pid-file", str(d.pid_file)],
+                capture_output=True, text=True, timeout=60)
+            assert reload.returncode == 0, reload.stderr + d.log()[-3000:]
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    log = d.log()
+    assert failures == []
+    assert "recycled after max_requests" in log
+    assert "reload failed" not in log and "unexpectedly" not in log and "during boot" not in log, log[-3000:]
+    status = subprocess.run([sys.executable, "-m", "lancelotd", "status", "--json", "--pid-file",
+                             str(d.pid_file)], capture_output=True, text=True, timeout=30)
+    assert '"crashed": 0' in status.stdout, status.stdout
+    stops_cleanly(d)
+
+
+def test_term_closes_the_masters_listeners_first(start_daemon):
+    """Once TERM arrives, only the workers hold the listening socket; when they are gone, a new
+    connection is refused at once instead of queuing where no one will accept it."""
+    d = start_daemon("-w", "1", "--log-file", "", workers=1)
+    master = psutil.Process(d.proc.pid)
+
+    def listening_fds(proc: psutil.Process) -> int:
+        return sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                   and c.laddr.port == d.port)
+
+    assert listening_fds(master) == 1
+    with d.connect() as holder:  # keeps the worker (and so the stop) going
+        holder.sendall(NAME_Q)
+        assert recv_until(holder, b".") == NAME_A
+        d.signal(signal.SIGTERM)
+        wait_for(lambda: listening_fds(master) == 0, 5, "the master to close its listener")
+    assert d.wait_exit(15) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", d.port), timeout=2)
