@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 from setproctitle import setproctitle
 
 from . import logs, pidfile
-from .config import Config
+from .config import MAX_WORKERS, Config
 from .generations import Generations, Reload
 from .limits import nofile_advice, raise_nofile_limit
 from .logs import log
-from .scoreboard import SLOTS, Counters, Header, Scoreboard
+from .scoreboard import Counters, Header, Scoreboard
 from .scoreboard import path_for as scoreboard_path
 from .sockets import ACTIVATED, BindError, format_address, open_listeners
 from .supervision import KILL_GRACE, Pool, Supervision
@@ -55,7 +55,6 @@ SIGNALS = {
     signal.SIGUSR2: "usr2",  # upgrade: re-exec a new master, hand it the sockets
     signal.SIGCHLD: "chld",  # a child exited: reap it
 }
-MAX_WORKERS = SLOTS // 2  # per generation: the scoreboard holds two full generations
 STATUS_EVERY = 5.0  # seconds between STATUS= refreshes for systemctl status
 ERROR_PAUSE = 0.1  # after a failed loop turn, so a persistent fault cannot spin the master
 
