@@ -59,6 +59,9 @@ def bind(address: str, backlog: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise BindError(f"cannot bind {address}: {e.strerror}") from None
+    except OverflowError:  # config bounds backlog; this is for callers that do not check it
+        sock.close()
+        raise BindError(f"cannot listen on {address}: backlog {backlog} is too large") from None
     return sock
 
 
