@@ -11,6 +11,7 @@ import os
 
 import psutil
 
+from . import runtime
 from .logs import log
 
 TITLE_PREFIX = "lancelotd: master"
@@ -55,7 +56,13 @@ def master_process(path: str) -> psutil.Process | None:
 
 
 def claim(path: str) -> None:
-    """Refuse to start over a live master; clear a stale file with a log line."""
+    """Make the PID file's directory safe to use; refuse to start over a live master.
+
+    Raises runtime.RuntimeDirError (an OSError) when the directory cannot be
+    made or is not ours alone, AlreadyRunning when a live master owns the file.
+    A stale file is removed with a log line.
+    """
+    runtime.ensure_directory(os.path.dirname(os.path.abspath(path)))
     proc = master_process(path)
     if proc is not None:
         raise AlreadyRunning(path, proc.pid)
@@ -66,14 +73,14 @@ def claim(path: str) -> None:
 
 
 def write(path: str, pid: int) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o755, exist_ok=True)
     tmp = f"{path}.{pid}.tmp"
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{pid}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
+    fd = runtime.open_new_file(tmp, os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, f"{pid}\n".encode("ascii"))
+        os.fsync(fd)
+        os.fchmod(fd, 0o644)  # readable by `lancelotd status` as any user, whatever the umask
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
