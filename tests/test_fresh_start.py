@@ -28,6 +28,8 @@ import psutil
 import pytest
 from conftest import recv_until, wait_for
 
+from lancelotd import runtime
+
 ROOT = os.geteuid() == 0
 NOBODY = 65534
 USER_UID = NOBODY if ROOT else os.geteuid()
@@ -308,3 +310,41 @@ def test_serve_daemon_with_the_default_pid_file(home: Path) -> None:
             assert not pid_file.exists()
         finally:
             reap(tree)
+
+
+# --- the directory rules themselves, on the real filesystem --------------------------------------
+
+def test_created_directories_get_the_mode_asked_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        runtime.ensure_directory(str(tmp_path / "a" / "b"), 0o755)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(os.lstat(d).st_mode) == 0o755
+
+
+def test_a_symlink_above_the_checked_part_is_followed(tmp_path: Path) -> None:
+    """/var/run -> /run: a link in a directory only root or we can change is fine."""
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    runtime.ensure_directory(str(tmp_path / "link" / "lancelotd"), 0o700)
+    assert (tmp_path / "real" / "lancelotd").is_dir()
+
+
+def test_a_shared_directory_without_the_sticky_bit_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(runtime.RuntimeDirError, match=f"{shared} is writable by others and not sticky"):
+        runtime.ensure_directory(str(shared / "mine" / "lancelotd"), 0o700)
+    assert not (shared / "mine").exists()
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give a directory to another user")
+def test_an_ancestor_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 12345, 12345)
+    with pytest.raises(runtime.RuntimeDirError, match="owned by uid 12345, neither root nor us"):
+        runtime.ensure_directory(str(theirs / "lancelotd"), 0o700)
