@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, config, logs, status
+from . import __version__, config, logs, pidfile, status
 from .logs import log
 from .logs import setup as setup_logging
 from .scoreboard import Scoreboard
@@ -230,9 +230,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     found = find_master(args)
-    if isinstance(found, int):  # LSB: stopping a stopped service succeeds
-        return 0 if found in (status.NOT_RUNNING, status.DEAD) else found
-    proc, _ = found
+    if isinstance(found, int):
+        proc = upgrading_master(args)
+        if proc is None:  # LSB: stopping a stopped service succeeds
+            return 0 if found in (status.NOT_RUNNING, status.DEAD) else found
+    else:
+        proc, _ = found
     proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:
         return 0
@@ -244,6 +247,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
         time.sleep(0.05)
     print(f"stopped master {proc.pid}")
     return 0
+
+
+def upgrading_master(args: argparse.Namespace) -> psutil.Process | None:
+    """The old master named by PIDFILE.oldbin: during an upgrade (USR2) PIDFILE may not be written yet."""
+    oldbin = pid_file_of(args) + ".oldbin"
+    proc = pidfile.master_process(oldbin)
+    if proc is not None:
+        print(f"lancelotd: but {oldbin} names master {proc.pid} (an upgrade in progress): stopping it",
+              file=sys.stderr)
+    return proc
 
 
 def is_alive(proc: psutil.Process) -> bool:

@@ -22,6 +22,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
+from .runtime import open_new_file
+
 MAGIC = b"LNCLTSB1"
 SLOTS = 512
 
@@ -111,7 +113,7 @@ class Scoreboard:
         if not path:
             return cls(mmap.mmap(-1, SIZE))
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = open_new_file(tmp, os.O_RDWR, 0o644)  # O_EXCL|O_NOFOLLOW: never through a planted link
         try:
             os.ftruncate(fd, SIZE)
             mem = mmap.mmap(fd, SIZE)
