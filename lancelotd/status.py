@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from . import pidfile
-from .scoreboard import STATE_NAMES, Counters, Scoreboard
+from .scoreboard import STATE_NAMES, Counters, Scoreboard, ScoreboardError
 from .scoreboard import path_for as scoreboard_path
 
 RUNNING, DEAD, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
@@ -58,7 +58,7 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
 
 def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
     """Everything `status` shows, as plain data (the --json schema, documented in the README)."""
-    header = board.read_header()
+    header, message = board.read_reload_result()
     now_wall, now_mono = time.time(), time.monotonic()
     workers = []
     for _, slot in board.slots():
@@ -91,7 +91,7 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
         "reloads": {
             "count": header.reloads, "failures": header.reload_failures,
             "last": header.last_reload or None, "last_ok": bool(header.last_reload_ok),
-            "last_message": board.read_message(), "pending": bool(header.reload_pending),
+            "last_message": message, "pending": bool(header.reload_pending),
         },
         "replaced": {"crashed": header.replaced_crashed, "hung": header.replaced_hung,
                      "recycled": header.recycled},
@@ -262,6 +262,9 @@ def run(pid_file: str, as_json: bool, watch: float | None, interval: float = 0.5
             except psutil.NoSuchProcess:
                 print("lancelotd: the master exited", file=sys.stderr)
                 return DEAD
+            except ScoreboardError as e:
+                print(f"lancelotd: {e}", file=sys.stderr)
+                return UNKNOWN
             if previous is None:
                 previous = snap
                 time.sleep(interval)  # CPU % is measured over a short interval

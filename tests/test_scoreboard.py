@@ -8,6 +8,7 @@ mount namespace (unshare), so nothing outside the test sees it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,6 +215,27 @@ def test_reload_result_is_never_read_half_published(style):
     finally:
         board.close()
     assert reads > 1000 and counted["ok"] > 10 and counted["refused"] > 10, (reads, counted)
+
+
+def config_text(color: str) -> str:
+    return f'[answers]\n"What is your favorite color?" = "{color}"\n'
+
+
+def test_a_refused_reload_is_reported_as_failed(start_daemon):
+    d = start_daemon(config=config_text("Blue."), workers=1)
+    d.config_file.write_text(config_text("Green."))
+    done = lancelotd("reload", "--pid-file", str(d.pid_file))
+    assert done.returncode == 0 and "reloaded: generation 2 serving" in done.stdout, done.stdout + done.stderr
+    d.config_file.write_text(config_text("Red.") + "[server]\nworkers = \"many\"\n")
+    refused = lancelotd("reload", "--pid-file", str(d.pid_file))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "reload failed" in refused.stderr and "server.workers" in refused.stderr, refused.stderr
+    assert "reloaded" not in refused.stdout, refused.stdout
+    snap = json.loads(lancelotd("status", "--pid-file", str(d.pid_file), "--json").stdout)
+    reloads = snap["reloads"]
+    assert (reloads["count"], reloads["failures"], reloads["last_ok"]) == (2, 1, False), reloads
+    assert "server.workers" in snap["reloads"]["last_message"], snap["reloads"]
+    assert d.ask("What is your favorite color?") == b"Green."
 
 
 # --- 4. readers check the layout version ------------------------------------------------------
