@@ -49,10 +49,16 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
         else:
             why = "which is not lancelotd"
         raise StatusError(DEAD, f"dead: PID file {pid_file} names PID {pid}, {why} (stale)")
+    path = scoreboard_path(pid_file)
     try:
-        board = Scoreboard.open(scoreboard_path(pid_file))
+        board = Scoreboard.open(path)
+        owner = board.read_header().master_pid
     except (OSError, ValueError) as e:
         raise StatusError(UNKNOWN, f"master {pid} is running but its scoreboard is unreadable: {e}") from None
+    if owner != pid:  # e.g. left by a USR2 successor that died before it wrote the PID file
+        board.close()
+        raise StatusError(UNKNOWN, f"master {pid} is running but the scoreboard {path} is master {owner}'s, "
+                                   "not its own: what it shows would not be this master's")
     return proc, board
 
 

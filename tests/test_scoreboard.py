@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from lancelotd import handoff
 from lancelotd.scoreboard import (
@@ -29,6 +30,7 @@ from lancelotd.scoreboard import (
     Slot,
     last_progress,
 )
+from lancelotd.scoreboard import path_for as scoreboard_path
 
 RACE_SECONDS = 1.0
 
@@ -277,6 +279,37 @@ def test_a_retiring_worker_hands_nothing_to_a_board_it_cannot_read(tmp_path):
         assert [pid for pid, _ in sender.targets()] == [4242]  # another: never its bytes
     finally:
         own.close()
+
+
+# --- 5. status checks that the scoreboard is the PID file's master's ----------------------------
+
+@pytest.mark.parametrize("leftover", ["a dead master's", "another layout's"])
+def test_status_refuses_a_scoreboard_that_is_not_the_masters(start_daemon, leftover):
+    """Say a USR2 successor created its scoreboard (over the master's, beside the same PID file)
+    and died before writing its PID file: the PID file names the old master, alive, but the
+    scoreboard beside it is the dead one's.  `status` must not show it as the master's."""
+    d = start_daemon(config=config_text("Blue."), workers=1)
+    assert lancelotd("status", "--pid-file", str(d.pid_file)).returncode == 0
+    board_file = scoreboard_path(str(d.pid_file))
+    successor = subprocess.run(
+        [sys.executable, "-c", "import sys; from lancelotd.scoreboard import Scoreboard\n"
+                               "Scoreboard.create(sys.argv[1]); print(__import__('os').getpid())",
+         board_file], capture_output=True, text=True, timeout=30, check=True)
+    dead = int(successor.stdout)
+    if leftover == "another layout's":
+        old_layout(Path(board_file))
+    result = lancelotd("status", "--pid-file", str(d.pid_file))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    if leftover == "a dead master's":
+        assert f"master {dead}" in result.stderr and str(d.proc.pid) in result.stderr, result.stderr
+    else:
+        assert "layout version 1" in result.stderr, result.stderr
+    snap = json.loads(lancelotd("status", "--pid-file", str(d.pid_file), "--json").stdout)
+    assert snap["state"] == "unknown" and "scoreboard" in snap["problem"], snap
+    reload = lancelotd("reload", "--pid-file", str(d.pid_file))
+    assert reload.returncode == 4, reload.stdout + reload.stderr  # never waits on a board nobody writes
+    wait_for(lambda: d.proc.poll() is None, 1, "the master still running")
 
 
 def test_the_creator_is_the_master_from_the_start(tmp_path):
