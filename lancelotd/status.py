@@ -33,7 +33,28 @@ class StatusError(Exception):
 
 
 def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
-    """The live master and its scoreboard, or StatusError saying what is wrong."""
+    """The live master and its own scoreboard, or StatusError saying what is wrong."""
+    proc = find_master_process(pid_file)
+    path = scoreboard_path(pid_file)
+    try:
+        board = Scoreboard.open(path)
+        owner = board.read_header().master_pid
+    except (OSError, ValueError) as e:
+        raise StatusError(UNKNOWN, f"master {proc.pid} is running but its scoreboard is unreadable: {e}"
+                          ) from None
+    if owner != proc.pid:  # e.g. left by a USR2 successor that died before it wrote the PID file
+        board.close()
+        raise StatusError(UNKNOWN, f"master {proc.pid} is running but the scoreboard {path} is master "
+                                   f"{owner}'s, not its own: what it shows would not be this master's")
+    return proc, board
+
+
+def find_master_process(pid_file: str) -> psutil.Process:
+    """The live master the PID file names, or StatusError.
+
+    Without its scoreboard: enough to signal it, so `stop` works on a master
+    whose scoreboard this code cannot read (another layout, after an upgrade).
+    """
     try:
         pid = pidfile.read(pid_file)
     except OSError as e:
@@ -49,17 +70,7 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
         else:
             why = "which is not lancelotd"
         raise StatusError(DEAD, f"dead: PID file {pid_file} names PID {pid}, {why} (stale)")
-    path = scoreboard_path(pid_file)
-    try:
-        board = Scoreboard.open(path)
-        owner = board.read_header().master_pid
-    except (OSError, ValueError) as e:
-        raise StatusError(UNKNOWN, f"master {pid} is running but its scoreboard is unreadable: {e}") from None
-    if owner != pid:  # e.g. left by a USR2 successor that died before it wrote the PID file
-        board.close()
-        raise StatusError(UNKNOWN, f"master {pid} is running but the scoreboard {path} is master {owner}'s, "
-                                   "not its own: what it shows would not be this master's")
-    return proc, board
+    return proc
 
 
 def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
