@@ -14,7 +14,7 @@ import psutil
 from . import __version__, config, logs, pidfile, status
 from .logs import log
 from .logs import setup as setup_logging
-from .scoreboard import Scoreboard
+from .scoreboard import Scoreboard, ScoreboardError
 from .sockets import parse_address
 
 SYSTEM_CONFIG = "/etc/lancelotd/lancelotd.toml"
@@ -204,6 +204,17 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if isinstance(found, int):
         return found
     proc, board = found
+    try:
+        return wait_reload(args, proc, board)
+    except ScoreboardError as e:
+        print(f"lancelotd: {e}", file=sys.stderr)
+        return status.UNKNOWN
+    finally:
+        board.close()
+
+
+def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboard) -> int:
+    """HUP the master and wait for its verdict (header and message read as one record)."""
     before = board.read_header().reloads
     proc.send_signal(signal.SIGHUP)
     if args.no_wait:
@@ -211,7 +222,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     while True:
-        header = board.read_header()
+        header, message = board.read_reload_result()
         if header.reloads > before and not header.reload_pending:
             break
         if not is_alive(proc):
@@ -222,9 +233,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
             return 1
         time.sleep(0.02)
     if header.last_reload_ok:
-        print(f"reloaded: {board.read_message()}")
+        print(f"reloaded: {message}")
         return 0
-    print(f"lancelotd: reload failed: {board.read_message()}", file=sys.stderr)
+    print(f"lancelotd: reload failed: {message}", file=sys.stderr)
     return 1
 
 
