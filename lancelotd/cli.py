@@ -240,13 +240,14 @@ def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboar
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    found = find_master(args)
-    if isinstance(found, int):
-        proc = upgrading_master(args)
-        if proc is None:  # LSB: stopping a stopped service succeeds
-            return 0 if found in (status.NOT_RUNNING, status.DEAD) else found
-    else:
-        proc, _ = found
+    try:  # no scoreboard needed to signal it: one of another layout must not stop `stop`
+        proc = status.find_master_process(pid_file_of(args))
+    except status.StatusError as e:
+        found = upgrading_master(args)
+        if found is None:  # LSB: stopping a stopped service succeeds
+            print(f"lancelotd: {e}", file=sys.stderr)
+            return 0 if e.code in (status.NOT_RUNNING, status.DEAD) else e.code
+        proc = found
     proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:
         return 0
