@@ -131,7 +131,7 @@ def last_sign_of_life(worker: WorkerProc, slot: Slot) -> float:
     half-written) is no sign at all: its start time counts instead, so a
     healthy new worker is never killed for the machine's uptime.
     """
-    return last_progress(slot, worker.started)
+    return worker.started if slot.state == STARTING else last_progress(slot, worker.started)
 
 
 def is_hung(worker: WorkerProc, slot: Slot, now: float, timeout: float) -> bool:
