@@ -2,8 +2,8 @@
 
 `build()` compiles it into a directory (skipping the test when there is no
 source or no C compiler); `load()` runs it in the background for the length
-of a `with` block and fills in its result line.  Each test module wraps
-`build()` in a module-scoped `loadgen` fixture, so it is built once per module.
+of a `with` block and fills in its result line.  Tests get it through
+`build()` in conftest's session-scoped `loadgen` fixture, so it is built once per run.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import scaled
 
 LOADGEN_SRC = Path(__file__).resolve().parents[2] / "shared" / "tools" / "loadgen" / "loadgen.c"
 
@@ -45,7 +46,7 @@ def load(exe: Path, port: int, conns: int = 50, seconds: float = 3.0, per_reques
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         yield result
-        out, err = proc.communicate(timeout=seconds + 15)
+        out, err = proc.communicate(timeout=scaled(seconds + 15))
     finally:
         if proc.poll() is None:
             proc.kill()
