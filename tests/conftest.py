@@ -181,8 +181,8 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
 
 @pytest.fixture(scope="session")
-def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The C load generator, built once per run."""
+def loadgen(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The load generator's command: the C loadgen when it builds, else tests/pyload.py."""
     return build_loadgen(tmp_path_factory.mktemp("loadgen"))
 
 
