@@ -4,12 +4,21 @@ Every daemon runs in its own session (process group), so teardown can kill
 and reap the master and every worker it forked, even when a test fails.
 Readiness is the PID file (written once the sockets are bound) and the
 "listening on" log line that gives the ephemeral port; no fixed sleeps.
+
+The whole session is a child subreaper: an orphan of our subtree (a USR2
+successor, a `--daemon` master, the workers of a SIGKILLed master) becomes
+our child, not PID 1's (which, on this machine, reaps nobody).  After each
+test, any process that test started and left running is killed, reaped and
+reported as an error of the test; see `no_leaked_processes`.
+
+Shared helpers live in helpers.py; wait_for, recv_until, recv_all and
+LISTENING are re-exported here for the modules that import them from conftest.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,21 +29,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import LISTENING, recv_all, recv_until, scaled, title, wait_for
+from loadgen import build as build_loadgen
 
-LISTENING = re.compile(r"listening on (\S+):(\d+)$", re.M)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll `predicate` until it returns something truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
+__all__ = ["LISTENING", "Daemon", "recv_all", "recv_until", "wait_for"]
 
 class Daemon:
     """One `lancelotd serve` process tree started by a test."""
@@ -106,7 +104,7 @@ class Daemon:
     # --- talking ----------------------------------------------------------
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=scaled(timeout))
         return sock
 
     def ask(self, question: bytes | str, timeout: float = 5.0) -> bytes:
@@ -121,39 +119,37 @@ class Daemon:
         os.kill(self.proc.pid, sig)
 
     def wait_exit(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout)
+        return self.proc.wait(scaled(timeout))
 
     def kill_all(self) -> None:
-        """Teardown: SIGKILL the whole process group and reap the master."""
+        """Teardown: SIGKILL the whole process group, reap the master and its orphaned workers."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+            self.proc.wait(scaled(10))
+            reap_group(self.proc.pid)
+        except (subprocess.TimeoutExpired, AssertionError):
+            pass  # no_leaked_processes names what is left
         self.stderr.close()
 
 
-def recv_until(sock: socket.socket, suffix: bytes, limit: int = 1 << 20) -> bytes:
-    data = b""
-    while not data.endswith(suffix):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise EOFError(f"connection closed after {data!r}")
-        data += chunk
-        if len(data) > limit:
-            raise AssertionError("answer too long")
-    return data
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    """Everything until the server closes (EOF)."""
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def reap_group(pgid: int, timeout: float = 10.0) -> None:
+    """Wait until no process of group `pgid` is left below us; reap those that became our children."""
+    def group_gone() -> bool:
+        left = False
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if os.getpgid(proc.pid) != pgid:
+                    continue
+                left = True
+                if proc.ppid() == os.getpid():
+                    os.waitpid(proc.pid, os.WNOHANG)
+            except (OSError, psutil.Error):
+                pass
+        return not left
+    wait_for(group_gone, timeout, f"the processes of group {pgid} to be reaped")
 
 
 @pytest.fixture
@@ -182,3 +178,126 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         daemon.kill_all()
+
+
+@pytest.fixture(scope="session")
+def loadgen(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The load generator's command: the C loadgen when it builds, else tests/pyload.py."""
+    return build_loadgen(tmp_path_factory.mktemp("loadgen"))
+
+
+# --- every process a test starts is reaped --------------------------------------------
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+Key = tuple[int, float]  # (pid, start time): a reused PID is another process
+
+
+def become_subreaper() -> None:
+    """Orphans of our subtree are reparented to this process (Linux), so we can reap them."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def descendants() -> dict[Key, psutil.Process]:
+    """Every process below this one, zombies included."""
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            found[(proc.pid, proc.create_time())] = proc
+        except psutil.Error:
+            pass
+    return found
+
+
+def strays(before: set[Key]) -> list[psutil.Process]:
+    """Descendants started since `before` was taken that no earlier process owns.
+
+    A process below one that was already there (the systemd sandbox a module boots, and
+    the services it starts) lives by its owner's rules, not by this test's.
+    """
+    procs = descendants()
+    by_pid = {key[0]: key for key in procs}
+    me, found = os.getpid(), []
+    for key, proc in procs.items():
+        if key in before:
+            continue
+        try:
+            parent = proc.ppid()
+        except psutil.Error:
+            continue
+        owned = False
+        while parent != me:  # walk up: is an ancestor older than the test?
+            parent_key = by_pid.get(parent)
+            if parent_key is None:
+                break  # the parent just exited: the process is ours now
+            if parent_key in before:
+                owned = True
+                break
+            try:
+                parent = procs[parent_key].ppid()
+            except psutil.Error:
+                break
+        if not owned:
+            found.append(proc)
+    return found
+
+
+def describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} ({proc.status()}) {title(proc) or proc.name()!r}"
+    except psutil.Error:
+        return f"{proc.pid} (gone)"
+
+
+def reap_strays(before: set[Key], timeout: float = 10.0) -> list[str]:
+    """Kill what was left running since `before`, reap every zombie child; what was running."""
+    leaked: dict[int, str] = {}
+    deadline = time.monotonic() + scaled(timeout)
+    while left := strays(before):
+        for proc in left:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    leaked.setdefault(proc.pid, describe(proc))
+                    proc.kill()
+                elif proc.ppid() == os.getpid():
+                    os.waitpid(proc.pid, os.WNOHANG)
+            except (psutil.Error, ChildProcessError):
+                pass
+        if time.monotonic() > deadline:
+            leaked.update({p.pid: describe(p) + " NOT REAPED" for p in left})
+            break
+        time.sleep(0.01)
+    return list(leaked.values())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_subreaper() -> Iterator[None]:
+    """The session reaps every orphan of its subtree; at its end nothing may be left."""
+    become_subreaper()
+    yield
+    leaked = reap_strays(set())
+    if leaked:
+        pytest.fail("processes left at the end of the session (killed): " + "; ".join(leaked))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """A test that leaves a process running fails (in teardown); the process is killed and reaped.
+
+    Autouse, so it is set up before the test's own fixtures and torn down after them:
+    what `start_daemon` and the like reap does not count.  Zombies are reaped, not blamed.
+    """
+    before = set(descendants())
+    yield
+    leaked = reap_strays(before)
+    if leaked:
+        pytest.fail("the test left processes running (killed): " + "; ".join(leaked))
+
+
+@pytest.fixture
+def subreaper() -> None:
+    """Kept for tests that name it: the whole session is a child subreaper already."""

@@ -1,43 +1,48 @@
-"""The C load generator (../shared/tools/loadgen) for the integration tests.
+"""The load generator for the integration tests: the C loadgen, or its Python twin.
 
-`build()` compiles it into a directory (skipping the test when there is no
-source or no C compiler); `load()` runs it in the background for the length
-of a `with` block and fills in its result line.  Each test module wraps
-`build()` in a module-scoped `loadgen` fixture, so it is built once per module.
+`build()` compiles ../shared/tools/loadgen/loadgen.c into a directory and returns the
+command that runs it; where the source or a C compiler is missing, or when
+LANCELOTD_TEST_PYLOAD=1 asks for it, it returns the command of tests/pyload.py,
+which takes the same options and prints the same result line.  So a clone without
+../shared runs these tests too, with the slower generator.  `load()` runs the
+command in the background for the length of a `with` block and fills in its result
+line.  conftest's session-scoped `loadgen` fixture builds it once per run.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from helpers import scaled
 
 LOADGEN_SRC = Path(__file__).resolve().parents[2] / "shared" / "tools" / "loadgen" / "loadgen.c"
+PYLOAD = [sys.executable, str(Path(__file__).resolve().with_name("pyload.py"))]
 
 
-def build(directory: Path) -> Path:
-    """Compile loadgen into `directory`; the executable."""
-    if not LOADGEN_SRC.exists():
-        pytest.skip(f"loadgen source not found at {LOADGEN_SRC}")
+def build(directory: Path) -> list[str]:
+    """The load generator's command: loadgen compiled into `directory`, else pyload.py."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        pytest.skip("no C compiler (cc, gcc or clang) to build loadgen")
+    if os.environ.get("LANCELOTD_TEST_PYLOAD") == "1" or not LOADGEN_SRC.exists() or cc is None:
+        return PYLOAD
     exe = directory / "loadgen"
     built = subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(LOADGEN_SRC)],
                            capture_output=True, text=True)
     assert built.returncode == 0, f"building loadgen failed:\n{built.stderr}"
-    return exe
+    return [str(exe)]
 
 
 @contextmanager
-def load(exe: Path, port: int, conns: int = 50, seconds: float = 3.0, per_request: bool = False,
+def load(command: list[str], port: int, conns: int = 50, seconds: float = 3.0, per_request: bool = False,
          threads: int = 1) -> Iterator[dict[str, str]]:
-    """Run loadgen in the background; on exit from the block, wait for it and fill in its results."""
-    cmd = [str(exe), "-H", "127.0.0.1", "-p", str(port), "-c", str(conns), "-d", str(seconds),
+    """Run the load generator in the background; on exit from the block, wait for it and fill in
+    its results."""
+    cmd = [*command, "-H", "127.0.0.1", "-p", str(port), "-c", str(conns), "-d", str(seconds),
            "-t", str(threads)]
     if per_request:
         cmd.append("-r")
@@ -45,7 +50,7 @@ def load(exe: Path, port: int, conns: int = 50, seconds: float = 3.0, per_reques
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         yield result
-        out, err = proc.communicate(timeout=seconds + 15)
+        out, err = proc.communicate(timeout=scaled(seconds + 15))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -21,8 +21,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,25 +31,26 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import Daemon, recv_until, wait_for
-from loadgen import assert_no_errors, load
-from loadgen import build as build_loadgen
-from test_lifecycle import (  # noqa: F401 - subreaper is a fixture
-    exited,
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    gone,
     holder_of,
+    lancelotd_cli,
     live_children,
     read_pid,
-    subreaper,
+    scaled,
     wait_child_exit,
     wait_log,
     wait_pool,
     workers_of,
 )
+from loadgen import assert_no_errors, load
 
 from lancelotd.scoreboard import Scoreboard
 
 COLOR_Q = b"Color?"
 BLUE, GREEN = b"Blue.", b"Green."
-NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
 # "[pid] worker N: handed K connections over (L left)"
 HANDED = re.compile(r"\[(\d+)\] worker \d+: handed (\d+) connections over \((\d+) left\)")
 GRACE = 30  # graceful_timeout: a drain (the fallback) is never mistaken for a hand-off
@@ -183,9 +182,7 @@ def server_rx_queue(sock: socket.socket) -> int | None:
 
 def status(d: Daemon, pid_file: Path | None = None) -> dict:
     """`lancelotd status --json`: the scoreboard as operators see it."""
-    out = subprocess.run([sys.executable, "-m", "lancelotd", "status", "--json",
-                          "--pid-file", str(pid_file or d.pid_file)],
-                         capture_output=True, text=True, timeout=20)
+    out = lancelotd_cli("status", "--json", "--pid-file", str(pid_file or d.pid_file), timeout=20)
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)
 
@@ -203,7 +200,7 @@ def wait_tick(board: Scoreboard, pid: int) -> None:
     def heartbeat() -> float:
         return next((slot.heartbeat for _, slot in board.slots() if slot.pid == pid), 0.0)
     seen = heartbeat()
-    wait_for(lambda: heartbeat() > seen or exited(pid), 5, f"a tick of worker {pid}")
+    wait_for(lambda: heartbeat() > seen or gone(pid), 5, f"a tick of worker {pid}")
 
 
 def hups_handled(log: str) -> int:
@@ -264,11 +261,6 @@ def connect_to(d: Daemon, pid: int, pool: dict[int, tuple[int, int]], count: int
     return socks
 
 
-@pytest.fixture(scope="module")
-def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_loadgen(tmp_path_factory.mktemp("loadgen"))
-
-
 # =================================================================================
 # (a) HUP: a persistent client switches to the new answers within a second
 # =================================================================================
@@ -291,10 +283,10 @@ def test_hup_hands_a_persistent_connection_over(start_daemon):
         client.wait_more(20)
         new = holder_of(sock, list(gen2))
     client.check()
-    assert switched < 1.0, f"the new answer came {switched:.3f}s after HUP"
+    assert switched < scaled(1.0), f"the new answer came {switched:.3f}s after HUP"
     assert new in gen2, "the connection is not held by a generation-2 worker"
     assert handed(d.log()).get(old) == [(1, 0)], d.log()[-3000:]
-    assert exited(old)
+    assert gone(old)
 
 
 # =================================================================================
@@ -317,7 +309,7 @@ def test_question_split_across_the_hand_off(start_daemon, split):
         rewrite(d, conf(workers=2, color="Green."))
         d.signal(signal.SIGHUP)
         wait_log(d.log_file, rf"\[{old}\] worker \d+: handed 1 connections over \(0 left\)", timeout=5)
-        wait_for(lambda: exited(old), 5, "the old worker to exit")
+        wait_for(lambda: gone(old), 5, "the old worker to exit")
 
         sock.sendall(COLOR_Q[split:])
         assert recv_until(sock, b".") == GREEN  # "No idea." if the first part was lost
@@ -340,7 +332,7 @@ def test_ttou_hands_the_retired_workers_connection_over(start_daemon):
     with sock, Client(sock, [BLUE]) as client:
         d.signal(signal.SIGTTOU)
         wait_log(d.log_file, r"TTOU: 2 workers")
-        wait_for(lambda: exited(third), 3, "worker 3 to exit once it has handed its connection over")
+        wait_for(lambda: gone(third), 3, "worker 3 to exit once it has handed its connection over")
         client.wait_more(20)
         holder = holder_of(sock, [by_number[1], by_number[2]])
     client.check()
@@ -365,14 +357,13 @@ def test_max_requests_recycling_hands_the_connection_over(start_daemon):
     hand_offs = handed(d.log())
     assert len(hand_offs) >= 2, d.log()[-3000:]
     assert all(lines[-1][1] == 0 for lines in hand_offs.values()), hand_offs
-    assert first in hand_offs and exited(first)
+    assert first in hand_offs and gone(first)
     assert holder is not None and holder != first
     # Each recycled worker left once its connection was handed over, not after graceful_timeout.
     recycled = [int(pid) for pid in re.findall(r"\[(\d+)\] worker \d+: served \d+ questions", d.log())]
-    wait_for(lambda: all(exited(pid) for pid in recycled), 3, "every recycled worker to exit")
+    wait_for(lambda: all(gone(pid) for pid in recycled), 3, "every recycled worker to exit")
 
 
-@pytest.mark.usefixtures("subreaper")  # before start_daemon: torn down after it
 def test_usr2_hands_connections_to_the_new_masters_workers(start_daemon):
     d = start_daemon(config=conf(workers=2, color="Blue."))
     old_master = d.proc.pid
@@ -398,7 +389,7 @@ def test_usr2_hands_connections_to_the_new_masters_workers(start_daemon):
     assert serving is not None, "the connection is not held by the new master's workers"
     assert psutil.Process(serving).ppid() == new_master != old_master
     assert handed(d.log()).get(old) == [(1, 0)], d.log()[-3000:]
-    assert switched < 5.0, f"the new answer came {switched:.3f}s after USR2"
+    assert switched < scaled(5.0), f"the new answer came {switched:.3f}s after USR2"
     assert not Path(str(d.pid_file) + ".oldbin").exists()
     os.kill(new_master, signal.SIGTERM)
     assert wait_child_exit(new_master, 10) == 0
@@ -453,7 +444,7 @@ def test_hup_storm_with_persistent_clients(start_daemon, loadgen):
     assert len(re.findall(r"master: reloading ", log)) == len(re.findall(r"master: reload done", log)), \
         log[-3000:]
     assert not re.findall(r"^.* (?:WARNING|ERROR|CRITICAL) .*$", log, re.M)
-    assert settled < 2.0, f"the master had {workers} children only {settled:.2f}s after the last HUP"
+    assert settled < scaled(2.0), f"the master had {workers} children only {settled:.2f}s after the last HUP"
 
 
 # =================================================================================
@@ -529,16 +520,16 @@ def test_ttou_fallback_when_the_others_are_full(start_daemon):
             wait_tick(board, third)
         for c in clients:
             c.wait_more(5)
-        assert not exited(third)
+        assert not gone(third)
         assert all(holder_of(s, list(pool)) == third for s in on_third)
         assert third not in handed(d.log()), d.log()[-3000:]
 
         # Room for one on worker 1: one connection moves; room on worker 2: the last one moves,
         # and worker 3 leaves.  Never more than a target has room for.
         for step, number in enumerate((1, 2), start=1):
-            gone = next(s for s in others if holders[s] == by_number[number])
-            clients[2 + others.index(gone)].__exit__()
-            gone.close()
+            leaving = next(s for s in others if holders[s] == by_number[number])
+            clients[2 + others.index(leaving)].__exit__()
+            leaving.close()
             wait_for(lambda step=step: len(handed(d.log()).get(third, [])) >= step, 5,
                      f"hand-off number {step} from worker 3")
             lines = handed(d.log())[third]
@@ -546,7 +537,7 @@ def test_ttou_fallback_when_the_others_are_full(start_daemon):
                 f"worker 3 handed {lines} (connections, left) with room for one on worker {number}; "
                 f"workers 1 and 2 now hold {held(by_number[1], d.port)} and {held(by_number[2], d.port)} "
                 f"connections (max_connections = 2)")
-        wait_for(lambda: exited(third), 3, "worker 3 to exit once it has handed everything over")
+        wait_for(lambda: gone(third), 3, "worker 3 to exit once it has handed everything over")
         for c in clients[:2]:
             c.wait_more(10)
         for s in on_third:

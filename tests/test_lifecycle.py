@@ -13,42 +13,53 @@ answered, never reset; the retired process is gone once its client is), and
 where a retired process must stay, they make it stay the same way for both:
 a `Backlog` client owes it answers it cannot send yet.
 
-The loads come from the C load generator in ../shared/tools/loadgen, built
-once per module into a pytest temporary directory.  The USR2 tests make the
-test process a child subreaper, so the new master, orphaned when the old one
-exits, is ours to reap (this machine's PID 1 reaps nobody).
+The loads come from the C load generator in ../shared/tools/loadgen (or, where
+it cannot be built, its Python twin tests/pyload.py), built once per session by
+conftest's `loadgen` fixture.  The test session is a child subreaper (conftest),
+so the new master of a USR2, orphaned when the old one exits, is ours to reap
+(this machine's PID 1 reaps nobody).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import select
 import signal
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LISTENING, Daemon, recv_all, recv_until, wait_for
+from conftest import LISTENING, Daemon, recv_all, wait_for
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    TOO_LONG,
+    Backlog,
+    ask,
+    ask_on,
+    gone,
+    holder_of,
+    live_children,
+    read,
+    read_pid,
+    title,
+    wait_child_exit,
+    wait_log,
+    wait_pool,
+    workers_of,
+)
 from loadgen import assert_no_errors, load
-from loadgen import build as build_loadgen
 
 from lancelotd.scoreboard import SERVING, Counters, Scoreboard, Slot
 
-NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
 COLOR_Q = b"Color?"
-TOO_LONG = b"Error: question too long."
 DEFAULT_ANSWERS = """
 "What is your name?" = "My name is Sir Lancelot of Camelot."
 "What is your quest?" = "To seek the Holy Grail."
 "What is your favorite color?" = "Blue."
 """
-WORKER_TITLE = re.compile(r"^lancelotd: worker (\d+) \[gen (\d+)\]")
 
 
 def config(workers: int = 2, color: str = "Blue.", unknown: str = "No idea.", max_question_bytes: int = 64,
@@ -77,45 +88,6 @@ graceful_timeout = {graceful_timeout}
 
 
 # --- processes -------------------------------------------------------------------
-
-def title(proc: psutil.Process) -> str:
-    return " ".join(proc.cmdline()).strip()
-
-
-def workers_of(master_pid: int) -> dict[int, tuple[int, int]]:
-    """pid -> (number, generation) of the live (non-zombie) children that already call
-    themselves workers (a child just forked still carries the master's title)."""
-    try:
-        children = psutil.Process(master_pid).children()
-    except psutil.NoSuchProcess:
-        return {}
-    found = {}
-    for child in children:
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-            match = WORKER_TITLE.match(title(child))
-        except psutil.Error:
-            continue
-        if match:
-            found[child.pid] = (int(match.group(1)), int(match.group(2)))
-    return found
-
-
-def wait_pool(master_pid: int, count: int, generation: int | None = None, timeout: float = 10.0,
-              ) -> dict[int, tuple[int, int]]:
-    """Wait until the master has exactly `count` live children, all workers (of `generation`)."""
-    def pool() -> dict[int, tuple[int, int]] | None:
-        live = live_children(master_pid)
-        workers = workers_of(master_pid)
-        if live is None or len(live) != count or len(workers) != count:
-            return None
-        if generation is not None and any(g != generation for _, g in workers.values()):
-            return None
-        return workers
-    what = f"{count} workers" + (f" of generation {generation}" if generation else "")
-    return wait_for(pool, timeout, what)  # type: ignore[return-value]
-
 
 def group_members(pgid: int, zombies: bool = True) -> list[psutil.Process]:
     """Every process in the process group (the harness puts each daemon in its own)."""
@@ -146,55 +118,7 @@ def assert_nothing_left(pgid: int) -> None:
         raise AssertionError(f"{e}: {describe(group_members(pgid))}") from None
 
 
-def live_children(pid: int) -> list[psutil.Process] | None:
-    """The non-zombie children of `pid` (None if it is gone or one vanished while looking)."""
-    try:
-        return [c for c in psutil.Process(pid).children() if c.status() != psutil.STATUS_ZOMBIE]
-    except psutil.Error:
-        return None
-
-
-def holder_of(sock: socket.socket, pids: list[int]) -> int | None:
-    """The worker (among `pids`) that holds the server side of the client socket `sock`."""
-    local = sock.getsockname()
-    for pid in pids:
-        try:
-            for conn in psutil.Process(pid).net_connections(kind="tcp"):
-                if conn.raddr and (conn.raddr.ip, conn.raddr.port) == local:
-                    return pid
-        except psutil.Error:
-            pass
-    return None
-
-
-def exited(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 # --- logs ------------------------------------------------------------------------
-
-def read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-def wait_log(path: Path, pattern: str, count: int = 1, timeout: float = 10.0) -> list[re.Match]:
-    """Wait until `pattern` (a regex) matches at least `count` lines of the log file."""
-    regex = re.compile(pattern, re.M)
-
-    def found() -> list[re.Match] | None:
-        matches = list(regex.finditer(read(path)))
-        return matches if len(matches) >= count else None
-    try:
-        return wait_for(found, timeout, f"{count} x {pattern!r} in {path.name}")  # type: ignore[return-value]
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n--- {path}:\n{read(path)[-4000:]}") from None
-
 
 def assert_clean_log(text: str) -> None:
     """Nothing went wrong: not one warning or error line."""
@@ -220,77 +144,7 @@ def ready_from(daemon: Daemon, log_path: Path, workers: int) -> Daemon:
     return daemon
 
 
-def read_pid(path: Path) -> int | None:
-    text = read(path).strip()
-    return int(text) if text.isdigit() else None
-
-
 # --- talking ---------------------------------------------------------------------
-
-def ask(port: int, question: bytes, host: str = "127.0.0.1", timeout: float = 5.0) -> bytes:
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(question)
-        return recv_until(sock, b".")
-
-
-def ask_on(sock: socket.socket, question: bytes) -> bytes:
-    sock.sendall(question)
-    return recv_until(sock, b".")
-
-
-class Backlog:
-    """A client that pipelines questions without reading until the server stops reading from it.
-
-    The server then owes it answers it cannot send (back-pressure), so the worker holding the
-    connection has to keep it: it can neither close it nor hand it to another worker before
-    those answers are out.  `settle()` reads them all, and the connection is idle again.
-    """
-
-    STREAM = memoryview(NAME_Q * 8192)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sent = 0
-
-    def fill(self, stall: float = 0.3, timeout: float = 20.0) -> Backlog:
-        sock = self.sock
-        sock.setblocking(False)
-        deadline = time.monotonic() + timeout
-        while True:
-            _, writable, _ = select.select([], [sock], [], stall)
-            if not writable:
-                return self  # nothing taken for `stall` seconds: the server stopped reading
-            try:
-                self.sent += sock.send(self.STREAM[self.sent % len(NAME_Q):])
-            except BlockingIOError:
-                pass
-            assert time.monotonic() < deadline, "the server never stopped reading"
-
-    def settle(self, timeout: float = 20.0) -> None:
-        """Finish the last question, read every answer owed; the socket is blocking again."""
-        sock = self.sock
-        rest = NAME_Q[self.sent % len(NAME_Q):] if self.sent % len(NAME_Q) else b""
-        questions = -(-self.sent // len(NAME_Q))
-        expected = questions * len(NAME_A)
-        got = bytearray()
-        deadline = time.monotonic() + timeout
-        while len(got) < expected:
-            left = deadline - time.monotonic()
-            assert left > 0, f"only {len(got)} of {expected} answer bytes"
-            readable, writable, _ = select.select([sock], [sock] if rest else [], [], left)
-            if readable:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    raise EOFError(f"EOF after {len(got)} of {expected} answer bytes")
-                got += chunk
-            if writable and rest:
-                try:
-                    rest = rest[sock.send(rest):]
-                except BlockingIOError:
-                    pass
-        assert got == NAME_A * questions
-        sock.settimeout(5)
-
 
 class Asker:
     """Light load: one client thread asking on a new connection every few ms; records failures."""
@@ -322,52 +176,6 @@ class Asker:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(10)
-
-
-# --- loadgen ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_loadgen(tmp_path_factory.mktemp("loadgen"))
-
-
-# --- subreaper (USR2) -------------------------------------------------------------
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Make the test process the reaper of orphans in its subtree.
-
-    After USR2 the new master is orphaned at birth (the old master starts it
-    through a short-lived child) and reparented - to us, with this, so we can
-    reap it and see its exit status (this machine's PID 1 reaps nobody).
-    Request this fixture before start_daemon so it is torn down after it.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        pytest.skip("cannot become a child subreaper")
-    try:
-        yield
-    finally:
-        for child in psutil.Process().children():  # orphans killed by the harness' teardown
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE or title(child).startswith("lancelotd:"):
-                    os.kill(child.pid, signal.SIGKILL)
-                    os.waitpid(child.pid, 0)
-            except (OSError, psutil.Error):
-                pass
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def wait_child_exit(pid: int, timeout: float) -> int:
-    """Exit code of a child of ours (a reparented orphan with the subreaper)."""
-    def reaped() -> int | None:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        return os.waitstatus_to_exitcode(status) + 1000 if done else None  # +1000: 0 is falsy
-    return wait_for(reaped, timeout, f"process {pid} to exit") - 1000  # type: ignore[operator]
-
 
 # =================================================================================
 # 1. HUP applies every kind of setting
@@ -554,7 +362,7 @@ def test_hup_storm_under_load_drops_nothing(start_daemon, loadgen, per_request):
 # 5. USR2 upgrade, and its rollback
 # =================================================================================
 
-def test_usr2_upgrade_under_load(subreaper, start_daemon, loadgen):
+def test_usr2_upgrade_under_load(start_daemon, loadgen):
     d = start_daemon(config=config(workers=2, graceful_timeout=15))
     old_workers = wait_pool(d.proc.pid, 2, generation=1)
     old_pid = d.proc.pid
@@ -585,8 +393,8 @@ def test_usr2_upgrade_under_load(subreaper, start_daemon, loadgen):
     assert not oldbin.exists()
     assert read_pid(d.pid_file) == new_pid
     assert d.ask(NAME_Q) == NAME_A
-    assert psutil.Process(new_pid).ppid() == os.getpid()  # reparented to us (subreaper)
-    assert all(exited(pid) for pid in old_workers)
+    assert psutil.Process(new_pid).ppid() == os.getpid()  # reparented to us (the session is a subreaper)
+    assert all(gone(pid) for pid in old_workers)
 
     assert_clean_log(d.log())
     os.kill(new_pid, signal.SIGTERM)
@@ -595,7 +403,7 @@ def test_usr2_upgrade_under_load(subreaper, start_daemon, loadgen):
     assert_nothing_left(old_pid)
 
 
-def test_usr2_rollback_when_the_new_master_fails(subreaper, start_daemon):
+def test_usr2_rollback_when_the_new_master_fails(start_daemon):
     d = start_daemon(config=config(workers=2))
     workers = wait_pool(d.proc.pid, 2, generation=1)
     d.config_file.write_text("garbage [[[\n")
@@ -651,12 +459,12 @@ def test_ttin_ttou(start_daemon):
         # Worker 3 retires: it accepts nothing new, but stays for the client it owes answers.
         for _ in range(5):
             assert d.ask(NAME_Q) == NAME_A
-        assert not exited(by_number[3])
+        assert not gone(by_number[3])
         assert set(workers_of(master)) == set(pool)
         backlog.settle()
         for _ in range(3):  # and the client is still served, by worker 3 or whoever took it over
             assert ask_on(client, NAME_Q) == NAME_A
-    wait_for(lambda: exited(by_number[3]), 5, "worker 3 to exit (its client has left)")
+    wait_for(lambda: gone(by_number[3]), 5, "worker 3 to exit (its client has left)")
     assert set(wait_pool(master, 2, generation=1)) == {by_number[1], by_number[2]}
 
     d.signal(signal.SIGTTOU)
@@ -733,7 +541,7 @@ def test_hung_worker_is_killed_and_replaced(start_daemon):
     pool = wait_pool(d.proc.pid, 2, generation=1)
     victim = next(iter(pool))
     os.kill(victim, signal.SIGSTOP)
-    wait_for(lambda: exited(victim) and len(workers_of(d.proc.pid)) == 2, 4,
+    wait_for(lambda: gone(victim) and len(workers_of(d.proc.pid)) == 2, 4,
              "the stopped worker killed and replaced")
     wait_log(d.log_file, rf"\(pid {victim}\) made no progress for \d+s")
     assert set(workers_of(d.proc.pid)) - {victim}
@@ -836,7 +644,7 @@ def test_max_requests_recycles_the_worker(start_daemon):
         # handed to) while the new worker serves the rest.
         assert ask_on(holder, NAME_Q) == NAME_A
         assert d.ask(NAME_Q) == NAME_A
-    wait_for(lambda: exited(first), 5, "the recycled worker to exit (its client has left)")
+    wait_for(lambda: gone(first), 5, "the recycled worker to exit (its client has left)")
     assert first not in wait_pool(d.proc.pid, 1, generation=1)
 
 

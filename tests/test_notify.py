@@ -7,14 +7,13 @@ its own goes in as fd 3 with LISTEN_FDS=1 and LISTEN_PID=<the daemon's PID>
 (the wrapper below sets the PID variables right before exec, as systemd does).
 
 Every daemon runs in its own session and is killed with its group and reaped
-at teardown (conftest's start_daemon, or the `spawn` fixture here).  Tests
-whose master outlives its parent (USR2, --daemon) make the test process a
-child subreaper, so the orphan is reparented to it and reaped too.
+at teardown (conftest's start_daemon, or the `spawn` fixture here).  A master
+that outlives its parent (USR2, --daemon) is reparented to the test process,
+which is a child subreaper for the whole session (conftest), and reaped too.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import secrets
@@ -31,11 +30,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Daemon, recv_until, wait_for
+from conftest import Daemon, wait_for
+from helpers import NAME_A, NAME_Q, ask, read_pid, scaled, wait_child_exit
 
-NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
 STATUS_LINE = re.compile(r"gen (\d+), (\d+) workers, (\d+) questions answered, last reload: (.+)")
-PR_SET_CHILD_SUBREAPER = 36
 LISTEN_VARS = (b"LISTEN_PID=", b"LISTEN_FDS=", b"LISTEN_FDNAMES=")
 
 # Runs as the daemon's process before exec'ing it: puts TEST_LISTEN_FD on fd 3
@@ -94,6 +92,7 @@ class NotifySocket:
     def wait(self, predicate: Callable[[Message], object], timeout: float = 10.0,
              what: str = "a message", after: Message | None = None) -> Message:
         """The first message (after `after`) that satisfies `predicate`, received by now or soon."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         i = after.seq + 1 if after else 0
         while True:
@@ -142,30 +141,6 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 
 # --- processes -------------------------------------------------------------------------------
 
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Orphans of our subtree (a USR2 successor, a --daemon master) become our children.
-
-    Request it before start_daemon/spawn so that it is torn down after them:
-    then it kills what is left of lancelotd among our children and reaps
-    every child that has exited.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
-    try:
-        yield
-    finally:
-        for child in psutil.Process().children():
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE or " ".join(child.cmdline()).startswith(
-                        "lancelotd:"):
-                    os.kill(child.pid, signal.SIGKILL)
-                    os.waitpid(child.pid, 0)
-            except (OSError, psutil.Error):
-                pass
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
 class Wrapped(Daemon):
     """A `lancelotd serve` started through WRAPPER: fd 3 and *_PID variables as systemd sets them."""
 
@@ -213,27 +188,6 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Wrapped]]:
     yield start
     for daemon in started:
         daemon.kill_all()
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def wait_child_exit(pid: int, timeout: float = 10.0) -> int:
-    """Exit code of a child of ours (an orphan reparented to us, with `subreaper`)."""
-    def reaped() -> int | None:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        return os.waitstatus_to_exitcode(status) + 1000 if done else None  # 0 would be falsy
-    return wait_for(reaped, timeout, f"process {pid} to exit") - 1000  # type: ignore[operator]
-
-
-def ask(port: int, question: bytes = NAME_Q) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(question)
-        return recv_until(sock, b".")
 
 
 def environ(pid: int) -> bytes:
@@ -312,7 +266,7 @@ def test_watchdog_pings_at_half_the_interval(start_daemon, notify):
         pings.append(notify.wait(lambda m: m.get("WATCHDOG") == "1", timeout=1.5, what="WATCHDOG=1",
                                  after=pings[-1] if pings else started))
     assert all(m.pid == d.proc.pid for m in pings)
-    assert pings[1].at - started.at <= 1.5, "fewer than 2 pings in the 1.5 s after READY=1"
+    assert pings[1].at - started.at <= scaled(1.5), "fewer than 2 pings in the 1.5 s after READY=1"
     gaps = [b.at - a.at for a, b in zip(pings, pings[1:], strict=False)]
     # Every half WatchdogSec: never as late as WatchdogSec itself, and no flood either.
     assert all(0.3 < gap < 1.0 for gap in gaps), f"gaps between pings {gaps} for WatchdogSec=1s"
@@ -327,7 +281,7 @@ def test_no_watchdog_pings_unless_meant_for_us(start_daemon, notify, env):
     assert not any(m.get("WATCHDOG") for m in notify.messages + later)
 
 
-def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(subreaper, spawn, notify):
+def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(spawn, notify):
     # As under systemd: WATCHDOG_PID names the first master.
     d = spawn("-b", "127.0.0.1:0", "-w", "2", own_pid=("WATCHDOG_PID",),
               env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"})
@@ -363,7 +317,7 @@ def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(subreaper, spaw
 # LISTEN_FDS
 # =================================================================================
 
-def test_listen_fds_adopted(subreaper, spawn, notify):
+def test_listen_fds_adopted(spawn, notify):
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     port = listener.getsockname()[1]
     # -b would bind somewhere else: with an activated socket it must not.
@@ -430,7 +384,7 @@ def stop(pid_file: Path) -> subprocess.CompletedProcess[str]:
                            "--timeout", "20"], capture_output=True, text=True, timeout=30)
 
 
-def test_daemon_detaches_once_serving_and_stops(subreaper, tmp_path):
+def test_daemon_detaches_once_serving_and_stops(tmp_path):
     pid_file = tmp_path / "lancelotd.pid"
     result = launch(tmp_path, "-b", "127.0.0.1:0", "-w", "2")
     # capture_output: had the daemon kept the launcher's stdout or stderr, run() would still wait.
@@ -471,7 +425,7 @@ def test_daemon_detaches_once_serving_and_stops(subreaper, tmp_path):
         ask(port)
 
 
-def test_daemon_bind_conflict_fails_in_the_launcher(subreaper, tmp_path):
+def test_daemon_bind_conflict_fails_in_the_launcher(tmp_path):
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     with taken:

@@ -17,12 +17,23 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import LISTENING, recv_all, recv_until, wait_for
+from helpers import (
+    COLOR_A,
+    COLOR_Q,
+    NAME_A,
+    NAME_Q,
+    QUEST_A,
+    QUEST_Q,
+    clean_env,
+    dead_pid,
+    gone,
+    lancelotd_cli,
+    scaled,
+    title,
+)
 
 import lancelotd
 
-NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
-QUEST_Q, QUEST_A = b"What is your quest?", b"To seek the Holy Grail."
-COLOR_Q, COLOR_A = b"What is your favorite color?", b"Blue."
 BIN = Path(sys.executable).parent
 
 
@@ -52,36 +63,9 @@ def start_over_pid_file(start_daemon, subdir: str):
     return daemon
 
 
-def title(proc: psutil.Process) -> str:
-    """The process title as `ps` shows it (setproctitle rewrites the cmdline); "" once gone."""
-    try:
-        return " ".join(part for part in proc.cmdline() if part).strip()
-    except psutil.Error:
-        return ""
-
-
 def named_workers(daemon) -> dict[str, psutil.Process]:
     """The live workers by title."""
     return {title(w): w for w in daemon.workers()}
-
-
-def gone(pid: int) -> bool:
-    """True when `pid` no longer runs (a zombie nobody reaped counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def clean_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("LANCELOTD_CONFIG", None)
-    return env
-
-
-def lancelotd_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lancelotd", *args], capture_output=True, text=True,
-                          timeout=timeout, env=clean_env(), stdin=subprocess.DEVNULL)
 
 
 def lancelot_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -90,7 +74,7 @@ def lancelot_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess
         cmd = [str(script), *args]
     else:
         cmd = [sys.executable, "-c", "import sys; from lancelotd.client import main; sys.exit(main())", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(),
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(timeout), env=clean_env(),
                           stdin=subprocess.DEVNULL)
 
 
@@ -138,9 +122,7 @@ def test_pid_file_holds_master_pid_while_running_and_is_removed_after_term(start
 
 
 def _dead_pid() -> str:
-    proc = subprocess.Popen(["true"])
-    proc.wait()  # reaped: the PID names no process now
-    return f"{proc.pid}\n"
+    return f"{dead_pid()}\n"
 
 
 @pytest.mark.parametrize("content", [_dead_pid, lambda: "garbage\n", lambda: ""],
@@ -207,7 +189,7 @@ def test_term_answers_the_question_in_flight_then_exits_0(start_daemon):
         assert idle.recv(100) == b""  # an idle connection is closed
     t0 = time.monotonic()
     assert daemon.wait_exit(10) == 0
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < scaled(5)
     assert all(gone(pid) for pid in worker_pids)
     assert not daemon.pid_file.exists()
     assert refused(daemon.port)
@@ -261,7 +243,7 @@ def test_fast_stop_exits_0_promptly(start_daemon, sig):
         t0 = time.monotonic()
         daemon.signal(sig)
         assert daemon.wait_exit(5) == 0
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < scaled(2.0)
         sock.settimeout(2)
         try:
             assert sock.recv(100) == b""

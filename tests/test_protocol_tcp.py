@@ -14,13 +14,9 @@ import time
 import psutil
 import pytest
 from conftest import recv_all, recv_until
+from helpers import COLOR_A, COLOR_Q, NAME_A, NAME_Q, NOT_ASCII, QUEST_A, QUEST_Q, TOO_LONG, ask_on, scaled
 
-NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
-QUEST_Q, QUEST_A = b"What is your quest?", b"To seek the Holy Grail."
-COLOR_Q, COLOR_A = b"What is your favorite color?", b"Blue."
 UNKNOWN_A = b"I don't know that."
-TOO_LONG = b"Error: question too long."
-NOT_ASCII = b"Error: questions must be ASCII."
 
 # A small question limit so "too long" is cheap to provoke; everything else default.
 SMALL_LIMIT = 32
@@ -50,11 +46,6 @@ def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
     """
     sock.settimeout(timeout)
     return recv_all(sock)
-
-
-def ask_on(sock: socket.socket, question: bytes) -> bytes:
-    sock.sendall(question)
-    return recv_until(sock, b".")
 
 
 def assert_open(sock: socket.socket) -> None:
@@ -253,7 +244,7 @@ def test_idle_timeout_closes_silent_connections_but_not_busy_ones(start_daemon):
         silent = {"fresh": fresh, "answered": answered, "partial": partial}
         # Keep `busy` asking every 0.2 s until every silent one is closed, and
         # then for a few more idle_timeouts: it must never be closed.
-        while time.monotonic() - started < 10:
+        while time.monotonic() - started < scaled(10):
             assert ask_on(busy, NAME_Q) == NAME_A
             waiting = [s for n, s in silent.items() if n not in closed_after]
             readable, _, _ = select.select(waiting, [], [], 0.2)
@@ -266,7 +257,7 @@ def test_idle_timeout_closes_silent_connections_but_not_busy_ones(start_daemon):
                 break
         assert set(closed_after) == set(silent), f"not closed by the idle timeout: {closed_after}"
         for name, after in closed_after.items():
-            assert idle_timeout * 0.9 <= after <= idle_timeout + 2.5, (name, after)
+            assert idle_timeout * 0.9 <= after <= idle_timeout + scaled(2.5), (name, after)
         assert_open(busy)
     finally:
         for sock in (fresh, answered, partial, busy):
@@ -337,7 +328,7 @@ def test_client_that_does_not_read_is_slowed_down_and_others_do_not_notice(start
         for _ in range(5):
             t0 = time.monotonic()
             assert daemon.ask(COLOR_Q) == COLOR_A
-            assert time.monotonic() - t0 < 0.2
+            assert time.monotonic() - t0 < scaled(0.2)
         # When it reads, it gets every answer, in order, then EOF.
         hog.shutdown(socket.SHUT_WR)  # the tail of a question is never answered
         hog.settimeout(10)

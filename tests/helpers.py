@@ -1,0 +1,291 @@
+"""Helpers shared by the integration tests: one definition each, imported by the test modules.
+
+Timing on slow machines: every wait and every timing threshold of the tests goes
+through `scaled()`, which multiplies seconds by ``LANCELOTD_TEST_TIME_FACTOR``
+(a positive number, default 1.0).  On a loaded CI runner or under a sanitizer,
+``LANCELOTD_TEST_TIME_FACTOR=3 pytest`` gives every `wait_for`, every "answered in
+under 100 ms" and every "replaced within a second" three times as long.  What the
+daemon is configured to do (a graceful_timeout, a watchdog interval) and the
+observation windows of a load pattern are not scaled: they are the behaviour under
+test, not the patience of the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+
+def _time_factor() -> float:
+    raw = os.environ.get("LANCELOTD_TEST_TIME_FACTOR", "1")
+    try:
+        factor = float(raw)
+    except ValueError:
+        raise SystemExit(f"LANCELOTD_TEST_TIME_FACTOR={raw!r} is not a number") from None
+    if not factor > 0:
+        raise SystemExit(f"LANCELOTD_TEST_TIME_FACTOR={raw!r} must be above 0")
+    return factor
+
+
+TIME_FACTOR = _time_factor()
+
+
+def scaled(seconds: float) -> float:
+    """`seconds` stretched by LANCELOTD_TEST_TIME_FACTOR (see the module docstring)."""
+    return seconds * TIME_FACTOR
+
+
+# The default answer table (lancelotd.config.DEFAULT_ANSWERS, which loadgen checks too).
+NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
+QUEST_Q, QUEST_A = b"What is your quest?", b"To seek the Holy Grail."
+COLOR_Q, COLOR_A = b"What is your favorite color?", b"Blue."
+TOO_LONG = b"Error: question too long."
+NOT_ASCII = b"Error: questions must be ASCII."
+
+LISTENING = re.compile(r"listening on (\S+):(\d+)$", re.M)
+WORKER_TITLE = re.compile(r"^lancelotd: worker (\d+) \[gen (\d+)\]")
+
+
+# --- waiting ---------------------------------------------------------------------
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll `predicate` until it returns something truthy; fail after scaled(`timeout`)."""
+    timeout = scaled(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.01)
+
+
+# --- processes -------------------------------------------------------------------
+
+def title(proc: psutil.Process) -> str:
+    """The process title as `ps` shows it (setproctitle rewrites the cmdline); "" once gone."""
+    try:
+        return " ".join(part for part in proc.cmdline() if part).strip()
+    except psutil.Error:
+        return ""
+
+
+def gone(pid: int) -> bool:
+    """True when `pid` no longer runs (a zombie nobody reaped counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def live_children(pid: int) -> list[psutil.Process] | None:
+    """The non-zombie children of `pid` (None if it is gone or one vanished while looking)."""
+    try:
+        return [c for c in psutil.Process(pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return None
+
+
+def workers_of(master_pid: int) -> dict[int, tuple[int, int]]:
+    """pid -> (number, generation) of the live (non-zombie) children that already call
+    themselves workers (a child just forked still carries the master's title)."""
+    try:
+        children = psutil.Process(master_pid).children()
+    except psutil.NoSuchProcess:
+        return {}
+    found = {}
+    for child in children:
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            match = WORKER_TITLE.match(title(child))
+        except psutil.Error:
+            continue
+        if match:
+            found[child.pid] = (int(match.group(1)), int(match.group(2)))
+    return found
+
+
+def wait_pool(master_pid: int, count: int, generation: int | None = None, timeout: float = 10.0,
+              ) -> dict[int, tuple[int, int]]:
+    """Wait until the master has exactly `count` live children, all workers (of `generation`)."""
+    def pool() -> dict[int, tuple[int, int]] | None:
+        live = live_children(master_pid)
+        workers = workers_of(master_pid)
+        if live is None or len(live) != count or len(workers) != count:
+            return None
+        if generation is not None and any(g != generation for _, g in workers.values()):
+            return None
+        return workers
+    what = f"{count} workers" + (f" of generation {generation}" if generation else "")
+    return wait_for(pool, timeout, what)  # type: ignore[return-value]
+
+
+def holder_of(sock: socket.socket, pids: list[int]) -> int | None:
+    """The worker (among `pids`) that holds the server side of the client socket `sock`."""
+    local = sock.getsockname()
+    for pid in pids:
+        try:
+            for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                if conn.raddr and (conn.raddr.ip, conn.raddr.port) == local:
+                    return pid
+        except psutil.Error:
+            pass
+    return None
+
+
+def wait_child_exit(pid: int, timeout: float = 10.0) -> int:
+    """Exit code of a child of ours (an orphan reparented to us: the session is a subreaper)."""
+    def reaped() -> int | None:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) + 1000 if done else None  # +1000: 0 is falsy
+    return wait_for(reaped, timeout, f"process {pid} to exit") - 1000  # type: ignore[operator]
+
+
+def dead_pid() -> int:
+    """A PID that names no process now (a child of ours, started and reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment without LANCELOTD_CONFIG (a developer's own must not leak into a test)."""
+    env = dict(os.environ)
+    env.pop("LANCELOTD_CONFIG", None)
+    return env
+
+
+def lancelotd_cli(*args: str, timeout: float = 30,
+                  cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`lancelotd ARGS...` run to its end, its output captured."""
+    return subprocess.run([sys.executable, "-m", "lancelotd", *args], capture_output=True, text=True,
+                          timeout=scaled(timeout), env=clean_env(), stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+# --- files and logs --------------------------------------------------------------
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def wait_log(path: Path, pattern: str, count: int = 1, timeout: float = 10.0) -> list[re.Match]:
+    """Wait until `pattern` (a regex) matches at least `count` lines of the log file."""
+    regex = re.compile(pattern, re.M)
+
+    def found() -> list[re.Match] | None:
+        matches = list(regex.finditer(read(path)))
+        return matches if len(matches) >= count else None
+    try:
+        return wait_for(found, timeout, f"{count} x {pattern!r} in {path.name}")  # type: ignore[return-value]
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- {path}:\n{read(path)[-4000:]}") from None
+
+
+# --- talking ---------------------------------------------------------------------
+
+def recv_until(sock: socket.socket, suffix: bytes, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while not data.endswith(suffix):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise EOFError(f"connection closed after {data!r}")
+        data += chunk
+        if len(data) > limit:
+            raise AssertionError("answer too long")
+    return data
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes (EOF)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def ask(port: int, question: bytes = NAME_Q, host: str = "127.0.0.1", timeout: float = 5.0) -> bytes:
+    """One question on a new connection; the answer up to its '.'."""
+    with socket.create_connection((host, port), timeout=scaled(timeout)) as sock:
+        sock.sendall(question)
+        return recv_until(sock, b".")
+
+
+def ask_on(sock: socket.socket, question: bytes) -> bytes:
+    sock.sendall(question)
+    return recv_until(sock, b".")
+
+
+class Backlog:
+    """A client that pipelines questions without reading until the server stops reading from it.
+
+    The server then owes it answers it cannot send (back-pressure), so the worker holding the
+    connection has to keep it: it can neither close it nor hand it to another worker before
+    those answers are out.  `settle()` reads them all, and the connection is idle again.
+    """
+
+    STREAM = memoryview(NAME_Q * 8192)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sent = 0
+
+    def fill(self, stall: float = 0.3, timeout: float = 20.0) -> Backlog:
+        sock = self.sock
+        sock.setblocking(False)
+        deadline = time.monotonic() + scaled(timeout)
+        while True:
+            _, writable, _ = select.select([], [sock], [], scaled(stall))
+            if not writable:
+                return self  # nothing taken for `stall` seconds: the server stopped reading
+            try:
+                self.sent += sock.send(self.STREAM[self.sent % len(NAME_Q):])
+            except BlockingIOError:
+                pass
+            assert time.monotonic() < deadline, "the server never stopped reading"
+
+    def settle(self, timeout: float = 20.0) -> None:
+        """Finish the last question, read every answer owed; the socket is blocking again."""
+        sock = self.sock
+        rest = NAME_Q[self.sent % len(NAME_Q):] if self.sent % len(NAME_Q) else b""
+        questions = -(-self.sent // len(NAME_Q))
+        expected = questions * len(NAME_A)
+        got = bytearray()
+        deadline = time.monotonic() + scaled(timeout)
+        while len(got) < expected:
+            left = deadline - time.monotonic()
+            assert left > 0, f"only {len(got)} of {expected} answer bytes"
+            readable, writable, _ = select.select([sock], [sock] if rest else [], [], left)
+            if readable:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    raise EOFError(f"EOF after {len(got)} of {expected} answer bytes")
+                got += chunk
+            if writable and rest:
+                try:
+                    rest = rest[sock.send(rest):]
+                except BlockingIOError:
+                    pass
+        assert got == NAME_A * questions
+        sock.settimeout(5)
