@@ -7,24 +7,37 @@ same master still supervises: it answers, replaces workers, and stops cleanly on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 
 import psutil
 import pytest
-from conftest import Daemon, recv_until, wait_for
+from conftest import Daemon
+from helpers import NAME_A, NAME_Q, lancelotd_cli, recv_until, wait_for, wait_log
 
-NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
+from lancelotd.scoreboard import SERVING, Scoreboard
 
 
 def worker_pids(d: Daemon) -> set[int]:
     return {w.pid for w in d.workers()}
+
+
+def wait_serving(d: Daemon, count: int) -> set[int]:
+    """PIDs of `count` workers that have published SERVING (past their boot)."""
+    board = Scoreboard.open(str(d.pid_file) + ".scoreboard")
+
+    def serving() -> set[int] | None:
+        pids = {slot.pid for _, slot in board.slots() if slot.state == SERVING}
+        return pids if len(pids) == count else None
+    try:
+        return wait_for(serving, 10, f"{count} workers serving")  # type: ignore[return-value]
+    finally:
+        board.close()
 
 
 def stops_cleanly(d: Daemon) -> None:
@@ -34,20 +47,13 @@ def stops_cleanly(d: Daemon) -> None:
     assert "master stopped" in d.log()
 
 
-def wait_log(d: Daemon, pattern: str, count: int = 1, timeout: float = 10.0) -> list[str]:
-    def found() -> list[str] | None:
-        hits = re.findall(pattern, d.log(), re.M)
-        return hits if len(hits) >= count else None
-    return wait_for(found, timeout, f"{count}x /{pattern}/ in the log")  # type: ignore[return-value]
-
-
 @pytest.mark.parametrize("signum", [35, 40, 63])
 def test_worker_killed_by_a_real_time_signal_is_replaced(start_daemon, signum):
     d = start_daemon("-w", "2", workers=2)
-    victim = min(worker_pids(d))
+    victim = min(wait_serving(d, 2))
     os.kill(victim, signum)
     name = f"SIGRTMIN+{signum - signal.SIGRTMIN}" if signum != signal.SIGRTMIN else "SIGRTMIN"
-    wait_log(d, rf"\(pid {victim}, gen 1\) was killed by {re.escape(name)} unexpectedly: replacing it")
+    wait_log(d.log_file, rf"\(pid {victim}, gen 1\) was killed by {re.escape(name)} unexpectedly: replacing")
     wait_for(lambda: len(worker_pids(d) - {victim}) == 2, 5, "a replacement")
     assert d.proc.poll() is None
     assert d.ask(NAME_Q) == NAME_A
@@ -59,7 +65,7 @@ def test_an_exception_in_a_handler_is_logged_and_supervision_goes_on(start_daemo
     d = start_daemon("-w", "1", workers=1, env={"LANCELOTD_TEST_FAULT_SIGNAL": "TTIN"})
     (first,) = worker_pids(d)
     d.signal(signal.SIGTTIN)
-    wait_log(d, r"unexpected error handling TTIN; supervision goes on")
+    wait_log(d.log_file, r"unexpected error handling TTIN; supervision goes on")
     assert "RuntimeError: injected fault in the TTIN handler" in d.log(), "the traceback is logged"
     os.kill(first, signal.SIGKILL)  # the master still supervises
     wait_for(lambda: len(worker_pids(d) - {first}) == 1, 5, "a replacement")
@@ -80,8 +86,8 @@ def test_log_file_that_cannot_be_reopened_on_usr1(start_daemon, tmp_path):
     shutil.rmtree(logdir)  # root ignores permissions: take the directory away instead
     d.signal(signal.SIGUSR1)
     d.log_file = kept
-    wait_log(d, r"master: cannot reopen the log file .*: logging on to the one already open")
-    wait_log(d, r"worker \d: cannot reopen the log file", count=2)
+    wait_log(d.log_file, r"master: cannot reopen the log file .*: logging on to the one already open")
+    wait_log(d.log_file, r"worker \d: cannot reopen the log file", count=2)
     assert d.ask(NAME_Q) == NAME_A
     assert worker_pids(d) == before, "no worker died of it"
     assert d.proc.poll() is None
@@ -112,10 +118,8 @@ def test_max_requests_with_connect_per_request_clients_during_reloads(start_daem
         client.start()
     try:
         for round_ in range(1, 6):
-            wait_log(d, r"recycled after max_requests", count=round_, timeout=15)
-            reload = subprocess.run(
-                [sys.executable, "-m", "lancelotd", "reload", "--pid-file", str(d.pid_file)],
-                capture_output=True, text=True, timeout=60)
+            wait_log(d.log_file, r"recycled after max_requests", count=round_, timeout=15)
+            reload = lancelotd_cli("reload", "--pid-file", str(d.pid_file), timeout=60)
             assert reload.returncode == 0, reload.stderr + d.log()[-3000:]
     finally:
         stop.set()
@@ -125,9 +129,8 @@ def test_max_requests_with_connect_per_request_clients_during_reloads(start_daem
     assert failures == []
     assert "recycled after max_requests" in log
     assert "reload failed" not in log and "unexpectedly" not in log and "during boot" not in log, log[-3000:]
-    status = subprocess.run([sys.executable, "-m", "lancelotd", "status", "--json", "--pid-file",
-                             str(d.pid_file)], capture_output=True, text=True, timeout=30)
-    assert '"crashed": 0' in status.stdout, status.stdout
+    status = lancelotd_cli("status", "--json", "--pid-file", str(d.pid_file))
+    assert json.loads(status.stdout)["replaced"]["crashed"] == 0, status.stdout
     stops_cleanly(d)
 
 

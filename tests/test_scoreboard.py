@@ -70,7 +70,8 @@ def race(write: Callable[[float], None], read: Callable[[], None]) -> int:
 def small_tmpfs(directory: Path, argv: list[str], size: str = "16k") -> list[str]:
     """`argv` run in a private mount namespace where `directory` is a tmpfs of `size`."""
     unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-Urm"]
-    script = 'mount -t tmpfs -o size="$0" tmpfs "$1" && shift && exec "$@"'
+    # mode=0755: a tmpfs is 1777 by default, which the runtime directory rules refuse.
+    script = 'mount -t tmpfs -o size="$0",mode=0755 tmpfs "$1" && shift && exec "$@"'
     return [*unshare, "sh", "-c", script, size, str(directory), *argv]
 
 
