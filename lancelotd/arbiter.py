@@ -334,9 +334,7 @@ class Arbiter(Supervision, Generations, Upgrades):
         self.header.workers_target = self.target
         self.header.reload_pending = int(bool(self.reload or self.reload_queued))
         self.header.metrics_port = self.metrics.port if self.metrics else 0
-        if message is not None:
-            self.board.write_message(message)
-        self.board.write_header(self.header)
+        self.board.publish(self.header, message)  # one record: `lancelotd reload` reads it whole
         now = time.monotonic()
         if self.notifier.enabled and now >= self.next_status:
             self.next_status = now + STATUS_EVERY

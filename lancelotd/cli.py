@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, config, logs, status
+from . import __version__, config, logs, pidfile, status
 from .logs import log
 from .logs import setup as setup_logging
-from .scoreboard import Scoreboard
+from .scoreboard import Scoreboard, ScoreboardError
 from .sockets import parse_address
 
 SYSTEM_CONFIG = "/etc/lancelotd/lancelotd.toml"
@@ -204,6 +204,17 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if isinstance(found, int):
         return found
     proc, board = found
+    try:
+        return wait_reload(args, proc, board)
+    except ScoreboardError as e:
+        print(f"lancelotd: {e}", file=sys.stderr)
+        return status.UNKNOWN
+    finally:
+        board.close()
+
+
+def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboard) -> int:
+    """HUP the master and wait for its verdict (header and message read as one record)."""
     before = board.read_header().reloads
     proc.send_signal(signal.SIGHUP)
     if args.no_wait:
@@ -211,7 +222,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     while True:
-        header = board.read_header()
+        header, message = board.read_reload_result()
         if header.reloads > before and not header.reload_pending:
             break
         if not is_alive(proc):
@@ -222,17 +233,21 @@ def cmd_reload(args: argparse.Namespace) -> int:
             return 1
         time.sleep(0.02)
     if header.last_reload_ok:
-        print(f"reloaded: {board.read_message()}")
+        print(f"reloaded: {message}")
         return 0
-    print(f"lancelotd: reload failed: {board.read_message()}", file=sys.stderr)
+    print(f"lancelotd: reload failed: {message}", file=sys.stderr)
     return 1
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    found = find_master(args)
-    if isinstance(found, int):  # LSB: stopping a stopped service succeeds
-        return 0 if found in (status.NOT_RUNNING, status.DEAD) else found
-    proc, _ = found
+    try:  # no scoreboard needed to signal it: one of another layout must not stop `stop`
+        proc = status.find_master_process(pid_file_of(args))
+    except status.StatusError as e:
+        found = upgrading_master(args)
+        if found is None:  # LSB: stopping a stopped service succeeds
+            print(f"lancelotd: {e}", file=sys.stderr)
+            return 0 if e.code in (status.NOT_RUNNING, status.DEAD) else e.code
+        proc = found
     proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:
         return 0
@@ -244,6 +259,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
         time.sleep(0.05)
     print(f"stopped master {proc.pid}")
     return 0
+
+
+def upgrading_master(args: argparse.Namespace) -> psutil.Process | None:
+    """The old master named by PIDFILE.oldbin: during an upgrade (USR2) PIDFILE may not be written yet."""
+    oldbin = pid_file_of(args) + ".oldbin"
+    proc = pidfile.master_process(oldbin)
+    if proc is not None:
+        print(f"lancelotd: but {oldbin} names master {proc.pid} (an upgrade in progress): stopping it",
+              file=sys.stderr)
+    return proc
 
 
 def is_alive(proc: psutil.Process) -> bool:

@@ -34,10 +34,16 @@ MIN_WORKER_TIMEOUT = 1.0  # a worker's loop heartbeats once a second
 
 
 def default_pid_file() -> str:
-    """/run/lancelotd/lancelotd.pid for root, a per-user runtime path otherwise."""
+    """/run/lancelotd/lancelotd.pid for root, else under $XDG_RUNTIME_DIR, else under /tmp/lancelotd-UID.
+
+    The directory need not exist: the master creates it (lancelotd.runtime).
+    XDG_RUNTIME_DIR counts only when absolute, as the XDG spec says.
+    """
     if os.geteuid() == 0:
         return "/run/lancelotd/lancelotd.pid"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lancelotd-{os.getuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not os.path.isabs(runtime):
+        runtime = f"/tmp/lancelotd-{os.geteuid()}"
     return os.path.join(runtime, "lancelotd", "lancelotd.pid")
 
 

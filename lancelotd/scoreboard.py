@@ -8,10 +8,40 @@ request, so the hot path pays nothing; the master reads slots to learn that
 a worker is ready, to check its heartbeat, and to keep the totals of
 workers that have exited.
 
-Each slot is written by one process only.  Readers may see a slot half
-updated, but never a field half written: every field is a naturally aligned
-8-byte word, stored with one aligned store (see _store), and counters only
-grow, which is all a status display and the master's checks need.
+The file is allocated when it is created (posix_fallocate): on a full /run
+the master refuses to start, where a sparse file would have been a SIGBUS
+in whichever process first touched an unbacked page, days later.
+
+Concurrency.  A slot has one writer at a time (the master before the fork
+and after the reap, the worker in between), the header one (the master);
+readers in other processes read at any moment.  Python has plain loads and
+stores only, no atomics and no fences, so:
+
+- Every field is a naturally aligned 8-byte word written with one store: no
+  reader sees half a number, and counters only grow.
+- A slot is a seqlock: the writer makes the slot's sequence word odd, stores
+  the fields, makes it even; read_slot retries until it reads one even value
+  before and after the fields.  Without it a worker's first tick (pid,
+  number, generation, state=SERVING, started, heartbeat, ...) over the
+  master's STARTING slot (heartbeat 0) could be read as SERVING with
+  heartbeat 0, which the master took for "no progress since boot".  A writer
+  preempted or killed mid-write leaves the word odd; after SLOT_PATIENCE the
+  reader takes the slot as it is, and the order of the stores makes that
+  safe: a state is stored after the fields it vouches for, and a slot
+  leaving for FREE or STARTING gets its state before its fields are zeroed.
+- The header and the last reload's message are one record under a seqlock
+  and a checksum, so `lancelotd reload` never pairs a new count with the
+  previous result, and never reports a refused reload as done.
+
+x86-64 keeps stores in order and loads in order, so the seqlocks are exact
+there.  arm64 may reorder both, and CPython offers no barrier: there the
+checksum still makes every header read exact (a torn record fails it and is
+read again), while a slot read may rarely be torn; so the master never takes
+a heartbeat of 0, or one older than the worker's spawn, as the time of its
+last progress (last_progress).
+
+Readers check the layout version in the magic: after a USR2 the old and the
+new code run side by side, and each refuses the other's layout.
 """
 
 from __future__ import annotations
@@ -19,16 +49,26 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-MAGIC = b"LNCLTSB1"
+from .runtime import open_new_file
+
+LAYOUT = 2  # bump on any change of the layout below; layout 1 had no sequence words
+MAGIC_PREFIX = b"LNCLTSB"
+MAGIC = MAGIC_PREFIX + str(LAYOUT).encode()
 SLOTS = 512
 
 # Worker states
 FREE, STARTING, SERVING, DRAINING, STOPPING = range(5)
 STATE_NAMES = {FREE: "free", STARTING: "starting", SERVING: "serving", DRAINING: "draining",
                STOPPING: "stopping"}
+
+
+class ScoreboardError(ValueError):
+    """A scoreboard this code cannot read: another layout, not one at all, or never settled."""
 
 
 @dataclass
@@ -59,10 +99,21 @@ class Slot:
     generation: int = 0
     state: int = FREE
     started: float = 0.0  # wall-clock time.time()
-    heartbeat: float = 0.0  # time.monotonic() of the last loop tick
+    heartbeat: float = 0.0  # time.monotonic() of the last loop tick; 0 = none yet
     connections: int = 0
     rate: float = 0.0  # questions answered per second over the last tick
     counters: Counters | None = None
+
+
+def last_progress(slot: Slot, spawned: float) -> float:
+    """When the worker last showed progress, by the monotonic clock: for hang detection.
+
+    `spawned` is the master's time.monotonic() at the fork.  A heartbeat of 0
+    (none written yet: a STARTING slot, or a torn read of the first tick) or
+    one older than the spawn (a previous tenant's) says nothing about this
+    worker: it is judged from its spawn.
+    """
+    return max(slot.heartbeat, spawned)
 
 
 @dataclass
@@ -84,18 +135,42 @@ class Header:
 
 
 # q = 8-byte words throughout, d for times.
-SLOT_FMT = "<qqqqddqd" + "q" * len(COUNTER_NAMES)
-SLOT_SIZE = 128
-HEADER_FMT = "<8sqdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES)
+# Header: magic, sequence, checksum, then the fields; the message follows at HEADER_SIZE.
+# The checksum covers everything from the fields to the message's end (RECORD_AT:SLOTS_AT).
+SEQ_AT, CHECKSUM_AT, RECORD_AT = 8, 16, 24
+HEADER_FMT = "<qdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES)
 HEADER_SIZE = 256
 MESSAGE_SIZE = 1024  # the last reload's result, for `lancelotd reload` to print
 SLOTS_AT = HEADER_SIZE + MESSAGE_SIZE
-assert struct.calcsize(SLOT_FMT) <= SLOT_SIZE and struct.calcsize(HEADER_FMT) <= HEADER_SIZE
+# Slot: sequence, then the Slot fields in order.
+SLOT_FMT = "<qqqqqddqd" + "q" * len(COUNTER_NAMES)
+SLOT_SIZE = 256  # room to grow without a new layout
+STATE_WORD = 4  # the state's word in a slot
+assert RECORD_AT + struct.calcsize(HEADER_FMT) <= HEADER_SIZE and struct.calcsize(SLOT_FMT) <= SLOT_SIZE
 SIZE = SLOTS_AT + SLOTS * SLOT_SIZE
+READ_TRIES = 100  # header reads between naps (a write takes microseconds)
+SLOT_PATIENCE = 0.05  # seconds a slot read waits for a writer to finish its write
+HEADER_PATIENCE = 1.0  # seconds a header read waits for a record that checks out
 
 
 def path_for(pid_file: str) -> str:
     return pid_file + ".scoreboard"
+
+
+def check_layout(magic: bytes, path: str) -> None:
+    """Refuse a file that is not a scoreboard of our layout, saying which it is."""
+    if magic == MAGIC:
+        return
+    if len(magic) == len(MAGIC) and magic.startswith(MAGIC_PREFIX):
+        version = magic[len(MAGIC_PREFIX):].decode("ascii", "replace")
+        raise ScoreboardError(f"{path}: scoreboard layout version {version}, this lancelotd reads {LAYOUT}: "
+                              "run the lancelotd that started the master")
+    raise ScoreboardError(f"{path} is not a lancelotd scoreboard")
+
+
+def checksum(record: bytes) -> bytes:
+    """CRC-32 in an 8-byte word: a torn copy of the record fails it (but for one in 2**32)."""
+    return zlib.crc32(record).to_bytes(8, "little")
 
 
 class Scoreboard:
@@ -105,67 +180,121 @@ class Scoreboard:
         self.inode = os.stat(path).st_ino if path else 0
         self.kept = ""  # a second name for the file while a USR2 may still roll back
         self.words: tuple[memoryview, memoryview] | None = None  # 'q' and 'd' views, for writers
+        self.staged_message: str | None = None  # write_message's text, for the next publish
+        self.message = ""  # the published one (the master is the only writer)
 
     @classmethod
     def create(cls, path: str | None) -> Scoreboard:
-        """A zeroed scoreboard: in a file beside the PID file, or anonymous."""
+        """A zeroed scoreboard naming us as its master: in a file beside the PID file, or anonymous.
+
+        The file's blocks are allocated here: a full filesystem is an OSError
+        (ENOSPC) now, and no temporary file is left behind.
+        """
         if not path:
-            return cls(mmap.mmap(-1, SIZE))
+            return cls._initialised(mmap.mmap(-1, SIZE), "")
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = open_new_file(tmp, os.O_RDWR, 0o644)  # O_EXCL|O_NOFOLLOW: never through a planted link
         try:
-            os.ftruncate(fd, SIZE)
-            mem = mmap.mmap(fd, SIZE)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            try:
+                os.posix_fallocate(fd, 0, SIZE)
+                mem = mmap.mmap(fd, SIZE)
+            finally:
+                os.close(fd)
+            board = cls._initialised(mem, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        board.path = path
+        return board
+
+    @classmethod
+    def _initialised(cls, mem: mmap.mmap, path: str) -> Scoreboard:
+        """Magic and a first header record, before any reader can see the file."""
         board = cls(mem, path)
-        board.mem[:8] = MAGIC
+        board.mem[:len(MAGIC)] = MAGIC
+        board.publish(Header(master_pid=os.getpid(), started=time.time(), retired=Counters()), "")
         return board
 
     @classmethod
     def open(cls, path: str) -> Scoreboard:
-        """Read-only view for `lancelotd status`."""
+        """Read-only view (`lancelotd status`, a retiring worker after a USR2): our layout only."""
         with open(path, "rb") as f:
+            check_layout(f.read(len(MAGIC)), path)
+            size = os.fstat(f.fileno()).st_size
+            if size < SIZE:  # mapped past its end, a read would be a SIGBUS
+                raise ScoreboardError(f"{path} is cut short ({size} bytes of {SIZE})")
             mem = mmap.mmap(f.fileno(), SIZE, prot=mmap.PROT_READ)
-        if mem[:8] != MAGIC:
-            raise ValueError(f"{path} is not a lancelotd scoreboard")
         return cls(mem)
 
-    # --- worker slots ----------------------------------------------------
-
-    def _store(self, offset: int, codes: str, values: tuple) -> None:
-        """Write 8-byte fields, each with one aligned store.
-
-        Not struct.pack_into: it zeroes the whole range before filling it in,
-        so a reader could see a live slot as all zeros (state FREE, heartbeat
-        0) and the master would take a healthy worker for a hung one.
-        """
+    def _views(self) -> tuple[memoryview, memoryview]:
         if self.words is None:
             view = memoryview(self.mem)
             self.words = (view.cast("q"), view.cast("d"))
-        ints, floats = self.words
-        base = offset // 8
-        for i, (code, value) in enumerate(zip(codes, values, strict=True)):
-            if code == "d":
-                floats[base + i] = value
-            else:
-                ints[base + i] = value
+        return self.words
+
+    # --- worker slots ----------------------------------------------------
 
     def write_slot(self, index: int, slot: Slot) -> None:
+        """One store per field (not struct.pack_into, which zeroes the range first), under the seqlock.
+
+        The state goes last, after the fields it vouches for; a slot leaving
+        for FREE or STARTING gets it first too, before its fields are zeroed:
+        so even a write frozen halfway reads safely (see read_slot).
+        """
+        ints, floats = self._views()
+        base = (SLOTS_AT + index * SLOT_SIZE) // 8
+        seq = ints[base] | 1  # odd: "being written"; already odd if a writer died mid-write
+        ints[base] = seq
+        if slot.state <= STARTING:
+            ints[base + STATE_WORD] = slot.state
+        ints[base + 1] = slot.pid
+        ints[base + 2] = slot.number
+        ints[base + 3] = slot.generation
+        floats[base + 5] = slot.started
+        floats[base + 6] = slot.heartbeat
+        ints[base + 7] = slot.connections
+        floats[base + 8] = slot.rate
         c = slot.counters or Counters()
-        self._store(SLOTS_AT + index * SLOT_SIZE, SLOT_FMT[1:], (
-            slot.pid, slot.number, slot.generation, slot.state, slot.started, slot.heartbeat,
-            slot.connections, slot.rate, *(getattr(c, name) for name in COUNTER_NAMES),
-        ))
+        for i, name in enumerate(COUNTER_NAMES, base + 9):
+            ints[i] = getattr(c, name)
+        ints[base + STATE_WORD] = slot.state
+        ints[base] = seq + 1
 
     def read_slot(self, index: int) -> Slot:
-        values = struct.unpack_from(SLOT_FMT, self.mem, SLOTS_AT + index * SLOT_SIZE)
-        return Slot(*values[:8], counters=Counters(*values[8:]))  # type: ignore[arg-type]
+        """A slot as its writer left it between two writes (see the module docstring).
+
+        A writer that stops mid-write (preempted, or killed) gets SLOT_PATIENCE
+        to finish; then the reader takes the slot as it is, which the order of
+        write_slot's stores makes safe: never a state with another's fields.
+        """
+        offset = SLOTS_AT + index * SLOT_SIZE
+        mem = self.mem
+        deadline = 0.0
+        after = -1
+        while True:
+            last, (before,) = after, struct.unpack_from("<q", mem, offset)
+            values = struct.unpack_from(SLOT_FMT, mem, offset)
+            (after,) = struct.unpack_from("<q", mem, offset)
+            if before == after and not before & 1:
+                break
+            now = time.monotonic()
+            deadline = deadline or now + SLOT_PATIENCE
+            if now > deadline:
+                break
+            if after == last:  # no progress since the last try: let the writer run
+                os.sched_yield()
+        return Slot(*values[1:9], counters=Counters(*values[9:]))  # type: ignore[arg-type]
+
+    def _state(self, index: int) -> int:
+        return struct.unpack_from("<q", self.mem, SLOTS_AT + index * SLOT_SIZE + STATE_WORD * 8)[0]
 
     def free_slot(self) -> int:
         for index in range(SLOTS):
-            if self.read_slot(index).state == FREE:
+            if self._state(index) == FREE:
                 return index
         raise RuntimeError("scoreboard full")
 
@@ -174,31 +303,74 @@ class Scoreboard:
 
     def slots(self) -> Iterator[tuple[int, Slot]]:
         for index in range(SLOTS):
-            slot = self.read_slot(index)
-            if slot.state != FREE:
-                yield index, slot
+            if self._state(index) != FREE:
+                slot = self.read_slot(index)
+                if slot.state != FREE:
+                    yield index, slot
 
-    # --- header (master) -------------------------------------------------
+    # --- header and reload message (master) ---------------------------------
+
+    def publish(self, h: Header, message: str | None = None) -> None:
+        """Publish the header, and the reload message with it when given, as one record.
+
+        `message` None keeps the current one (or the one write_message staged).
+        """
+        if message is None:
+            message = self.staged_message if self.staged_message is not None else self.message
+        self.staged_message = None
+        data = message.encode("utf-8", "replace")[: MESSAGE_SIZE - 1]
+        ints, _ = self._views()
+        seq = ints[SEQ_AT // 8] | 1
+        ints[SEQ_AT // 8] = seq
+        c = h.retired or Counters()
+        struct.pack_into(HEADER_FMT, self.mem, RECORD_AT,
+                         h.master_pid, h.started, h.generation, h.workers_target,
+                         h.reloads, h.reload_failures, h.last_reload, h.last_reload_ok, h.replaced_crashed,
+                         h.replaced_hung, h.recycled, h.reload_pending, h.metrics_port,
+                         *(getattr(c, name) for name in COUNTER_NAMES))
+        self.mem[HEADER_SIZE:SLOTS_AT] = data + bytes(MESSAGE_SIZE - len(data))
+        self.mem[CHECKSUM_AT:RECORD_AT] = checksum(self.mem[RECORD_AT:SLOTS_AT])
+        ints[SEQ_AT // 8] = seq + 1
+        self.message = message
 
     def write_header(self, h: Header) -> None:
-        c = h.retired or Counters()
-        self._store(8, HEADER_FMT[3:], (  # after the magic, written once at creation
-            h.master_pid, h.started, h.generation, h.workers_target,
-            h.reloads, h.reload_failures, h.last_reload, h.last_reload_ok, h.replaced_crashed,
-            h.replaced_hung, h.recycled, h.reload_pending, h.metrics_port,
-            *(getattr(c, name) for name in COUNTER_NAMES),
-        ))
-
-    def read_header(self) -> Header:
-        values = struct.unpack_from(HEADER_FMT, self.mem, 0)
-        return Header(*values[1:14], retired=Counters(*values[14:]))  # type: ignore[arg-type]
+        """publish(h): kept for callers that stage the message with write_message first."""
+        self.publish(h)
 
     def write_message(self, text: str) -> None:
-        data = text.encode("utf-8", "replace")[: MESSAGE_SIZE - 1]
-        self.mem[HEADER_SIZE:SLOTS_AT] = data + bytes(MESSAGE_SIZE - len(data))
+        """Stage the reload message: it goes out with the next publish, together with its header."""
+        self.staged_message = text
+
+    def read_reload_result(self) -> tuple[Header, str]:
+        """The header and the message as the master last published them, together."""
+        record = self._read_record()
+        values = struct.unpack_from(HEADER_FMT, record, RECORD_AT - CHECKSUM_AT)
+        header = Header(*values[:13], retired=Counters(*values[13:]))  # type: ignore[arg-type]
+        message = record[HEADER_SIZE - CHECKSUM_AT:].rstrip(b"\0").decode("utf-8", "replace")
+        return header, message
+
+    def read_header(self) -> Header:
+        return self.read_reload_result()[0]
 
     def read_message(self) -> str:
-        return self.mem[HEADER_SIZE:SLOTS_AT].rstrip(b"\0").decode("utf-8", "replace")
+        return self.read_reload_result()[1]
+
+    def _read_record(self) -> bytes:
+        """Checksum and record, read again until the sequence and the checksum agree."""
+        deadline = 0.0
+        while True:
+            for _ in range(READ_TRIES):
+                (before,) = struct.unpack_from("<q", self.mem, SEQ_AT)
+                record = self.mem[CHECKSUM_AT:SLOTS_AT]
+                (after,) = struct.unpack_from("<q", self.mem, SEQ_AT)
+                if before == after and not before & 1 and checksum(record[8:]) == record[:8]:
+                    return record
+            now = time.monotonic()
+            deadline = deadline or now + HEADER_PATIENCE
+            if now > deadline:
+                raise ScoreboardError("the master's record in the scoreboard does not settle "
+                                      "(did the master die while writing it?)")
+            time.sleep(0.001)  # the master may be preempted mid-write: let it finish
 
     def totals(self) -> Counters:
         """Every worker's counters, the retired ones included."""
@@ -249,4 +421,3 @@ class Scoreboard:
                 view.release()
             self.words = None
         self.mem.close()
-

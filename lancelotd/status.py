@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from . import pidfile
-from .scoreboard import STATE_NAMES, Counters, Scoreboard
+from .scoreboard import STATE_NAMES, Counters, Scoreboard, ScoreboardError
 from .scoreboard import path_for as scoreboard_path
 
 RUNNING, DEAD, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
@@ -33,7 +33,28 @@ class StatusError(Exception):
 
 
 def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
-    """The live master and its scoreboard, or StatusError saying what is wrong."""
+    """The live master and its own scoreboard, or StatusError saying what is wrong."""
+    proc = find_master_process(pid_file)
+    path = scoreboard_path(pid_file)
+    try:
+        board = Scoreboard.open(path)
+        owner = board.read_header().master_pid
+    except (OSError, ValueError) as e:
+        raise StatusError(UNKNOWN, f"master {proc.pid} is running but its scoreboard is unreadable: {e}"
+                          ) from None
+    if owner != proc.pid:  # e.g. left by a USR2 successor that died before it wrote the PID file
+        board.close()
+        raise StatusError(UNKNOWN, f"master {proc.pid} is running but the scoreboard {path} is master "
+                                   f"{owner}'s, not its own: what it shows would not be this master's")
+    return proc, board
+
+
+def find_master_process(pid_file: str) -> psutil.Process:
+    """The live master the PID file names, or StatusError.
+
+    Without its scoreboard: enough to signal it, so `stop` works on a master
+    whose scoreboard this code cannot read (another layout, after an upgrade).
+    """
     try:
         pid = pidfile.read(pid_file)
     except OSError as e:
@@ -49,16 +70,12 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
         else:
             why = "which is not lancelotd"
         raise StatusError(DEAD, f"dead: PID file {pid_file} names PID {pid}, {why} (stale)")
-    try:
-        board = Scoreboard.open(scoreboard_path(pid_file))
-    except (OSError, ValueError) as e:
-        raise StatusError(UNKNOWN, f"master {pid} is running but its scoreboard is unreadable: {e}") from None
-    return proc, board
+    return proc
 
 
 def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
     """Everything `status` shows, as plain data (the --json schema, documented in the README)."""
-    header = board.read_header()
+    header, message = board.read_reload_result()
     now_wall, now_mono = time.time(), time.monotonic()
     workers = []
     for _, slot in board.slots():
@@ -91,7 +108,7 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
         "reloads": {
             "count": header.reloads, "failures": header.reload_failures,
             "last": header.last_reload or None, "last_ok": bool(header.last_reload_ok),
-            "last_message": board.read_message(), "pending": bool(header.reload_pending),
+            "last_message": message, "pending": bool(header.reload_pending),
         },
         "replaced": {"crashed": header.replaced_crashed, "hung": header.replaced_hung,
                      "recycled": header.recycled},
@@ -262,6 +279,9 @@ def run(pid_file: str, as_json: bool, watch: float | None, interval: float = 0.5
             except psutil.NoSuchProcess:
                 print("lancelotd: the master exited", file=sys.stderr)
                 return DEAD
+            except ScoreboardError as e:
+                print(f"lancelotd: {e}", file=sys.stderr)
+                return UNKNOWN
             if previous is None:
                 previous = snap
                 time.sleep(interval)  # CPU % is measured over a short interval

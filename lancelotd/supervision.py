@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config
 from .logs import log
-from .scoreboard import DRAINING, FREE, STARTING, STOPPING, Scoreboard, Slot
+from .scoreboard import DRAINING, FREE, STARTING, STOPPING, Scoreboard, Slot, last_progress
 from .worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
@@ -129,15 +129,13 @@ class Backoff:
 
 
 def last_sign_of_life(worker: WorkerProc, slot: Slot) -> float:
-    """The monotonic time the worker last showed progress.
+    """The monotonic time the worker last showed progress (scoreboard.last_progress).
 
     A heartbeat older than the worker (a slot not yet written by it, or read
     half-written) is no sign at all: its start time counts instead, so a
     healthy new worker is never killed for the machine's uptime.
     """
-    if slot.state == STARTING or slot.heartbeat < worker.started:
-        return worker.started
-    return slot.heartbeat
+    return last_progress(slot, worker.started)
 
 
 def is_hung(worker: WorkerProc, slot: Slot, now: float, timeout: float) -> bool:
