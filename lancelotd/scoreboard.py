@@ -396,7 +396,9 @@ class Scoreboard:
 
     def restore_link(self, path: str) -> None:
         """Our file back at its public name (a USR2 that failed after "go")."""
-        if self._ours(path):
+        if self._ours(self.path):  # still in place (rename() of two links to one file does nothing)
+            os.unlink(path)
+        elif self._ours(path):
             os.replace(path, self.path)
         self.kept = ""
 

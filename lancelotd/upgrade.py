@@ -266,6 +266,8 @@ class Upgrades:
         upgrade.channel.close()
         if upgrade.went:
             self.restore_files()
+        if upgrade.pid and self.cfg.pid_file:  # a successor killed before its cleanup leaves it
+            remove_quietly(scoreboard_path(f"{self.cfg.pid_file}.new-{upgrade.pid}"))
         self.move_metrics(self.cfg)
         self.set_title()
         self.last_upgrade = f"upgrade FAILED at {time.strftime('%H:%M:%S')} ({why})"
@@ -292,9 +294,11 @@ class Upgrades:
         assert channel is not None
         for word, _ in channel.read():
             if word == "go":
-                if fault("after-go"):
+                if fault("before-files"):
                     os._exit(3)
                 self.take_files()
+                if fault("after-go"):
+                    os._exit(3)
                 channel.say("done")
             elif word == "confirmed" or (word == "eof" and self.pid_file_written):
                 self.become_the_master()
@@ -329,6 +333,13 @@ class Upgrades:
         self.board.move_to(scoreboard_path(self.cfg.pid_file))
         pidfile.write(self.cfg.pid_file, self.pid)
         self.pid_file_written = True
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def alive(pid: int) -> bool:
