@@ -30,6 +30,7 @@ from setproctitle import setproctitle
 
 from . import logs, pidfile
 from .config import MAX_WORKERS, Config
+from .daemonize import report_failure
 from .generations import Generations, Reload
 from .limits import nofile_advice, raise_nofile_limit
 from .logs import log
@@ -38,7 +39,7 @@ from .scoreboard import path_for as scoreboard_path
 from .sockets import ACTIVATED, BindError, format_address, open_listeners
 from .supervision import KILL_GRACE, Pool, Supervision
 from .systemd import Notifier, listen_fds
-from .upgrade import ENV_READY_FD, Upgrade, Upgrades, inherited_listeners
+from .upgrade import ENV_PREDECESSOR, ENV_READY_FD, Channel, Upgrade, Upgrades, inherited_listeners
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer
@@ -76,7 +77,10 @@ class Arbiter(Supervision, Generations, Upgrades):
         self.reload: Reload | None = None
         self.reload_queued = False
         self.upgrade: Upgrade | None = None
-        self.ready_fd: int | None = None  # set when we are the new master of an upgrade
+        self.ready_fd: int | None = None  # whoever waits for us to serve: --daemon's launcher, an old master
+        self.predecessor: Channel | None = None  # the old master, while we are its USR2 successor
+        self.predecessor_pid = 0
+        self.last_upgrade = ""
         self.announced_ready = False
         self.stopping: str | None = None  # None, "graceful", "fast" or "upgraded"
         self.stop_deadline = 0.0
@@ -90,7 +94,7 @@ class Arbiter(Supervision, Generations, Upgrades):
         """Claim the PID file and get the listening sockets (before --daemon detaches)."""
         raise_nofile_limit()
         try:
-            if self.cfg.pid_file:
+            if self.cfg.pid_file and ENV_PREDECESSOR not in os.environ:  # a successor shares it, for now
                 pidfile.claim(self.cfg.pid_file)
             inherited = inherited_listeners() or {
                 ACTIVATED + format_address(sock.getsockname()): sock for sock in listen_fds()}
@@ -110,19 +114,25 @@ class Arbiter(Supervision, Generations, Upgrades):
         self.pid = self.header.master_pid = os.getpid()
         ready_fd = os.environ.pop(ENV_READY_FD, None)
         self.ready_fd = int(ready_fd) if ready_fd else None
+        predecessor = os.environ.pop(ENV_PREDECESSOR, "")
         self.notifier = Notifier()
+        if predecessor.isdigit() and self.ready_fd is not None:
+            self.predecessor_pid = int(predecessor)
+            self.predecessor = Channel(self.ready_fd)
+            os.set_blocking(self.ready_fd, False)
+            self.notifier.muted = True  # until the old master has handed us the service
         self.next_status = 0.0
         self.set_title()  # before the PID file names us: readers check the title
         try:
             self.events_r, self.events_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self.board = Scoreboard.create(scoreboard_path(self.cfg.pid_file) if self.cfg.pid_file else None)
+            self.board = Scoreboard.create(self.board_path())
         except OSError as e:
             self.close_listeners(self.listeners)
             where = f" beside {self.cfg.pid_file}" if self.cfg.pid_file else ""
             raise StartError(f"cannot create the scoreboard{where}: {e.strerror}") from None
         self.pool = Pool(self.board)
         try:
-            if self.cfg.pid_file:
+            if self.cfg.pid_file and not self.predecessor:  # a successor writes it once let in
                 pidfile.write(self.cfg.pid_file, self.pid)
                 self.pid_file_written = True
         except OSError as e:
@@ -137,6 +147,14 @@ class Arbiter(Supervision, Generations, Upgrades):
                 raise StartError(f"metrics: {e}") from None
         self._install_signals()
         log.info("master started: %d workers, config %s", self.cfg.workers, self.config_name())
+
+    def board_path(self) -> str | None:
+        """Beside the PID file; a USR2 successor's stays private until the old master lets it in."""
+        if not self.cfg.pid_file:
+            return None
+        if self.predecessor:
+            return scoreboard_path(f"{self.cfg.pid_file}.new-{self.pid}")
+        return scoreboard_path(self.cfg.pid_file)
 
     def open_metrics(self, cfg: Config) -> MetricsServer:
         from .metrics import MetricsServer, ScoreboardCollector  # only when asked for: 4 MB less
@@ -212,7 +230,9 @@ class Arbiter(Supervision, Generations, Upgrades):
         """Sleep until a signal, a worker event or the next check; the signals received."""
         busy = (self.stopping or self.reload or self.upgrade or self.missing_any()
                 or not self.announced_ready)
-        watched = [self.sig_r, self.events_r] + ([self.upgrade.ready_r] if self.upgrade else [])
+        watched = [self.sig_r, self.events_r]
+        watched += [self.upgrade.channel.fd] if self.upgrade else []
+        watched += [self.predecessor.fd] if self.predecessor else []
         if self.metrics:
             watched += self.metrics.fds()
         readable, _, _ = select.select(watched, [], [], 0.05 if busy else 0.5)
@@ -221,8 +241,10 @@ class Arbiter(Supervision, Generations, Upgrades):
         if self.events_r in readable:
             drain(self.events_r)
         self.notifier.watchdog(time.monotonic())  # only a loop that turns sends it
-        if self.upgrade and self.upgrade.ready_r in readable:
+        if self.upgrade and self.upgrade.channel.fd in readable:
             self.upgrade_answered()
+        if self.predecessor and self.predecessor.fd in readable:
+            self.predecessor_answered()
         return [signum for signum in drain(self.sig_r) if signum in SIGNALS]
 
     # --- signal handlers (called from the loop, not from the signal) -------
@@ -288,13 +310,23 @@ class Arbiter(Supervision, Generations, Upgrades):
         self.announced_ready = True
         log.info("ready: %d workers serving", self.target)
         self.notifier.ready(self.status_line())
-        if self.ready_fd is not None:
+        if self.predecessor:
+            self.predecessor.say("ready")  # and wait for its "go"
+            self.ready_fd = None
+        elif self.ready_fd is not None:
             try:
                 os.write(self.ready_fd, b"ready\n")
             except OSError as e:
                 log.warning("cannot tell the old master we are ready: %s", e.strerror)
             os.close(self.ready_fd)
             self.ready_fd = None
+
+    def give_up(self, why: str) -> None:
+        """Before we ever served: tell whoever waits for us why, and stop."""
+        log.error("giving up: %s", why)
+        report_failure(why, self.ready_fd)
+        self.ready_fd = None
+        self.begin_stop("fast", signal.SIGQUIT, KILL_GRACE)
 
     def publish(self, message: str | None = None) -> None:
         """The header for `lancelotd status`; now and then a STATUS= line for systemd."""
@@ -316,8 +348,9 @@ class Arbiter(Supervision, Generations, Upgrades):
             last = f"{'ok' if self.header.last_reload_ok else 'FAILED'} at {when}"
             if not self.header.last_reload_ok:
                 last += f" ({self.board.read_message()})"
-        return (f"gen {self.generation}, {len(self.pool.serving(self.generation))} workers, "
+        line = (f"gen {self.generation}, {len(self.pool.serving(self.generation))} workers, "
                 f"{answered} questions answered, last reload: {last}")
+        return f"{line}; {self.last_upgrade}" if self.last_upgrade else line
 
     def move_metrics(self, cfg: Config) -> None:
         if self.metrics:
@@ -354,11 +387,10 @@ class Arbiter(Supervision, Generations, Upgrades):
         if how != "upgraded":
             self.notifier.stopping()
         log.info("%s stop: signalling %d workers", how, len(self.pool.workers))
+        self.stopping = how  # first: nothing below may start a queued reload
+        self.reload_queued = False
         if self.upgrade:
             self.abandon_upgrade("stopping")
-        if self.reload:
-            self.reload_queued = False
-        self.stopping = how
         self.stop_deadline = time.monotonic() + grace
         self.release_listeners(activated_too=how == "upgraded")
         if how == "upgraded":
@@ -397,7 +429,7 @@ class Arbiter(Supervision, Generations, Upgrades):
         if self.pid_file_written:
             pidfile.remove(self.cfg.pid_file, self.pid)
             pidfile.remove(self.cfg.pid_file + ".oldbin", self.pid)
-            self.board.remove_file_if_ours()
+        self.board.remove_file_if_ours()
         log.info("master stopped")
 
 

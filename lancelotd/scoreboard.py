@@ -178,6 +178,7 @@ class Scoreboard:
         self.mem = mem
         self.path = path
         self.inode = os.stat(path).st_ino if path else 0
+        self.kept = ""  # a second name for the file while a USR2 may still roll back
         self.words: tuple[memoryview, memoryview] | None = None  # 'q' and 'd' views, for writers
         self.staged_message: str | None = None  # write_message's text, for the next publish
         self.message = ""  # the published one (the master is the only writer)
@@ -379,13 +380,42 @@ class Scoreboard:
             total.add(slot.counters or Counters())
         return total
 
-    def remove_file_if_ours(self) -> None:
-        """Remove the file unless a newer master (USR2) has put its own there."""
+    def move_to(self, path: str) -> None:
+        """Publish a board created at a private path (a USR2 successor, once let in)."""
+        os.replace(self.path, path)
+        self.path = path
+
+    def keep_link(self, path: str) -> None:
+        """A second name for our file, so a rollback can put it back (USR2, before "go")."""
         try:
-            if self.path and os.stat(self.path).st_ino == self.inode:
-                os.unlink(self.path)
+            os.unlink(path)
         except FileNotFoundError:
             pass
+        os.link(self.path, path)
+        self.kept = path
+
+    def restore_link(self, path: str) -> None:
+        """Our file back at its public name (a USR2 that failed after "go")."""
+        if self._ours(self.path):  # still in place (rename() of two links to one file does nothing)
+            os.unlink(path)
+        elif self._ours(path):
+            os.replace(path, self.path)
+        self.kept = ""
+
+    def _ours(self, path: str) -> bool:
+        try:
+            return bool(path) and os.stat(path).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    def remove_file_if_ours(self) -> None:
+        """Remove the file (and a kept link) unless a newer master (USR2) has put its own there."""
+        for path in (self.path, self.kept):
+            if self._ours(path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def close(self) -> None:
         if self.words:

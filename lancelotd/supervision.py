@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 MAX_BACKOFF = 30.0  # cap of the delay between boots of a worker number that keeps dying at boot
 FIRST_BACKOFF = 0.2
 KILL_GRACE = 1.0  # how long a stop waits past its timeout before SIGKILL
+# A master that someone waits for (--daemon's launcher, USR2's old master)
+# gives up after this many boot failures in a row of one worker, instead of
+# leaving them to wait for a timeout.
+GIVE_UP_AFTER = 3
 
 
 @dataclass
@@ -282,9 +286,10 @@ class Supervision:
             signal.set_wakeup_fd(-1)
             for sig in self.signal_table():
                 signal.signal(sig, signal.SIG_DFL)
-            for fd in (self.sig_r, self.sig_w, self.events_r, self.ready_fd):
-                if fd is not None:
-                    os.close(fd)
+            channels = [c.fd for c in (self.predecessor, self.upgrade and self.upgrade.channel) if c]
+            for fd in {self.sig_r, self.sig_w, self.events_r, self.ready_fd, *channels}:
+                if fd is not None and fd >= 0:
+                    os.close(fd)  # held here, a pipe to a master would never show it gone
             others = [*self.listeners.values(), *(self.reload.listeners.values() if self.reload else ())]
             for sock in others:
                 if sock not in spec.listeners:
@@ -336,6 +341,8 @@ class Supervision:
             self.header.replaced_crashed += 1
             log.error("%s %s during boot (%d in a row): next spawn in %.1fs",
                       name, how, self.pool.failures(worker), self.pool.delay(worker))
+            if self.ready_fd is not None and self.pool.failures(worker) >= GIVE_UP_AFTER:
+                self.give_up(f"workers cannot boot: {name} {how} ({GIVE_UP_AFTER} times)")
         else:
             self.header.replaced_crashed += 1
             log.warning("%s %s unexpectedly: replacing it", name, how)

@@ -28,6 +28,9 @@ class Notifier:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.watchdog_interval = watchdog_interval()
         self.next_watchdog = 0.0
+        # A USR2 successor is muted until the old master has handed it the
+        # service; an old master, once it has.  Only one master speaks.
+        self.muted = False
 
     @property
     def enabled(self) -> bool:
@@ -35,7 +38,7 @@ class Notifier:
 
     def notify(self, *fields: str) -> None:
         """Send "KEY=value" lines in one datagram; errors are logged, never raised."""
-        if self.sock is None:
+        if self.sock is None or self.muted:
             return
         try:
             self.sock.sendto("\n".join(fields).encode("utf-8", "replace"), self.address)

@@ -1,4 +1,5 @@
-"""USR2 binary upgrade: starting a successor master that inherits our sockets.
+"""USR2 binary upgrade: a successor master that inherits our sockets, and a
+hand-over that either completes or leaves everything as it was.
 
 The old master forks a short-lived launcher, which forks and execs the same
 command line and exits at once: orphaned at birth, the new master is adopted
@@ -8,10 +9,22 @@ whose stop it does not wait for).
 
 The listening sockets pass as inherited descriptors named in
 LANCELOTD_INHERIT_FDS ("fd=address,..."), keyed by the configured address so
-the new master reuses exactly the sockets its config still asks for.  Over
-the ready pipe (LANCELOTD_READY_FD) the old master hears "pid N" from the
-launcher, then "ready" or "error REASON" from the new master; --daemon's
-launcher uses the same pipe.
+the new master reuses exactly the sockets its config still asks for.  The
+two masters talk over a socketpair (LANCELOTD_READY_FD; --daemon's launcher
+uses the same variable for a pipe that only hears "ready" or "error"):
+
+    launcher -> old   pid N
+    new -> old        ready            its workers serve; it has touched no shared file yet
+    old -> new        go               old has kept a link to its scoreboard (for a rollback)
+    new -> old        done             new moved its scoreboard into place and wrote the PID file
+    old -> new        confirmed        old sent MAINPID=new and wrote PIDFILE.oldbin; it now drains
+    new -> old        error REASON     (any time before "done"): it gives up
+
+Until "confirmed" the new master says nothing to systemd: a successor that
+fails and stops must not send STOPPING=1 for a service that keeps running.
+Anything short of "done" - an error, an exit, UPGRADE_TIMEOUT - and the old
+master puts back whatever the new one touched (PID file, scoreboard), binds
+its metrics port again and serves on, with the same MainPID.
 """
 
 from __future__ import annotations
@@ -28,29 +41,44 @@ from typing import TYPE_CHECKING
 from . import pidfile
 from .config import Config
 from .logs import log
+from .scoreboard import path_for as scoreboard_path
 from .supervision import KILL_GRACE, kill
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter
 
 UPGRADE_TIMEOUT = 30.0  # a new master not ready by then is abandoned
+# After a hand-over our workers drain for graceful_timeout, then flush and
+# linger (worker.LINGER_SECONDS each) before they exit: room for both.
+DRAIN_GRACE = 2 * 2.0 + KILL_GRACE
 ENV_INHERIT = "LANCELOTD_INHERIT_FDS"
 ENV_READY_FD = "LANCELOTD_READY_FD"
+ENV_PREDECESSOR = "LANCELOTD_UPGRADE_FROM"  # the old master's PID, in the new master
 
 
 @dataclass
 class Upgrade:
     """A successor on its way, as the old master sees it."""
 
-    ready_r: int
+    channel: Channel
     pid: int = 0  # the new master's, once the launcher has said it
-    news: bytes = b""
+    went: bool = False  # "go" sent: the new master may have touched the PID file and scoreboard
     started: float = field(default_factory=time.monotonic)
 
-    def read_news(self) -> list[tuple[str, str]]:
-        """The lines that arrived, as (word, rest); ("eof", "") once nobody can write."""
+
+class Channel:
+    """One end of the masters' socketpair: lines out, lines in."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.news = b""
+
+    def read(self) -> list[tuple[str, str]]:
+        """The lines that arrived, as (word, rest); ("eof", "") once the other side is gone."""
         try:
-            data = os.read(self.ready_r, 4096)
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return []
         except OSError:
             data = b""
         if not data:
@@ -60,10 +88,21 @@ class Upgrade:
         while b"\n" in self.news:
             line, _, self.news = self.news.partition(b"\n")
             word, _, rest = line.decode("utf-8", "replace").partition(" ")
-            if word == "pid" and rest.isdigit():
-                self.pid = int(rest)
             lines.append((word, rest))
         return lines
+
+    def say(self, line: str) -> bool:
+        """Send one line; False when the other side is gone."""
+        try:
+            os.write(self.fd, (line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def launch_successor(argv: list[str], cwd: str, listeners: dict[str, socket.socket],
@@ -73,11 +112,14 @@ def launch_successor(argv: list[str], cwd: str, listeners: dict[str, socket.sock
     `blocked` are the signals the master handles: they stay blocked across
     the forks, so none reaches a child that still has the master's handlers.
     """
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)  # OSError (EMFILE...) goes to the caller
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)  # OSError goes to the caller
+    ready_r, ready_w = ours.detach(), theirs.detach()
+    os.set_blocking(ready_r, False)
     fds = {sock.fileno(): address for address, sock in listeners.items()}
     env = dict(os.environ)
     env[ENV_INHERIT] = ",".join(f"{fd}={address}" for fd, address in fds.items())
     env[ENV_READY_FD] = str(ready_w)
+    env[ENV_PREDECESSOR] = str(os.getpid())
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         if os.fork() == 0:
@@ -88,7 +130,7 @@ def launch_successor(argv: list[str], cwd: str, listeners: dict[str, socket.sock
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
-    return Upgrade(ready_r)
+    return Upgrade(Channel(ready_r))
 
 
 def _launcher(argv: list[str], cwd: str, env: dict[str, str], fds: list[int], ready_w: int,
@@ -127,64 +169,83 @@ def inherited_listeners() -> dict[str, socket.socket]:
     return inherited
 
 
-class Upgrades:
-    """The upgrade half of the Arbiter (a mixin: it works on the master's own state).
 
-    Either the new master reports "ready" and this one retires, or nothing
-    changes: the PID file is restored, the metrics port is bound again and
-    this master keeps serving.
+
+class Upgrades:
+    """Both sides of an upgrade, as a part of the master (a mixin of the Arbiter).
+
+    The old side: start_upgrade, upgrade_answered, upgrade_failed.  The new
+    side: predecessor_answered (after our own "ready").
     """
+
+    # --- the old master ----------------------------------------------------
 
     def start_upgrade(self: Arbiter) -> None:
         """Re-exec our command line as a new master that inherits the sockets."""
+        if os.getpid() == 1:
+            log.error("USR2 refused: this master is PID 1 (a container without an init?), and a new "
+                      "master would die with it; restart the container to upgrade, or run an init")
+            return
         pid_file = self.cfg.pid_file
-        oldbin = pid_file + ".oldbin"
-        if pid_file and pidfile.master_process(oldbin) is not None:
+        if pid_file and pidfile.master_process(pid_file + ".oldbin") is not None:
             # Our own predecessor is still draining: its .oldbin must not be lost.
-            log.warning("USR2 ignored: the previous master (%s) is still draining", pidfile.read(oldbin))
+            log.warning("USR2 ignored: the previous master (%s) is still draining",
+                        pidfile.read(pid_file + ".oldbin"))
             return
         argv = [sys.executable, *sys.orig_argv[1:]]
-        try:
-            if pid_file and os.path.exists(pid_file):
-                os.replace(pid_file, oldbin)  # the new master writes its own
-        except OSError as e:
-            log.error("USR2 refused: cannot rename the PID file to %s: %s", oldbin, e.strerror)
-            return
         self.move_metrics(Config(metrics_bind=""))  # the new master binds it again
         try:
             self.upgrade = launch_successor(argv, self.cwd, self.listeners, self.signal_table())
         except OSError as e:
-            self.restore_pid_file()
             self.move_metrics(self.cfg)
             log.error("USR2 refused: cannot start a new master: %s", e.strerror)
             return
-        self.set_title(" (old, upgrading)")
+        self.set_title(" (upgrading)")
         log.info("upgrade: starting a new master: %s", " ".join(argv))
 
     def upgrade_answered(self: Arbiter) -> None:
-        """Read the new master's news: its PID, then "ready" or an error."""
+        """Read the new master's news and take the next step of the hand-over."""
         upgrade = self.upgrade
         assert upgrade is not None
-        for word, rest in upgrade.read_news():
-            if word == "pid":
+        for word, rest in upgrade.channel.read():
+            if word == "pid" and rest.isdigit():
+                upgrade.pid = int(rest)
                 log.info("upgrade: new master %d started", upgrade.pid)
-            elif word == "eof":
-                self.upgrade_failed(f"the new master {upgrade.pid or ''} exited before it was ready")
-                return
             elif word == "ready":
-                self.upgrade_succeeded(upgrade)
+                self.let_successor_in(upgrade)
+            elif word == "done":
+                self.hand_over(upgrade)
                 return
             elif word == "error":
                 self.upgrade_failed(f"the new master failed: {rest}")
                 return
+            elif word == "eof":
+                self.upgrade_failed(f"the new master {upgrade.pid or ''} exited before it was ready")
+                return
 
-    def upgrade_succeeded(self: Arbiter, upgrade: Upgrade) -> None:
-        os.close(upgrade.ready_r)
+    def let_successor_in(self: Arbiter, upgrade: Upgrade) -> None:
+        """It serves: let it take the PID file and scoreboard, keeping ours for a rollback."""
+        if self.board.path:
+            self.board.keep_link(scoreboard_path(self.cfg.pid_file + ".oldbin"))
+        upgrade.went = True
+        if not upgrade.channel.say("go"):
+            self.upgrade_failed("the new master went away")
+
+    def hand_over(self: Arbiter, upgrade: Upgrade) -> None:
+        """The new master has the files: systemd follows it, and we drain."""
         self.upgrade = None
-        log.info("upgrade: new master %s is ready; retiring our workers", upgrade.pid)
-        if upgrade.pid:  # systemd follows the new master as the service's main process
+        if self.cfg.pid_file:
+            try:
+                pidfile.write(self.cfg.pid_file + ".oldbin", self.pid)
+            except OSError as e:
+                log.warning("cannot write %s.oldbin: %s", self.cfg.pid_file, e.strerror)
+        if upgrade.pid:
             self.notifier.main_pid(upgrade.pid)
-        self.begin_stop("upgraded", signal.SIGUSR2, self.cfg.graceful_timeout + KILL_GRACE)
+        self.notifier.muted = True  # from now on the new master speaks for the service
+        upgrade.channel.say("confirmed")
+        upgrade.channel.close()
+        log.info("upgrade: new master %s is ready; retiring our workers", upgrade.pid)
+        self.begin_stop("upgraded", signal.SIGUSR2, self.cfg.graceful_timeout + DRAIN_GRACE)
         self.set_title(" (old)")
 
     def check_upgrade(self: Arbiter) -> None:
@@ -192,26 +253,105 @@ class Upgrades:
             self.abandon_upgrade(f"the new master was not ready within {UPGRADE_TIMEOUT:.0f}s")
 
     def abandon_upgrade(self: Arbiter, why: str) -> None:
-        """Stop a new master that is not ready yet, and keep serving."""
+        """Stop a new master that has not taken over, and keep serving."""
         if self.upgrade and self.upgrade.pid:
             kill(self.upgrade.pid, signal.SIGTERM)
         self.upgrade_failed(why)
 
     def upgrade_failed(self: Arbiter, why: str) -> None:
+        """Put back what the new master may have touched; serve on as before the USR2."""
         upgrade = self.upgrade
         assert upgrade is not None
         self.upgrade = None
-        os.close(upgrade.ready_r)
-        self.restore_pid_file()
+        upgrade.channel.close()
+        if upgrade.went:
+            self.restore_files()
+        if upgrade.pid and self.cfg.pid_file:  # a successor killed before its cleanup leaves it
+            remove_quietly(scoreboard_path(f"{self.cfg.pid_file}.new-{upgrade.pid}"))
         self.move_metrics(self.cfg)
         self.set_title()
+        self.last_upgrade = f"upgrade FAILED at {time.strftime('%H:%M:%S')} ({why})"
         log.error("upgrade failed: %s; this master keeps serving", why)
+        self.notifier.status(self.status_line())
         self.run_queued_reload()
 
-    def restore_pid_file(self: Arbiter) -> None:
+    def restore_files(self: Arbiter) -> None:
         pid_file = self.cfg.pid_file
-        if pid_file and pidfile.read(pid_file + ".oldbin") == self.pid:
-            try:
-                os.replace(pid_file + ".oldbin", pid_file)
-            except OSError as e:
-                log.error("cannot restore the PID file %s from %s.oldbin: %s", pid_file, pid_file, e.strerror)
+        if not pid_file:
+            return
+        try:
+            if pidfile.read(pid_file) != self.pid:
+                pidfile.write(pid_file, self.pid)
+            self.board.restore_link(scoreboard_path(pid_file + ".oldbin"))
+        except OSError as e:
+            log.error("cannot restore the PID file or scoreboard after the failed upgrade: %s", e.strerror)
+
+    # --- the new master ----------------------------------------------------
+
+    def predecessor_answered(self: Arbiter) -> None:
+        """The old master's word after our "ready": take the files when told, speak once confirmed."""
+        channel = self.predecessor
+        assert channel is not None
+        for word, _ in channel.read():
+            if word == "go":
+                if fault("before-files"):
+                    os._exit(3)
+                self.take_files()
+                if fault("after-go"):
+                    os._exit(3)
+                channel.say("done")
+            elif word == "confirmed" or (word == "eof" and self.pid_file_written):
+                self.become_the_master()
+                return
+            elif word == "eof":  # before it let us in: it gave up on us, or it is gone
+                if alive(self.predecessor_pid):
+                    log.warning("upgrade: the old master gave up on us before the hand-over: stopping")
+                    self.predecessor = None
+                    channel.close()
+                    self.begin_stop("graceful", signal.SIGTERM, self.cfg.graceful_timeout + KILL_GRACE)
+                else:
+                    log.warning("upgrade: the old master %d died before the hand-over: taking over",
+                                self.predecessor_pid)
+                    self.take_files()
+                    self.become_the_master()
+                return
+
+    def become_the_master(self: Arbiter) -> None:
+        """Confirmed (or the old master is gone): from now on we speak to systemd."""
+        assert self.predecessor is not None
+        self.predecessor.close()
+        self.predecessor = None
+        self.notifier.muted = False
+        self.notifier.main_pid(self.pid)  # already said by the old master, unless it died
+        self.notifier.ready(self.status_line())
+        log.info("upgrade: this is the master now")
+
+    def take_files(self: Arbiter) -> None:
+        """Our scoreboard into its public place, then our PID in the PID file."""
+        if not self.cfg.pid_file:
+            return
+        self.board.move_to(scoreboard_path(self.cfg.pid_file))
+        pidfile.write(self.cfg.pid_file, self.pid)
+        self.pid_file_written = True
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fault(name: str) -> bool:
+    """Fault injection for the upgrade tests (LANCELOTD_TEST_UPGRADE_FAULT)."""
+    return os.environ.get("LANCELOTD_TEST_UPGRADE_FAULT") == name

@@ -525,8 +525,10 @@ class Worker:
 
 def run_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop; the exit code for os._exit()."""
-    if os.environ.get("LANCELOTD_TEST_FAIL_BOOT") == str(spec.generation):
-        # Fault injection for the tests of boot back-off and failed reloads.
-        log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT=%d)", spec.generation)
+    # Fault injection for the tests of boot back-off, failed reloads and failed upgrades.
+    fail_if = os.environ.get("LANCELOTD_TEST_FAIL_BOOT_IF", "")
+    failing = os.environ.get("LANCELOTD_TEST_FAIL_BOOT") == str(spec.generation)
+    if failing or (fail_if and os.path.exists(fail_if)):
+        log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT*)")
         return 3
     return Worker(spec).run()

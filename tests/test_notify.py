@@ -14,6 +14,7 @@ which is a child subreaper for the whole session (conftest), and reaped too.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -296,7 +297,9 @@ def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(spawn, notify):
     new = new_ready.pid
     handover = notify.wait(lambda m: m.get("MAINPID") is not None, what="MAINPID=", after=started)
     assert handover.pid == old and handover.get("MAINPID") == str(new), handover.raw
-    assert handover.seq > new_ready.seq  # only once the new one serves
+    # The new master says nothing until the old one has handed it the service.
+    assert [m.seq for m in notify.messages if m.pid == new][0] > handover.seq
+    assert not any(m.pid == old for m in notify.messages[handover.seq + 1:]), "the old master spoke on"
     assert d.wait_exit(10) == 0  # the old master, its workers had no client
     assert not any(m.get("STOPPING") and m.pid == old for m in notify.messages), \
         "STOPPING=1 from the old master would make systemd stop the service"
@@ -437,3 +440,39 @@ def test_daemon_bind_conflict_fails_in_the_launcher(tmp_path):
     assert not (tmp_path / "lancelotd.pid").exists()
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.parametrize("fault", ["workers-fail-at-boot", "before-files", "after-go"])
+def test_a_failed_upgrade_leaves_the_service_as_it_was(subreaper, spawn, notify, tmp_path, fault):
+    """The successor fails at boot, or dies after writing its PID file and scoreboard: it never
+    speaks to systemd, and the old master puts its files back and serves on, fully working."""
+    broken = tmp_path / "broken-release"
+    env = {"NOTIFY_SOCKET": notify.address, "LANCELOTD_TEST_FAIL_BOOT_IF": str(broken)}
+    if fault != "workers-fail-at-boot":  # it exits when let in: before or after taking the files
+        env["LANCELOTD_TEST_UPGRADE_FAULT"] = fault
+    d = spawn("-b", "127.0.0.1:0", "-w", "2", env=env)
+    old = d.wait_pid_file()
+    d.wait_ready()
+    started = notify.wait(lambda m: ready(m) and m.pid == old, what="READY=1")
+    if fault == "workers-fail-at-boot":
+        broken.touch()  # only workers started from now on fail: the new master's
+    d.signal(signal.SIGUSR2)
+    failed = notify.wait(lambda m: "upgrade FAILED" in (m.get("STATUS") or ""), what="the failure in STATUS=",
+                         after=started)
+    assert failed.pid == old
+    assert all(m.pid == old for m in notify.messages), [(m.pid, m.raw) for m in notify.messages]
+    broken.unlink(missing_ok=True)
+    assert read_pid(d.pid_file) == old
+    assert ask(d.port) == NAME_A
+    lancelotd = [sys.executable, "-m", "lancelotd"]
+    status = subprocess.run([*lancelotd, "status", "--json", "--pid-file", str(d.pid_file)],
+                            capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert json.loads(status.stdout)["master"]["pid"] == old
+    reload = subprocess.run([*lancelotd, "reload", "--pid-file", str(d.pid_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert reload.returncode == 0, reload.stdout + reload.stderr
+    leftovers = sorted(p.name for p in d.pid_file.parent.iterdir() if ".new-" in p.name or "oldbin" in p.name)
+    assert leftovers == [], leftovers
+    os.kill(old, signal.SIGTERM)
+    assert wait_child_exit(old) == 0
