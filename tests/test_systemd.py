@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -316,6 +317,44 @@ def test_usr2_upgrade_keeps_the_service_with_the_new_mainpid(sandbox):
     log = journal(sb)
     assert f"INFO [{new}] master: graceful stop" in log and f"INFO [{new}] master: master stopped" in log, log
     assert "SIGKILL" not in log, log
+
+
+@pytest.mark.parametrize("fault", ["workers-fail-at-boot", "after-go"])
+def test_failed_usr2_leaves_the_unit_running_with_the_same_mainpid(sandbox, fault):
+    """A broken release: the old master rolls back, and systemd never hears from the successor
+    (once, its STOPPING=1 made systemd SIGKILL the whole service at TimeoutStopSec)."""
+    sb = sandbox
+    broken = "/run/lancelotd-broken-release"
+    env = f"LANCELOTD_TEST_FAIL_BOOT_IF={broken}"
+    if fault == "after-go":  # the successor dies right after writing its PID file and scoreboard
+        env += " LANCELOTD_TEST_UPGRADE_FAULT=after-go"
+    drop_in(sb, "broken", f"[Service]\nEnvironment={env}\nTimeoutStopSec=5\n")
+    start(sb)
+    old = main_pid(sb)
+    if fault == "workers-fail-at-boot":
+        ok(sb.run("touch", broken))
+    ok(sb.systemctl("kill", "--kill-whom=main", "--signal=SIGUSR2", UNIT))
+    wait_for(lambda: "upgrade failed" in journal(sb, f"_PID={old}"), 40, "the old master to roll back")
+    failed_at = sb.show(UNIT, "StatusText")["StatusText"]
+    assert "upgrade FAILED" in failed_at, failed_at
+    ok(sb.run("rm", "-f", broken))
+    # Past TimeoutStopSec: a unit that had gone to stop-sigterm would have been killed by now.
+    deadline = time.monotonic() + 7  # an observation window: the failure is that something happens
+    while time.monotonic() < deadline:
+        state = sb.show(UNIT, "ActiveState", "SubState")
+        assert state == {"ActiveState": "active", "SubState": "running"}, state
+        time.sleep(0.2)
+    props = sb.show(UNIT, "ActiveState", "SubState", "MainPID", "NRestarts")
+    assert props == {"ActiveState": "active", "SubState": "running", "MainPID": str(old),
+                     "NRestarts": "0"}, props
+    assert ok(sb.run("cat", PID_FILE)).strip() == str(old)
+    assert ask(sb, NAME_Q) == NAME_A + "\n"
+    ok(sb.run("/opt/lancelotd/bin/lancelotd", "status", "--pid-file", PID_FILE))
+    ok(sb.systemctl("reload", UNIT))
+    assert sb.show(UNIT, "MainPID")["MainPID"] == str(old)
+    ok(sb.systemctl("stop", UNIT))
+    assert sb.show(UNIT, "Result")["Result"] == "success"
+    assert "SIGKILL" not in journal(sb)
 
 
 def test_stop_leaves_it_inactive_without_pid_file(sandbox):
