@@ -450,8 +450,8 @@ class Worker:
             elif signum == signal.SIGUSR2:
                 self._drain(now)
             elif signum == signal.SIGUSR1:
-                logs.setup(self.cfg.log_file, self.cfg.log_level)
-                log.info("log file reopened")
+                if logs.reopen(self.cfg.log_file, self.cfg.log_level):  # else: on with the old file
+                    log.info("log file reopened")
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
         if self.state != SERVING and not self.conns and not self.sender.waiting():
