@@ -12,6 +12,8 @@ Signals from the master: TERM = stop (answer what was received, close),
 INT/QUIT = exit now, USR2 = retire (stop accepting, hand the connections
 held to current workers - see handoff.py - and serve those it cannot hand
 over until they close or graceful_timeout passes), USR1 = reopen the log.
+SIGALRM is the worker's one timer (the end of an accept pause), so the loop
+needs no timer check.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from setproctitle import setproctitle
 
 from . import handoff, logs
 from .config import Config
+from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
 from .logs import log, set_role
 from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
 from .scoreboard import DRAINING, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
@@ -39,6 +42,9 @@ RECV_SIZE = 65536
 ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
 LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
 TICK = 1.0  # at most; see Worker.tick
+
+OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # the master's business: ignored
 
 # Connection states
 OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
@@ -103,6 +109,9 @@ class Worker:
         # accept statistics, logged at exit: wake-ups per accepted connection
         self.accept_wakeups = 0
         self.empty_wakeups = 0
+        self.clients_gone = 0  # accept() failures that concern one client only (ECONNABORTED...)
+        self.accept_paused = False  # out of descriptors: not watching the listeners until the alarm
+        self.accept_pause = AcceptPause()
 
     # --- set-up --------------------------------------------------------
 
@@ -110,10 +119,10 @@ class Worker:
         """Handlers only record; the loop sees the signal through the wakeup pipe."""
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in OWN_SIGNALS:
             signal.signal(sig, self._record_signal)
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, signal.SIG_IGN)  # the master's business, not ours
+        for sig in MASTER_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.epoll.register(self.sig_r, EPOLLIN)
 
@@ -258,8 +267,12 @@ class Worker:
                 sock, _addr = listener.accept()
             except BlockingIOError:
                 break
-            except OSError as e:  # EMFILE, ECONNABORTED...: keep serving the others
-                log.warning("accept failed: %s", e.strerror)
+            except OSError as e:
+                if e.errno in CLIENT_GONE:  # that client is gone, not the next one
+                    self.clients_gone += 1
+                    log.debug("accept: %s", e.strerror)
+                    continue
+                self._pause_accepting(e, now)  # EMFILE...: trying again at once would spin
                 break
             sock.setblocking(False)
             conn = Conn(sock, self.table, now)
@@ -274,6 +287,27 @@ class Worker:
         if self._full():
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
+
+    def _pause_accepting(self, error: OSError, now: float) -> None:
+        """Stop watching the listeners for ACCEPT_PAUSE: level-triggered, they would wake us in a loop."""
+        self.accept_pause.failure(error, now, len(self.conns))
+        self._stop_accepting()
+        self.accept_paused = True
+        signal.setitimer(signal.ITIMER_REAL, ACCEPT_PAUSE)
+
+    def _resume_accepting(self) -> None:
+        """The pause is over: watch the listeners again, unless we retired, stop or are full.
+
+        A listener with a queue wakes us at once (epoll reports a ready file
+        when it is added); the tick says when the episode is over.
+        """
+        self.accept_paused = False
+        if not self.accepting and self.state == SERVING and not self._full():
+            self._start_accepting()
+
+    def _alarm(self, now: float) -> None:
+        if self.accept_paused:
+            self._resume_accepting()
 
     # --- hand-off ------------------------------------------------------
 
@@ -303,10 +337,7 @@ class Worker:
                 continue
             else:
                 handoff.acknowledge(channel)
-            conn = Conn(sock, self.table, now)
-            conn.session.pending = pending
-            self.conns[conn.fd] = conn
-            self.epoll.register(conn.fd, EPOLLIN)
+            self._adopt(sock, now).session.pending = pending
         if outbound:
             self.sender.answered(fd, acks, len(received))
         if closed:  # closing the socket also takes it out of the epoll set
@@ -315,6 +346,12 @@ class Worker:
             else:
                 del self.channels[fd]
                 channel.close()
+
+    def _adopt(self, sock: socket.socket, now: float) -> Conn:
+        conn = Conn(sock, self.table, now)
+        self.conns[conn.fd] = conn
+        self.epoll.register(conn.fd, EPOLLIN)
+        return conn
 
     def _full(self) -> bool:
         return len(self.conns) >= self.cfg.max_connections
@@ -393,7 +430,8 @@ class Worker:
     def _forget(self, conn: Conn) -> None:
         del self.conns[conn.fd]
         conn.sock.close()  # also leaves the epoll set
-        if not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections:
+        if (not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections
+                and not self.accept_paused):
             self._start_accepting()
 
     # --- timers and signals --------------------------------------------
@@ -403,6 +441,7 @@ class Worker:
             log.warning("master %d is gone: exiting", self.master_pid)
             return 1
         self._expire(now)
+        self.accept_pause.check_over(now)
         if self.state == DRAINING:
             self._hand_off()  # again, for those a target could not take before
         max_requests = self.spec.max_requests
@@ -452,6 +491,8 @@ class Worker:
             elif signum == signal.SIGUSR1:
                 if logs.reopen(self.cfg.log_file, self.cfg.log_level):  # else: on with the old file
                     log.info("log file reopened")
+            elif signum == signal.SIGALRM:
+                self._alarm(now)
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
         if self.state != SERVING and not self.conns and not self.sender.waiting():
@@ -513,9 +554,9 @@ class Worker:
         self._publish(time.monotonic())  # the master folds our last counters into its totals
         log.info(
             "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered, "
-            "%d connections handed over",
+            "%d connections handed over, %d gone before accept",
             self.counters.accepted, self.accept_wakeups, self.empty_wakeups, self.counters.answered,
-            self.handed_off,
+            self.handed_off, self.clients_gone,
         )
         return 0
 

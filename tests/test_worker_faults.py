@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import selectors
 import signal
+import socket
+import time
 from pathlib import Path
 
+import pytest
 from conftest import LISTENING, Daemon, wait_for
+
+from lancelotd.limits import nofile_advice
 
 NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
 
@@ -52,6 +59,105 @@ def in_boot_delay(pid: int) -> bool:
         return "nanosleep" in Path(f"/proc/{pid}/wchan").read_text()
     except OSError:
         return False
+
+
+# =================================================================================
+# A. Descriptor exhaustion
+# =================================================================================
+
+@pytest.mark.parametrize(("max_connections", "workers", "limit", "usable"), [
+    (10000, 2, 1024, 1006),
+    (1010, 4, 1024, 1004),
+    (100, 1, 64, 47),
+    (50, 1, 16, 0),
+])
+def test_nofile_advice_says_where_a_worker_stops(max_connections, workers, limit, usable):
+    advice = nofile_advice(max_connections, workers, limit)
+    assert advice is not None
+    assert f"max_connections {max_connections} exceeds the descriptor limit {limit}" in advice
+    assert f"stops accepting at about {usable} connections" in advice
+    assert "pauses accepting for 0.5s" in advice
+
+
+@pytest.mark.parametrize(("max_connections", "workers", "limit"), [
+    (1000, 4, 1024),
+    (1004, 4, 1024),
+    (10, 64, 1024),
+    (10**9, 2, resource.RLIM_INFINITY),
+])
+def test_nofile_advice_is_silent_when_the_limit_allows(max_connections, workers, limit):
+    assert nofile_advice(max_connections, workers, limit) is None
+
+
+def test_nofile_advice_reads_this_process_limit():
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert nofile_advice(1, 1) is None
+    if soft != resource.RLIM_INFINITY:
+        assert nofile_advice(soft, 1) is not None
+
+
+def collect_answers(clients: list[socket.socket], seconds: float) -> set[socket.socket]:
+    """The clients whose answer arrives within `seconds`."""
+    answered: set[socket.socket] = set()
+    received = {c: b"" for c in clients}
+    with selectors.DefaultSelector() as sel:
+        for c in clients:
+            sel.register(c, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and len(answered) < len(clients):
+            for key, _ in sel.select(left):
+                c = key.fileobj
+                chunk = c.recv(4096)  # type: ignore[union-attr]
+                assert chunk, "a client was closed without its answer"
+                received[c] += chunk  # type: ignore[index]
+                if received[c].endswith(b"."):  # type: ignore[index]
+                    assert received[c] == NAME_A  # type: ignore[index]
+                    answered.add(c)  # type: ignore[arg-type]
+                    sel.unregister(c)
+    return answered
+
+
+def test_descriptor_exhaustion_pauses_accepting_and_logs_once_per_episode(start_daemon):
+    d = start_daemon(workers=1)
+    worker = d.workers()[0]
+    assert d.ask(NAME_Q) == NAME_A
+    resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (64, 64))
+    clients = []
+    try:
+        for _ in range(150):  # the kernel completes every handshake (backlog 4096)
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+            sock.sendall(NAME_Q)
+            clients.append(sock)
+        cpu = worker.cpu_times()
+        answered = collect_answers(clients, 2.0)  # the observation window
+        spent = sum(worker.cpu_times()[:2]) - sum(cpu[:2])
+        assert spent < 0.5, f"the worker spins at the descriptor limit: {spent:.2f}s CPU in 2s"
+        assert 30 <= len(answered) < 64, len(answered)  # those that got in are served
+        log = d.log()
+        assert len(re.findall(r"descriptor limit reached \(EMFILE\)", log)) == 1, log[-3000:]
+        assert "accept failed" not in log
+        # The clients leave in turns: those queued are accepted and served as descriptors free up.
+        waiting = [c for c in clients if c not in answered]
+        for c in answered:
+            c.close()
+        while waiting:
+            answered = collect_answers(waiting, 5.0)
+            assert answered, f"{len(waiting)} clients left unserved"
+            for c in answered:
+                c.close()
+            waiting = [c for c in waiting if c not in answered]
+    finally:
+        for c in clients:
+            c.close()
+    match = re.search(r"accepting again after (\d+) failed accept attempts in ([\d.]+)s",
+                      wait_for(lambda: "accepting again" in d.log() and d.log(), 5, "the end of the episode"))
+    assert match and int(match.group(1)) >= 1
+    assert d.ask(NAME_Q) == NAME_A  # new clients are served again
+    log = d.log()
+    # A slow turn of this test (> 1 s between two turns) may split the episode in two.
+    assert 1 <= len(re.findall(r"descriptor limit reached", log)) <= 3, log[-3000:]
+    assert len(log.splitlines()) < 30, f"{len(log.splitlines())} log lines"
+    assert [p.pid for p in d.workers()] == [worker.pid]
 
 
 # =================================================================================
