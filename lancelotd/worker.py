@@ -12,8 +12,8 @@ Signals from the master: TERM = stop (answer what was received, close),
 INT/QUIT = exit now, USR2 = retire (stop accepting, hand the connections
 held to current workers - see handoff.py - and serve those it cannot hand
 over until they close or graceful_timeout passes), USR1 = reopen the log.
-SIGALRM is the worker's one timer (the end of an accept pause), so the loop
-needs no timer check.
+SIGALRM is the worker's one timer (the end of an accept pause, of the wait
+for questions on their way at stop), so the loop needs no timer check.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ RECV_SIZE = 65536
 ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
 LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
 TICK = 1.0  # at most; see Worker.tick
+RECENT = 1.0  # at TERM, a connection active this recently is served this long more (see _stop)
 
 OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # the master's business: ignored
@@ -306,7 +307,9 @@ class Worker:
             self._start_accepting()
 
     def _alarm(self, now: float) -> None:
-        if self.accept_paused:
+        if self.state == STOPPING:
+            self._close_open()  # the wait for questions on their way is over
+        elif self.accept_paused:
             self._resume_accepting()
 
     # --- hand-off ------------------------------------------------------
@@ -515,13 +518,64 @@ class Worker:
         self._hand_off()
 
     def _stop(self, now: float) -> None:
-        """TERM: answer every complete question already received, then close."""
+        """TERM: answer every complete question already received, then close.
+
+        A connection active in the last RECENT seconds (just accepted, or just
+        answered) may have its next question on the way: it is served RECENT
+        seconds more (the alarm), then closed the same way.
+        """
         if self.state == STOPPING:
             return
         # From serving: graceful_timeout to finish; from an expired drain: time to flush.
         self.deadline = now + (self.cfg.graceful_timeout if self.state == SERVING else LINGER_SECONDS)
+        self._last_sweep(now)
         self._close_listeners()
         self._set_state(STOPPING, now)
+        recent = now - RECENT
+        waiting = False
+        for conn in list(self.conns.values()):
+            if conn.state == OPEN:
+                if conn.last > recent:
+                    waiting = True
+                else:
+                    self._answer_received(conn)
+        # (Replaces the alarm of an accept pause: stopping, we accept no more.)
+        signal.setitimer(signal.ITIMER_REAL, RECENT if waiting else 0)
+
+    def _last_sweep(self, now: float) -> None:
+        """Accept what is queued on the listeners before closing our copy of them.
+
+        The master closes its copy at TERM; whoever closes the listening socket
+        last makes the kernel reset every connection still queued on it.  So
+        each worker takes the queue until EAGAIN and serves it: a connection
+        queued now is served, one that comes after the last close is refused
+        (a client can retry that), none is accepted by the kernel and then reset.
+        (Only the instants between the last sweep's EAGAIN and its close() remain.)
+        Bounded: while another worker still holds the socket, a connect flood
+        would refill the queue as fast as we empty it, so at most `backlog`
+        accepts per listener - all the queue could hold when we began - and
+        never past max_connections.  Socket-activated listeners get the same
+        sweep: systemd keeps its copy, so nothing is reset there anyway.
+        """
+        for listener in self.listeners.values():
+            for _ in range(self.cfg.backlog):
+                if self._full():
+                    return
+                try:
+                    sock, _addr = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in CLIENT_GONE:
+                        continue
+                    log.warning("last accept sweep stopped: %s", e.strerror)
+                    return
+                sock.setblocking(False)
+                self._adopt(sock, now)
+                self.counters.accepted += 1
+
+    def _close_open(self) -> None:
+        """Stopping: answer what the open connections sent, then close them."""
         for conn in list(self.conns.values()):
             if conn.state == OPEN:
                 self._answer_received(conn)

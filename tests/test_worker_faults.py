@@ -9,17 +9,21 @@ limit a worker would have been born with.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
 import selectors
 import signal
 import socket
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import LISTENING, Daemon, wait_for
+from conftest import LISTENING, Daemon, recv_until, wait_for
 
 from lancelotd.limits import nofile_advice
 
@@ -158,6 +162,189 @@ def test_descriptor_exhaustion_pauses_accepting_and_logs_once_per_episode(start_
     assert 1 <= len(re.findall(r"descriptor limit reached", log)) <= 3, log[-3000:]
     assert len(log.splitlines()) < 30, f"{len(log.splitlines())} log lines"
     assert [p.pid for p in d.workers()] == [worker.pid]
+
+
+# =================================================================================
+# B. Graceful stop: connections queued at TERM are served or refused, never reset
+# =================================================================================
+
+def connections(pid: int, port: int, status: str) -> int:
+    """How many TCP sockets on our `port` in `status` process `pid` holds."""
+    try:
+        conns = psutil.Process(pid).net_connections("tcp")
+    except psutil.NoSuchProcess:
+        return 0
+    return sum(c.status == status and c.laddr.port == port for c in conns)
+
+
+def test_connections_queued_at_term_are_served(start_daemon):
+    """TERM finds connections queued on the listener: each worker's last sweep takes them."""
+    d = start_daemon(workers=2)
+    assert d.ask(NAME_Q) == NAME_A
+    workers = d.workers()
+    clients = []
+    for w in workers:
+        w.suspend()  # nothing is accepted: the queue fills
+    try:
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+            sock.sendall(NAME_Q)
+            clients.append(sock)
+        d.signal(signal.SIGTERM)
+        wait_log(d.log_file, r"graceful stop: signalling 2 workers")  # TERM waits in the stopped workers
+        for w in workers:
+            w.resume()
+        outcomes = Counter(outcome(sock) for sock in clients)
+    finally:
+        for w in workers:
+            if w.is_running():
+                w.resume()
+        for sock in clients:
+            sock.close()
+    assert outcomes == {"answered": 100}
+    assert d.wait_exit(10) == 0
+
+
+def outcome(sock: socket.socket) -> str:
+    try:
+        return "answered" if recv_until(sock, b".") == NAME_A else "wrong answer"
+    except ConnectionResetError:
+        return "reset"
+    except EOFError:
+        return "EOF without answer"
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, repr(e))
+
+
+def test_a_question_on_its_way_at_term_is_answered(start_daemon):
+    """A connection accepted just before TERM whose question arrives just after it."""
+    d = start_daemon(workers=1)
+    worker = d.workers()[0]
+    with d.connect() as sock:
+        wait_for(lambda: connections(worker.pid, d.port, psutil.CONN_ESTABLISHED), 5, "the accept")
+        d.signal(signal.SIGTERM)
+        wait_for(lambda: not connections(worker.pid, d.port, psutil.CONN_LISTEN), 5, "the worker stopping")
+        sock.sendall(NAME_Q)
+        assert recv_until(sock, b".") == NAME_A
+        assert sock.recv(100) == b""  # then closed, gracefully
+    assert d.wait_exit(10) == 0
+
+
+# What the master should do at TERM (the master's half of issue 9; emulated here
+# until it does, by wrapping the master's SIGTERM handler): stop new connections
+# from entering the listen queue - a socket filter that drops a SYN without ACK,
+# so a client retries and is refused once the socket is closed - and close its
+# own copies.  Without the filter, the instants between the last worker's last
+# sweep and its close() still let a connection in to be reset (on this 2-core
+# machine, about one stop in eight under this load).
+MASTER_AT_TERM = '''
+import ctypes, os, signal, socket, struct
+
+_MASTER = os.getpid()  # workers are forks: they see the master's PID here, not their own
+SO_ATTACH_FILTER = 26
+# Classic BPF over the TCP header: ldb [13] (flags); and #0x12; jeq #0x02 (SYN, no ACK) -> drop; else pass.
+_DROP_SYN = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02),
+             (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]
+_CODE = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in _DROP_SYN))
+_PROG = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(_CODE))
+_done = []
+
+
+def _stop_listening():
+    null = os.open(os.devnull, os.O_RDWR)
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            with socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM) as sock:
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    continue
+                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _PROG)
+        except OSError:
+            continue
+        os.dup2(null, int(name))  # our copy closed, without the master's socket object knowing
+    os.close(null)
+
+
+_signal = signal.signal
+
+
+def _signal_wrapper(signum, handler):
+    if signum == signal.SIGTERM and os.getpid() == _MASTER and callable(handler):
+        inner = handler
+
+        def handler(signum, frame):
+            if not _done:
+                _done.append(True)
+                _stop_listening()
+            inner(signum, frame)
+    return _signal(signum, handler)
+
+
+signal.signal = _signal_wrapper
+'''
+
+
+class Asker(threading.Thread):
+    """Bursts of connections, one question each, in a loop; every outcome counted.
+
+    Bursts keep connections queued on the listener now and then, as a busy
+    server has them, so that a TERM may find some there.
+    """
+
+    BURST = 10
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.outcomes: Counter[str] = Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            socks = []
+            for _ in range(self.BURST):
+                try:
+                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+                    sock.sendall(NAME_Q)
+                    socks.append(sock)
+                except ConnectionRefusedError:
+                    self.outcomes["refused"] += 1
+                except OSError as e:
+                    self.outcomes[errno.errorcode.get(e.errno or 0, repr(e))] += 1
+            for sock in socks:
+                self.outcomes[outcome(sock)] += 1
+                sock.close()
+
+
+def term_under_load(d: Daemon) -> Counter[str]:
+    """TERM while three clients ask in a loop; the outcomes other than answered or refused."""
+    askers = [Asker(d.port) for _ in range(3)]
+    for a in askers:
+        a.start()
+    try:
+        wait_for(lambda: all(a.outcomes["answered"] >= 20 for a in askers), 10, "answers flowing")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(10) == 0
+        wait_for(lambda: all(a.outcomes["refused"] for a in askers), 5, "refused connects after the stop")
+    finally:
+        for a in askers:
+            a.stop.set()
+        for a in askers:
+            a.join(10)
+    bad: Counter[str] = Counter()
+    for a in askers:
+        bad.update({k: v for k, v in a.outcomes.items() if k not in ("answered", "refused")})
+    return bad
+
+
+def test_term_serves_or_refuses_every_connection_never_resets(start_daemon, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(MASTER_AT_TERM)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    bad: Counter[str] = Counter()
+    for _ in range(5):  # the race is narrow: several stops make it likely to show
+        bad += term_under_load(start_daemon(workers=2, env=env))
+    assert not bad, f"connections neither served nor refused at TERM: {dict(bad)}"
 
 
 # =================================================================================
