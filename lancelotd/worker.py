@@ -44,8 +44,11 @@ LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
 TICK = 1.0  # at most; see Worker.tick
 RECENT = 1.0  # at TERM, a connection active this recently is served this long more (see _stop)
 
+# The master forks us with its signals blocked; they stay blocked until our
+# handlers are in place, or one sent during boot would kill us (default action).
 OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # the master's business: ignored
+BOOT_BLOCKED = frozenset({*OWN_SIGNALS, *MASTER_SIGNALS, signal.SIGCHLD})
 
 # Connection states
 OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
@@ -126,6 +129,8 @@ class Worker:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.epoll.register(self.sig_r, EPOLLIN)
+        # Only now: what came during boot reaches our handlers, and the loop.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BOOT_BLOCKED)
 
     def _record_signal(self, signum: int, frame: object) -> None:
         self.pending_signals.append(signum)
@@ -617,8 +622,13 @@ class Worker:
 
 def run_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop; the exit code for os._exit()."""
+    # Already blocked if the master forked us so; this makes sure (it costs nothing).
+    signal.pthread_sigmask(signal.SIG_BLOCK, BOOT_BLOCKED)
     if os.environ.get("LANCELOTD_TEST_FAIL_BOOT") == str(spec.generation):
         # Fault injection for the tests of boot back-off and failed reloads.
         log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT=%d)", spec.generation)
         return 3
+    delay = os.environ.get("LANCELOTD_TEST_BOOT_DELAY")
+    if delay:  # fault injection: a long boot, for the tests of signals sent during it
+        time.sleep(float(delay))
     return Worker(spec).run()

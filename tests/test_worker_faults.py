@@ -381,3 +381,36 @@ def test_usr1_with_an_unopenable_log_file_keeps_the_workers_serving(start_daemon
     assert sorted(p.pid for p in d.workers()) == pids
 
 
+# =================================================================================
+# D. A signal during a worker's boot waits for its handlers
+# =================================================================================
+
+BOOT_DELAY = {"LANCELOTD_TEST_BOOT_DELAY": "1.0"}
+
+
+def test_usr1_to_a_booting_worker_waits_for_its_handlers(start_daemon):
+    d = start_daemon(workers=1, env=BOOT_DELAY)
+    worker = d.workers()[0]
+    wait_for(lambda: in_boot_delay(worker.pid), 5, "the worker in its boot delay")
+    os.kill(worker.pid, signal.SIGUSR1)
+    wait_log(d.log_file, rf"\[{worker.pid}\] worker 1: log file reopened")
+    assert d.ask(NAME_Q) == NAME_A
+    assert [p.pid for p in d.workers()] == [worker.pid]
+
+
+def test_usr1_during_a_reload_does_not_abort_it(start_daemon):
+    d = start_daemon(workers=2, env=BOOT_DELAY)
+    wait_log(d.log_file, r"ready: 2 workers serving")
+    d.signal(signal.SIGHUP)
+    spawned = wait_log(d.log_file, r"spawned worker \d \(pid (\d+), gen 2\)", count=2)
+    new = sorted(int(m.group(1)) for m in spawned)
+    wait_for(lambda: all(in_boot_delay(pid) for pid in new), 5, "the new workers in their boot delay")
+    d.signal(signal.SIGUSR1)  # the master reopens its log and passes USR1 on to every worker
+    wait_log(d.log_file, r"reload (done|failed).*")
+    log = d.log()
+    assert re.search(r"reload done: generation 2", log), log[-3000:]
+    assert "killed by SIGUSR1" not in log
+    for pid in new:
+        assert re.search(rf"\[{pid}\] worker \d: log file reopened", log), log[-3000:]
+    assert d.ask(NAME_Q) == NAME_A
+    wait_for(lambda: sorted(p.pid for p in d.workers()) == new, 10, "the old generation gone")
