@@ -36,7 +36,7 @@ from .limits import nofile_advice, raise_nofile_limit
 from .logs import log
 from .scoreboard import Counters, Header, Scoreboard
 from .scoreboard import path_for as scoreboard_path
-from .sockets import ACTIVATED, BindError, format_address, open_listeners
+from .sockets import ACTIVATED, BindError, format_address, open_listeners, refuse_new_connections
 from .supervision import KILL_GRACE, Pool, Supervision
 from .systemd import Notifier, listen_fds
 from .upgrade import ENV_PREDECESSOR, ENV_READY_FD, Channel, Upgrade, Upgrades, inherited_listeners
@@ -178,7 +178,7 @@ class Arbiter(Supervision, Generations, Upgrades):
         setproctitle(f"lancelotd: master{state} [{self.config_name()}]")
 
     def warn_about_limits(self, cfg: Config) -> None:
-        advice = nofile_advice(cfg.max_connections)
+        advice = nofile_advice(cfg.max_connections, cfg.workers)
         if advice:
             log.warning("%s", advice)
 
@@ -293,10 +293,8 @@ class Arbiter(Supervision, Generations, Upgrades):
                 self.retire(worker)
 
     def handle_usr1(self) -> None:
-        if logs.reopen(self.cfg.log_file, self.cfg.log_level):
+        if logs.reopen(self.cfg.log_file, self.cfg.log_level):  # if not, it logged why
             log.info("log file reopened")
-        else:
-            log.error("cannot reopen the log file %s: logging on to the one already open", self.cfg.log_file)
         self.pool.signal_all(signal.SIGUSR1)  # each worker tries for itself
 
     def handle_usr2(self) -> None:
@@ -392,18 +390,23 @@ class Arbiter(Supervision, Generations, Upgrades):
         if self.upgrade:
             self.abandon_upgrade("stopping")
         self.stop_deadline = time.monotonic() + grace
-        self.release_listeners(activated_too=how == "upgraded")
+        self.release_listeners(handed_over=how == "upgraded")
         if how == "upgraded":
             for worker in list(self.pool.workers.values()):
                 self.retire(worker)
         else:
             self.pool.signal_all(worker_signal)
 
-    def release_listeners(self, activated_too: bool) -> None:
+    def release_listeners(self, handed_over: bool) -> None:
+        """Close our copies: all of them after a hand-over (the successor has its own), else
+        those that are not systemd's, first making them refuse new connections for good."""
         sets = [self.listeners] + ([self.reload.listeners] if self.reload else [])
         for listeners in sets:
-            for address in [a for a in listeners if activated_too or not a.startswith(ACTIVATED)]:
-                self.close_listeners({address: listeners.pop(address)})
+            for address in [a for a in listeners if handed_over or not a.startswith(ACTIVATED)]:
+                sock = listeners.pop(address)
+                if not handed_over and sock.fileno() != -1:
+                    refuse_new_connections(sock)
+                self.close_listeners({address: sock})
 
     def stop_step(self) -> bool:
         """One loop turn of a stop; True once every worker is gone."""

@@ -104,9 +104,7 @@ class Generations:
                 kill(worker.pid, signal.SIGTERM)
         self.close_listeners(reload.listeners, keep=self.listeners)
         self.pool.forget_backoff([self.generation])
-        if not logs.reopen(self.cfg.log_file, self.cfg.log_level):
-            log.error("cannot reopen the log file %s after the failed reload: logging on as before",
-                      self.cfg.log_file)
+        logs.reopen(self.cfg.log_file, self.cfg.log_level)  # if it fails, the one open logs on
         self.reload_done(False, why)
         log.error("reload failed: %s; generation %d keeps serving", why, self.generation)
         self.run_queued_reload()

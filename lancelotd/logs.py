@@ -53,7 +53,8 @@ def setup(log_file: str, level: str) -> None:
     """Send lancelotd's log to `log_file` (appended) or to stderr when empty.
 
     Called again on reload and on USR1: the old handler is closed only after
-    the new one is in place, so no line is lost.
+    the new one is in place, so no line is lost.  Raises OSError when the file
+    cannot be opened, and then leaves the handlers as they were.
     """
     if log_file:
         handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8")
@@ -72,10 +73,16 @@ def setup(log_file: str, level: str) -> None:
 
 
 def reopen(log_file: str, level: str) -> bool:
-    """setup() for a running process (USR1, reload, rollback): False, and the old
-    handler kept, when the file cannot be opened; the caller logs why."""
+    """setup() in a running process (USR1, reload, rollback): True if done.
+
+    A file that cannot be opened (its directory removed, permissions) must
+    not end the process: the error is logged through the handler in place,
+    which keeps writing to the file it has open, and the caller serves on.
+    """
     try:
         setup(log_file, level)
-    except OSError:
+    except OSError as e:
+        log.error("cannot reopen log file %s: %s; still logging to the file already open",
+                  log_file, e.strerror or e)
         return False
     return True

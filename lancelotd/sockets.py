@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from .logs import log
@@ -12,6 +14,13 @@ if TYPE_CHECKING:
 
 
 ACTIVATED = "systemd "  # key prefix of sockets from socket activation
+
+# Classic BPF over the TCP header, for refuse_new_connections(): ldb [13]
+# (the flags); and #0x12 (SYN|ACK); jeq #0x02 (a SYN alone) -> drop; else pass.
+SO_ATTACH_FILTER = 26
+_DROP_SYN = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02),
+             (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]
+_DROP_SYN_CODE = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in _DROP_SYN))
 
 
 class BindError(Exception):
@@ -88,3 +97,21 @@ def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str,
                 sock.close()
         raise
     return listeners
+
+
+def refuse_new_connections(sock: socket.socket) -> None:
+    """Drop new SYNs on a listener we are about to close for good (a stop).
+
+    Between the workers' last accept sweep and the last close, the kernel
+    would still complete handshakes into the accept queue, and those
+    connections are reset when the socket closes.  With the filter a new
+    client's SYN goes unanswered; its retry (about a second later) finds the
+    port closed and is refused, which a client or balancer can act on.
+    The filter is on the socket itself, so the workers' copies have it too.
+    """
+    program = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(_DROP_SYN_CODE))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+    except OSError as e:  # not fatal: only the narrow window stays open
+        log.warning("cannot filter new connections on %s before closing it: %s",
+                    format_address(sock.getsockname()), e.strerror)

@@ -12,6 +12,8 @@ Signals from the master: TERM = stop (answer what was received, close),
 INT/QUIT = exit now, USR2 = retire (stop accepting, hand the connections
 held to current workers - see handoff.py - and serve those it cannot hand
 over until they close or graceful_timeout passes), USR1 = reopen the log.
+SIGALRM is the worker's one timer (the end of an accept pause, of the wait
+for questions on their way at stop), so the loop needs no timer check.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from setproctitle import setproctitle
 
 from . import handoff, logs
 from .config import Config
+from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
 from .logs import log, set_role
 from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
 from .scoreboard import DRAINING, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
@@ -39,6 +42,13 @@ RECV_SIZE = 65536
 ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
 LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
 TICK = 1.0  # at most; see Worker.tick
+RECENT = 1.0  # at TERM, a connection active this recently is served this long more (see _stop)
+
+# The master forks us with its signals blocked; they stay blocked until our
+# handlers are in place, or one sent during boot would kill us (default action).
+OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # the master's business: ignored
+BOOT_BLOCKED = frozenset({*OWN_SIGNALS, *MASTER_SIGNALS, signal.SIGCHLD})
 
 # Connection states
 OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
@@ -103,6 +113,9 @@ class Worker:
         # accept statistics, logged at exit: wake-ups per accepted connection
         self.accept_wakeups = 0
         self.empty_wakeups = 0
+        self.clients_gone = 0  # accept() failures that concern one client only (ECONNABORTED...)
+        self.accept_paused = False  # out of descriptors: not watching the listeners until the alarm
+        self.accept_pause = AcceptPause()
 
     # --- set-up --------------------------------------------------------
 
@@ -110,15 +123,14 @@ class Worker:
         """Handlers only record; the loop sees the signal through the wakeup pipe."""
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in OWN_SIGNALS:
             signal.signal(sig, self._record_signal)
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, signal.SIG_IGN)  # the master's business, not ours
+        for sig in MASTER_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.epoll.register(self.sig_r, EPOLLIN)
-        # The master forked us with its signals blocked: only now that our
-        # own handlers are in place may they arrive (a USR1 before would kill us).
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        # Only now: what came during boot reaches our handlers, and the loop.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BOOT_BLOCKED)
 
     def _record_signal(self, signum: int, frame: object) -> None:
         self.pending_signals.append(signum)
@@ -261,8 +273,12 @@ class Worker:
                 sock, _addr = listener.accept()
             except BlockingIOError:
                 break
-            except OSError as e:  # EMFILE, ECONNABORTED...: keep serving the others
-                log.warning("accept failed: %s", e.strerror)
+            except OSError as e:
+                if e.errno in CLIENT_GONE:  # that client is gone, not the next one
+                    self.clients_gone += 1
+                    log.debug("accept: %s", e.strerror)
+                    continue
+                self._pause_accepting(e, now)  # EMFILE...: trying again at once would spin
                 break
             sock.setblocking(False)
             conn = Conn(sock, self.table, now)
@@ -277,6 +293,29 @@ class Worker:
         if self._full():
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
+
+    def _pause_accepting(self, error: OSError, now: float) -> None:
+        """Stop watching the listeners for ACCEPT_PAUSE: level-triggered, they would wake us in a loop."""
+        self.accept_pause.failure(error, now, len(self.conns))
+        self._stop_accepting()
+        self.accept_paused = True
+        signal.setitimer(signal.ITIMER_REAL, ACCEPT_PAUSE)
+
+    def _resume_accepting(self) -> None:
+        """The pause is over: watch the listeners again, unless we retired, stop or are full.
+
+        A listener with a queue wakes us at once (epoll reports a ready file
+        when it is added); the tick says when the episode is over.
+        """
+        self.accept_paused = False
+        if not self.accepting and self.state == SERVING and not self._full():
+            self._start_accepting()
+
+    def _alarm(self, now: float) -> None:
+        if self.state == STOPPING:
+            self._close_open()  # the wait for questions on their way is over
+        elif self.accept_paused:
+            self._resume_accepting()
 
     # --- hand-off ------------------------------------------------------
 
@@ -306,10 +345,7 @@ class Worker:
                 continue
             else:
                 handoff.acknowledge(channel)
-            conn = Conn(sock, self.table, now)
-            conn.session.pending = pending
-            self.conns[conn.fd] = conn
-            self.epoll.register(conn.fd, EPOLLIN)
+            self._adopt(sock, now).session.pending = pending
         if outbound:
             self.sender.answered(fd, acks, len(received))
         if closed:  # closing the socket also takes it out of the epoll set
@@ -318,6 +354,12 @@ class Worker:
             else:
                 del self.channels[fd]
                 channel.close()
+
+    def _adopt(self, sock: socket.socket, now: float) -> Conn:
+        conn = Conn(sock, self.table, now)
+        self.conns[conn.fd] = conn
+        self.epoll.register(conn.fd, EPOLLIN)
+        return conn
 
     def _full(self) -> bool:
         return len(self.conns) >= self.cfg.max_connections
@@ -396,7 +438,8 @@ class Worker:
     def _forget(self, conn: Conn) -> None:
         del self.conns[conn.fd]
         conn.sock.close()  # also leaves the epoll set
-        if not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections:
+        if (not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections
+                and not self.accept_paused):
             self._start_accepting()
 
     # --- timers and signals --------------------------------------------
@@ -406,6 +449,7 @@ class Worker:
             log.warning("master %d is gone: exiting", self.master_pid)
             return 1
         self._expire(now)
+        self.accept_pause.check_over(now)
         if self.state == DRAINING:
             self._hand_off()  # again, for those a target could not take before
         max_requests = self.spec.max_requests
@@ -453,8 +497,10 @@ class Worker:
             elif signum == signal.SIGUSR2:
                 self._drain(now)
             elif signum == signal.SIGUSR1:
-                logs.setup(self.cfg.log_file, self.cfg.log_level)
-                log.info("log file reopened")
+                if logs.reopen(self.cfg.log_file, self.cfg.log_level):  # else: on with the old file
+                    log.info("log file reopened")
+            elif signum == signal.SIGALRM:
+                self._alarm(now)
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
         if self.state != SERVING and not self.conns and not self.sender.waiting():
@@ -477,13 +523,64 @@ class Worker:
         self._hand_off()
 
     def _stop(self, now: float) -> None:
-        """TERM: answer every complete question already received, then close."""
+        """TERM: answer every complete question already received, then close.
+
+        A connection active in the last RECENT seconds (just accepted, or just
+        answered) may have its next question on the way: it is served RECENT
+        seconds more (the alarm), then closed the same way.
+        """
         if self.state == STOPPING:
             return
         # From serving: graceful_timeout to finish; from an expired drain: time to flush.
         self.deadline = now + (self.cfg.graceful_timeout if self.state == SERVING else LINGER_SECONDS)
+        self._last_sweep(now)
         self._close_listeners()
         self._set_state(STOPPING, now)
+        recent = now - RECENT
+        waiting = False
+        for conn in list(self.conns.values()):
+            if conn.state == OPEN:
+                if conn.last > recent:
+                    waiting = True
+                else:
+                    self._answer_received(conn)
+        # (Replaces the alarm of an accept pause: stopping, we accept no more.)
+        signal.setitimer(signal.ITIMER_REAL, RECENT if waiting else 0)
+
+    def _last_sweep(self, now: float) -> None:
+        """Accept what is queued on the listeners before closing our copy of them.
+
+        The master closes its copy at TERM; whoever closes the listening socket
+        last makes the kernel reset every connection still queued on it.  So
+        each worker takes the queue until EAGAIN and serves it: a connection
+        queued now is served, one that comes after the last close is refused
+        (a client can retry that), none is accepted by the kernel and then reset.
+        (Only the instants between the last sweep's EAGAIN and its close() remain.)
+        Bounded: while another worker still holds the socket, a connect flood
+        would refill the queue as fast as we empty it, so at most `backlog`
+        accepts per listener - all the queue could hold when we began - and
+        never past max_connections.  Socket-activated listeners get the same
+        sweep: systemd keeps its copy, so nothing is reset there anyway.
+        """
+        for listener in self.listeners.values():
+            for _ in range(self.cfg.backlog):
+                if self._full():
+                    return
+                try:
+                    sock, _addr = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in CLIENT_GONE:
+                        continue
+                    log.warning("last accept sweep stopped: %s", e.strerror)
+                    return
+                sock.setblocking(False)
+                self._adopt(sock, now)
+                self.counters.accepted += 1
+
+    def _close_open(self) -> None:
+        """Stopping: answer what the open connections sent, then close them."""
         for conn in list(self.conns.values()):
             if conn.state == OPEN:
                 self._answer_received(conn)
@@ -516,19 +613,24 @@ class Worker:
         self._publish(time.monotonic())  # the master folds our last counters into its totals
         log.info(
             "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered, "
-            "%d connections handed over",
+            "%d connections handed over, %d gone before accept",
             self.counters.accepted, self.accept_wakeups, self.empty_wakeups, self.counters.answered,
-            self.handed_off,
+            self.handed_off, self.clients_gone,
         )
         return 0
 
 
 def run_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop; the exit code for os._exit()."""
+    # Already blocked if the master forked us so; this makes sure (it costs nothing).
+    signal.pthread_sigmask(signal.SIG_BLOCK, BOOT_BLOCKED)
     # Fault injection for the tests of boot back-off, failed reloads and failed upgrades.
     fail_if = os.environ.get("LANCELOTD_TEST_FAIL_BOOT_IF", "")
     failing = os.environ.get("LANCELOTD_TEST_FAIL_BOOT") == str(spec.generation)
     if failing or (fail_if and os.path.exists(fail_if)):
         log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT*)")
         return 3
+    delay = os.environ.get("LANCELOTD_TEST_BOOT_DELAY")
+    if delay:  # fault injection: a long boot, for the tests of signals sent during it
+        time.sleep(float(delay))
     return Worker(spec).run()

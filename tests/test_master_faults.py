@@ -86,8 +86,8 @@ def test_log_file_that_cannot_be_reopened_on_usr1(start_daemon, tmp_path):
     shutil.rmtree(logdir)  # root ignores permissions: take the directory away instead
     d.signal(signal.SIGUSR1)
     d.log_file = kept
-    wait_log(d.log_file, r"master: cannot reopen the log file .*: logging on to the one already open")
-    wait_log(d.log_file, r"worker \d: cannot reopen the log file", count=2)
+    wait_log(d.log_file, r"master: cannot reopen log file .*; still logging to the file already open")
+    wait_log(d.log_file, r"worker \d: cannot reopen log file", count=2)
     assert d.ask(NAME_Q) == NAME_A
     assert worker_pids(d) == before, "no worker died of it"
     assert d.proc.poll() is None
