@@ -30,10 +30,10 @@ from setproctitle import setproctitle
 
 from . import logs, pidfile
 from .config import MAX_WORKERS, Config
-from .daemonize import report_failure
 from .generations import Generations, Reload
 from .limits import nofile_advice, raise_nofile_limit
 from .logs import log
+from .reporting import Reporting
 from .scoreboard import Counters, Header, Scoreboard
 from .scoreboard import path_for as scoreboard_path
 from .sockets import ACTIVATED, BindError, format_address, open_listeners, refuse_new_connections
@@ -56,7 +56,6 @@ SIGNALS = {
     signal.SIGUSR2: "usr2",  # upgrade: re-exec a new master, hand it the sockets
     signal.SIGCHLD: "chld",  # a child exited: reap it
 }
-STATUS_EVERY = 5.0  # seconds between STATUS= refreshes for systemctl status
 ERROR_PAUSE = 0.1  # after a failed loop turn, so a persistent fault cannot spin the master
 
 
@@ -64,7 +63,7 @@ class StartError(Exception):
     """The master cannot start; the message says why in one line."""
 
 
-class Arbiter(Supervision, Generations, Upgrades):
+class Arbiter(Supervision, Generations, Upgrades, Reporting):
     def __init__(self, cfg: Config, load_config: Callable[[], Config]) -> None:
         self.cfg = cfg
         self.load_config = load_config  # for reloads: the file plus command-line overrides
@@ -155,12 +154,6 @@ class Arbiter(Supervision, Generations, Upgrades):
         if self.predecessor:
             return scoreboard_path(f"{self.cfg.pid_file}.new-{self.pid}")
         return scoreboard_path(self.cfg.pid_file)
-
-    def open_metrics(self, cfg: Config) -> MetricsServer:
-        from .metrics import MetricsServer, ScoreboardCollector  # only when asked for: 4 MB less
-
-        collector = ScoreboardCollector(self.board, self.board.read_header, self.pid)
-        return MetricsServer(cfg.metrics_bind, 64, collector)
 
     def _install_signals(self) -> None:
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -302,63 +295,6 @@ class Arbiter(Supervision, Generations, Upgrades):
             log.warning("USR2: an upgrade or reload is under way: ignored")
             return
         self.start_upgrade()
-
-    def announce_ready(self) -> None:
-        """Our first workers serve: tell whoever waits for it (USR2's old master)."""
-        self.announced_ready = True
-        log.info("ready: %d workers serving", self.target)
-        self.notifier.ready(self.status_line())
-        if self.predecessor:
-            self.predecessor.say("ready")  # and wait for its "go"
-            self.ready_fd = None
-        elif self.ready_fd is not None:
-            try:
-                os.write(self.ready_fd, b"ready\n")
-            except OSError as e:
-                log.warning("cannot tell the old master we are ready: %s", e.strerror)
-            os.close(self.ready_fd)
-            self.ready_fd = None
-
-    def give_up(self, why: str) -> None:
-        """Before we ever served: tell whoever waits for us why, and stop."""
-        log.error("giving up: %s", why)
-        report_failure(why, self.ready_fd)
-        self.ready_fd = None
-        self.begin_stop("fast", signal.SIGQUIT, KILL_GRACE)
-
-    def publish(self, message: str | None = None) -> None:
-        """The header for `lancelotd status`; now and then a STATUS= line for systemd."""
-        self.header.generation = self.generation
-        self.header.workers_target = self.target
-        self.header.reload_pending = int(bool(self.reload or self.reload_queued))
-        self.header.metrics_port = self.metrics.port if self.metrics else 0
-        self.board.publish(self.header, message)  # one record: `lancelotd reload` reads it whole
-        now = time.monotonic()
-        if self.notifier.enabled and now >= self.next_status:
-            self.next_status = now + STATUS_EVERY
-            self.notifier.status(self.status_line())
-
-    def status_line(self) -> str:
-        answered = self.board.totals().answered
-        last = "none"
-        if self.header.reloads:
-            when = time.strftime("%H:%M:%S", time.localtime(self.header.last_reload))
-            last = f"{'ok' if self.header.last_reload_ok else 'FAILED'} at {when}"
-            if not self.header.last_reload_ok:
-                last += f" ({self.board.read_message()})"
-        line = (f"gen {self.generation}, {len(self.pool.serving(self.generation))} workers, "
-                f"{answered} questions answered, last reload: {last}")
-        return f"{line}; {self.last_upgrade}" if self.last_upgrade else line
-
-    def move_metrics(self, cfg: Config) -> None:
-        if self.metrics:
-            self.metrics.close()
-            self.metrics = None
-        if cfg.metrics_bind:
-            try:
-                self.metrics = self.open_metrics(cfg)
-            except BindError as e:
-                log.error("metrics: %s; metrics are off until the next reload", e)
 
     def close_listeners(self, listeners: dict[str, socket.socket],
                         keep: dict[str, socket.socket] | None = None) -> None:

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 UPGRADE_TIMEOUT = 30.0  # a new master not ready by then is abandoned
 # After a hand-over our workers drain for graceful_timeout, then flush and
-# linger (worker.LINGER_SECONDS each) before they exit: room for both.
+# linger (connections.LINGER_SECONDS each) before they exit: room for both.
 DRAIN_GRACE = 2 * 2.0 + KILL_GRACE
 ENV_INHERIT = "LANCELOTD_INHERIT_FDS"
 ENV_READY_FD = "LANCELOTD_READY_FD"

@@ -14,6 +14,10 @@ held to current workers - see handoff.py - and serve those it cannot hand
 over until they close or graceful_timeout passes), USR1 = reopen the log.
 SIGALRM is the worker's one timer (the end of an accept pause, of the wait
 for questions on their way at stop), so the loop needs no timer check.
+
+Rooms: this module is the loop, accepting, signals and the tick;
+connections.py writing and closing a connection; retirement.py how a worker
+leaves (hand-off, last accept sweep, stop).
 """
 
 from __future__ import annotations
@@ -29,42 +33,23 @@ from setproctitle import setproctitle
 
 from . import handoff, logs
 from .config import Config
+from .connections import EPOLLIN, EPOLLOUT, LINGERING, RECV_SIZE, Conn, Connections
 from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
 from .logs import log, set_role
-from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
+from .protocol import AnswerTable
+from .retirement import Retirement
 from .scoreboard import DRAINING, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
 
-EPOLLIN = select.EPOLLIN
-EPOLLOUT = select.EPOLLOUT
 LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
-RECV_SIZE = 65536
 ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
-LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
 TICK = 1.0  # at most; see Worker.tick
-RECENT = 1.0  # at TERM, a connection active this recently is served this long more (see _stop)
 
 # The master forks us with its signals blocked; they stay blocked until our
 # handlers are in place, or one sent during boot would kill us (default action).
 OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # the master's business: ignored
 BOOT_BLOCKED = frozenset({*OWN_SIGNALS, *MASTER_SIGNALS, signal.SIGCHLD})
-
-# Connection states
-OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
-
-
-class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state")
-
-    def __init__(self, sock: socket.socket, table: AnswerTable, now: float) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.session = Session(table)
-        self.out = b""  # answers the kernel has not taken yet
-        self.last = now  # when the last complete question arrived (or accept)
-        self.state = OPEN
-
 
 @dataclass
 class WorkerSpec:
@@ -81,7 +66,7 @@ class WorkerSpec:
     max_requests: int  # 0 = never recycle
 
 
-class Worker:
+class Worker(Connections, Retirement):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.number = spec.number
@@ -317,131 +302,6 @@ class Worker:
         elif self.accept_paused:
             self._resume_accepting()
 
-    # --- hand-off ------------------------------------------------------
-
-    def _watch_channel(self, channel: socket.socket) -> None:
-        self.epoll.register(channel.fileno(), EPOLLIN)
-
-    def _take_over(self, fd: int, now: float) -> None:
-        """Accept a hand-off channel; adopt connections sent on one, or sent back to us."""
-        if fd == self.inbox.fileno():
-            channel = handoff.accept_channel(self.inbox)
-            if channel is not None:
-                self.channels[channel.fileno()] = channel
-                self._watch_channel(channel)
-            return
-        channel = self.channels.get(fd)
-        outbound = channel is None
-        if outbound:
-            channel = self.sender.channel(fd)
-            if channel is None:
-                return
-        received, acks, closed = handoff.receive(channel)
-        for sock, pending in received:
-            if outbound:  # a full target sent it back: we keep serving it
-                self.handed_off -= 1
-                log.info("a connection came back from a full worker: serving it here")
-            elif self._full() and handoff.send_back(channel, sock, pending):
-                continue
-            else:
-                handoff.acknowledge(channel)
-            self._adopt(sock, now).session.pending = pending
-        if outbound:
-            self.sender.answered(fd, acks, len(received))
-        if closed:  # closing the socket also takes it out of the epoll set
-            if outbound:
-                self.sender.forget(fd)
-            else:
-                del self.channels[fd]
-                channel.close()
-
-    def _adopt(self, sock: socket.socket, now: float) -> Conn:
-        conn = Conn(sock, self.table, now)
-        self.conns[conn.fd] = conn
-        self.epoll.register(conn.fd, EPOLLIN)
-        return conn
-
-    def _full(self) -> bool:
-        return len(self.conns) >= self.cfg.max_connections
-
-    def _hand_off(self) -> None:
-        """Retiring: pass every connection at a question boundary to a current worker."""
-        ready = [c for c in self.conns.values() if c.state == OPEN and not c.out]
-        if not ready:
-            return
-        targets = self.sender.targets()
-        handed = 0
-        for conn in ready:
-            if not targets or not self.sender.send(conn.sock, conn.session.pending, targets):
-                break  # fallback: this worker keeps serving it (and tries again next tick)
-            # Unregister first: epoll watches the open file, which lives on in the target.
-            self.epoll.unregister(conn.fd)
-            del self.conns[conn.fd]
-            conn.sock.close()
-            handed += 1
-        if handed:
-            self.handed_off += handed
-            log.info("handed %d connections over (%d left)", handed, len(self.conns))
-
-    # --- writing and closing -------------------------------------------
-
-    def _flush(self, conn: Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn)
-            return
-        conn.out = conn.out[sent:]
-        if conn.out:
-            return
-        if conn.state == CLOSE_AFTER_FLUSH:
-            self._close(conn)
-        else:
-            self.epoll.modify(conn.fd, EPOLLIN)
-            if self.state == DRAINING:
-                self._hand_off()  # its answers are out: now it can go
-
-    def _protocol_error(self, conn: Conn, out: bytes) -> None:
-        if out.endswith(TOO_LONG):
-            self.counters.too_long += 1
-        elif out.endswith(NOT_ASCII):
-            self.counters.not_ascii += 1
-        self._close_after_flush(conn)
-
-    def _close_after_flush(self, conn: Conn) -> None:
-        """Close once the answers owed are sent; until then nothing more is read."""
-        conn.state = CLOSE_AFTER_FLUSH
-        if not conn.out:
-            self._close(conn)
-
-    def _close(self, conn: Conn) -> None:
-        """Close a connection without turning unread input into a reset.
-
-        A connection we close on our own (error, idle, stop) may still carry
-        unread bytes, and close() would then send RST, which can destroy the
-        answers in flight.  So we shut down our side and keep reading until
-        the client closes or LINGER_SECONDS pass, like nginx's lingering close.
-        """
-        if conn.state == CLOSE_AFTER_FLUSH and not conn.out:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-                conn.state = LINGERING
-                conn.last = time.monotonic()
-                self.epoll.modify(conn.fd, EPOLLIN)
-                return
-            except OSError:
-                pass
-        self._forget(conn)
-
-    def _forget(self, conn: Conn) -> None:
-        del self.conns[conn.fd]
-        conn.sock.close()  # also leaves the epoll set
-        if (not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections
-                and not self.accept_paused):
-            self._start_accepting()
-
     # --- timers and signals --------------------------------------------
 
     def _tick(self, now: float) -> int | None:
@@ -469,21 +329,6 @@ class Worker:
                     return self._exit_code()
         return None
 
-    def _expire(self, now: float) -> None:
-        """Close idle connections and forget lingering ones that took too long."""
-        idle_limit = now - self.cfg.idle_timeout
-        linger_limit = now - LINGER_SECONDS
-        for conn in list(self.conns.values()):
-            if conn.state == LINGERING:
-                if conn.last < linger_limit:
-                    self._forget(conn)
-            elif conn.last < idle_limit:
-                self.counters.timeouts += 1
-                if conn.out:  # it has not read its answers for that long: give up
-                    self._forget(conn)
-                else:
-                    self._close_after_flush(conn)
-
     def _handle_signals(self, now: float) -> int | None:
         try:
             while os.read(self.sig_r, 512):
@@ -506,108 +351,6 @@ class Worker:
         if self.state != SERVING and not self.conns and not self.sender.waiting():
             return self._exit_code()
         return None
-
-    def _close_listeners(self) -> None:
-        self._stop_accepting()
-        for sock in self.listeners.values():
-            sock.close()  # our copy only: never shutdown() a shared listener
-        self.listeners.clear()  # the loop holds this very dict
-
-    def _drain(self, now: float) -> None:
-        """Retire: accept no more, keep serving until clients leave or graceful_timeout."""
-        if self.state != SERVING:
-            return
-        self._close_listeners()
-        self.deadline = now + self.cfg.graceful_timeout
-        self._set_state(DRAINING, now)
-        self._hand_off()
-
-    def _stop(self, now: float) -> None:
-        """TERM: answer every complete question already received, then close.
-
-        A connection active in the last RECENT seconds (just accepted, or just
-        answered) may have its next question on the way: it is served RECENT
-        seconds more (the alarm), then closed the same way.
-        """
-        if self.state == STOPPING:
-            return
-        # From serving: graceful_timeout to finish; from an expired drain: time to flush.
-        self.deadline = now + (self.cfg.graceful_timeout if self.state == SERVING else LINGER_SECONDS)
-        self._last_sweep(now)
-        self._close_listeners()
-        self._set_state(STOPPING, now)
-        recent = now - RECENT
-        waiting = False
-        for conn in list(self.conns.values()):
-            if conn.state == OPEN:
-                if conn.last > recent:
-                    waiting = True
-                else:
-                    self._answer_received(conn)
-        # (Replaces the alarm of an accept pause: stopping, we accept no more.)
-        signal.setitimer(signal.ITIMER_REAL, RECENT if waiting else 0)
-
-    def _last_sweep(self, now: float) -> None:
-        """Accept what is queued on the listeners before closing our copy of them.
-
-        The master closes its copy at TERM; whoever closes the listening socket
-        last makes the kernel reset every connection still queued on it.  So
-        each worker takes the queue until EAGAIN and serves it: a connection
-        queued now is served, one that comes after the last close is refused
-        (a client can retry that), none is accepted by the kernel and then reset.
-        (Only the instants between the last sweep's EAGAIN and its close() remain.)
-        Bounded: while another worker still holds the socket, a connect flood
-        would refill the queue as fast as we empty it, so at most `backlog`
-        accepts per listener - all the queue could hold when we began - and
-        never past max_connections.  Socket-activated listeners get the same
-        sweep: systemd keeps its copy, so nothing is reset there anyway.
-        """
-        for listener in self.listeners.values():
-            for _ in range(self.cfg.backlog):
-                if self._full():
-                    return
-                try:
-                    sock, _addr = listener.accept()
-                except BlockingIOError:
-                    break
-                except OSError as e:
-                    if e.errno in CLIENT_GONE:
-                        continue
-                    log.warning("last accept sweep stopped: %s", e.strerror)
-                    return
-                sock.setblocking(False)
-                self._adopt(sock, now)
-                self.counters.accepted += 1
-
-    def _close_open(self) -> None:
-        """Stopping: answer what the open connections sent, then close them."""
-        for conn in list(self.conns.values()):
-            if conn.state == OPEN:
-                self._answer_received(conn)
-
-    def _answer_received(self, conn: Conn) -> None:
-        out = []
-        while True:
-            try:
-                data = conn.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError:
-                self._forget(conn)
-                return
-            if not data:
-                break
-            answers, must_close = conn.session.feed(data)
-            out.append(answers)
-            if must_close:
-                break
-        conn.out += b"".join(out)
-        conn.state = CLOSE_AFTER_FLUSH
-        if conn.out:
-            self.epoll.modify(conn.fd, EPOLLOUT)
-            self._flush(conn)
-        else:
-            self._close(conn)
 
     def _exit_code(self) -> int:
         self._publish(time.monotonic())  # the master folds our last counters into its totals
