@@ -1,4 +1,4 @@
-"""`lancelotd` command line (SPEC §5): serve, check-config, status, stop, reload."""
+"""`lancelotd` command line (SPEC §5): serve, check-config, status, stop, reload, reopen-logs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .scoreboard import Scoreboard, ScoreboardError
 from .sockets import parse_address
 
 SYSTEM_CONFIG = "/etc/lancelotd/lancelotd.toml"
-COMMANDS = ("serve", "check-config", "status", "stop", "reload")
+COMMANDS = ("serve", "check-config", "status", "stop", "reload", "reopen-logs")
 
 
 def default_config_path() -> str | None:
@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show the master and every worker (exit 0 running, 1 dead, 3 stopped, 4 unknown)")
     stop = sub.add_parser("stop", help="stop the running master (graceful; waits until it has exited)")
     reload = sub.add_parser("reload", help="reload the config (SIGHUP); waits until the new workers serve")
-    for p in (status, stop, reload):
+    reopen = sub.add_parser("reopen-logs", help="make every process reopen its log file (SIGUSR1), "
+                            "for logrotate: only a live lancelotd master named by the PID file is signalled")
+    for p in (status, stop, reload, reopen):
         with_config(p)
         p.add_argument("--pid-file", metavar="PATH", help="the master's PID file (default: the config's)")
     status.add_argument("--json", action="store_true", help="machine-readable output (schema in the README)")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     return {"serve": cmd_serve, "check-config": cmd_check_config, "status": cmd_status, "stop": cmd_stop,
-            "reload": cmd_reload}[args.command](args)
+            "reload": cmd_reload, "reopen-logs": cmd_reopen_logs}[args.command](args)
 
 
 def load_config(args: argparse.Namespace, base_dir: str | None = None) -> config.Config:
@@ -237,6 +239,19 @@ def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboar
         return 0
     print(f"lancelotd: reload failed: {message}", file=sys.stderr)
     return 1
+
+
+def cmd_reopen_logs(args: argparse.Namespace) -> int:
+    """USR1 to the master the PID file names, once psutil has checked it is one (not `kill $(cat ...)`
+    on a file the service user could have written)."""
+    try:
+        proc = status.find_master_process(pid_file_of(args))
+    except status.StatusError as e:
+        print(f"lancelotd: {e}", file=sys.stderr)
+        return 0 if e.code == status.NOT_RUNNING else e.code  # nothing to reopen
+    proc.send_signal(signal.SIGUSR1)
+    print(f"sent SIGUSR1 to master {proc.pid}")
+    return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

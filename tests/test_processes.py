@@ -7,6 +7,7 @@ fixture (which SIGKILLs and reaps the whole process group at teardown).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from helpers import (
     lancelotd_cli,
     scaled,
     title,
+    wait_log,
 )
 
 import lancelotd
@@ -434,3 +436,34 @@ def test_console_scripts_are_installed():
         assert script.exists(), script
         result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=20)
         assert result.returncode == 0 and lancelotd.__version__ in result.stdout
+
+
+def test_reopen_logs_signals_only_a_live_master(start_daemon, tmp_path):
+    """logrotate's fallback: USR1 through a command that checks the PID file names a lancelotd master."""
+    log = tmp_path / "served.log"
+    d = start_daemon("-w", "2", "--log-file", str(log), wait=False)
+    wait_for(lambda: log.exists() and len(re.findall(r"spawned worker", log.read_text())) >= 2, 10,
+             "the master and its workers")
+    d.log_file = log
+    d.wait_ready(workers=2)
+    log.rename(tmp_path / "served.log.1")
+    done = lancelotd_cli("reopen-logs", "--pid-file", str(d.pid_file))
+    assert done.returncode == 0, done.stderr
+    wait_log(log, r"log file reopened", count=3)  # the master and both workers
+
+    # A PID file that names some other process: refused, and that process is not signalled.
+    decoy = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                              "signal.signal(signal.SIGUSR1, lambda *a: print('signalled', flush=True)); "
+                              "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        fake = tmp_path / "fake.pid"
+        fake.write_text(f"{decoy.pid}\n")
+        refused = lancelotd_cli("reopen-logs", "--pid-file", str(fake))
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "not lancelotd" in refused.stderr
+    finally:
+        decoy.kill()
+        out, _ = decoy.communicate(10)
+    assert "signalled" not in out
+    gone = lancelotd_cli("reopen-logs", "--pid-file", str(tmp_path / "none.pid"))
+    assert gone.returncode == 0, "nothing running, nothing to reopen: not an error for logrotate"
