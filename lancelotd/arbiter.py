@@ -326,21 +326,23 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         if self.upgrade:
             self.abandon_upgrade("stopping")
         self.stop_deadline = time.monotonic() + grace
-        self.release_listeners(handed_over=how == "upgraded")
+        # Sockets shared with the other master of an upgrade are closed, never filtered: after a
+        # hand-over they are the successor's, and a successor not yet let in shares the old master's.
+        self.release_listeners(shared=how == "upgraded" or self.predecessor is not None)
         if how == "upgraded":
             for worker in list(self.pool.workers.values()):
                 self.retire(worker)
         else:
             self.pool.signal_all(worker_signal)
 
-    def release_listeners(self, handed_over: bool) -> None:
-        """Close our copies: all of them after a hand-over (the successor has its own), else
-        those that are not systemd's, first making them refuse new connections for good."""
+    def release_listeners(self, shared: bool) -> None:
+        """Close our copies: all of them when another master shares them, else those that are not
+        systemd's, first making them refuse new connections for good."""
         sets = [self.listeners] + ([self.reload.listeners] if self.reload else [])
         for listeners in sets:
-            for address in [a for a in listeners if handed_over or not a.startswith(ACTIVATED)]:
+            for address in [a for a in listeners if shared or not a.startswith(ACTIVATED)]:
                 sock = listeners.pop(address)
-                if not handed_over and sock.fileno() != -1:
+                if not shared and sock.fileno() != -1:
                     refuse_new_connections(sock)
                 self.close_listeners({address: sock})
 

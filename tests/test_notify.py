@@ -460,6 +460,8 @@ def test_a_failed_upgrade_leaves_the_service_as_it_was(subreaper, spawn, notify,
     failed = notify.wait(lambda m: "upgrade FAILED" in (m.get("STATUS") or ""), what="the failure in STATUS=",
                          after=started)
     assert failed.pid == old
+    successor = int(re.search(r"upgrade: new master (\d+) started", d.log()).group(1))
+    wait_child_exit(successor)  # gone, and whatever it did on its way out is done (it is ours: subreaper)
     assert all(m.pid == old for m in notify.messages), [(m.pid, m.raw) for m in notify.messages]
     broken.unlink(missing_ok=True)
     assert read_pid(d.pid_file) == old
