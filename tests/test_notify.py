@@ -478,3 +478,21 @@ def test_a_failed_upgrade_leaves_the_service_as_it_was(subreaper, spawn, notify,
     assert leftovers == [], leftovers
     os.kill(old, signal.SIGTERM)
     assert wait_child_exit(old) == 0
+
+
+def test_term_during_a_reload_is_a_stop_not_a_failed_reload(start_daemon, notify):
+    """The new generation is still booting when TERM comes: STOPPING=1, then nothing more; no READY=1
+    (which would tell systemd the reload finished) and no "reload failed" in the log."""
+    d = start_daemon(config="[server]\nworkers = 2\n", env={"NOTIFY_SOCKET": notify.address,
+                                                           "LANCELOTD_TEST_BOOT_DELAY": "1"}, wait=False)
+    started = notify.wait(ready, what="READY=1")
+    d.wait_ready()
+    d.signal(signal.SIGHUP)
+    reloading = notify.wait(lambda m: m.get("RELOADING") == "1", what="RELOADING=1", after=started)
+    d.signal(signal.SIGTERM)  # the new workers sleep in their boot for a second yet
+    stopping = notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1", after=reloading)
+    assert d.wait_exit() == 0
+    later = notify.messages[reloading.seq + 1:]
+    assert not any(ready(m) for m in later), [m.raw for m in later]
+    assert stopping.pid == d.proc.pid
+    assert "reload failed" not in d.log() and "reload done" not in d.log(), d.log()[-2000:]
