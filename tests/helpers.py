@@ -21,8 +21,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from conftest import Daemon
 
 
 def _time_factor() -> float:
@@ -201,6 +205,19 @@ def wait_log(path: Path, pattern: str, count: int = 1, timeout: float = 10.0) ->
         return wait_for(found, timeout, f"{count} x {pattern!r} in {path.name}")  # type: ignore[return-value]
     except AssertionError as e:
         raise AssertionError(f"{e}\n--- {path}:\n{read(path)[-4000:]}") from None
+
+
+def ready_from(daemon: Daemon, log_path: Path, workers: int) -> Daemon:
+    """Readiness for a daemon that logs to `log_path` instead of stderr: PID file, port, workers."""
+    def pid_file() -> bool:
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"lancelotd exited with {daemon.proc.returncode}:\n{daemon.log()}"
+                                 f"\n{read(log_path)}")
+        return daemon.pid_file.exists()
+    wait_for(pid_file, 10, "the PID file")
+    daemon.port = int(wait_log(log_path, LISTENING.pattern)[0].group(2))
+    wait_pool(daemon.proc.pid, workers)
+    return daemon
 
 
 # --- talking ---------------------------------------------------------------------

@@ -44,6 +44,7 @@ from helpers import (
     live_children,
     read,
     read_pid,
+    ready_from,
     title,
     wait_child_exit,
     wait_log,
@@ -129,19 +130,6 @@ def assert_clean_log(text: str) -> None:
 def listening(path: Path) -> dict[str, int]:
     """host -> port of every 'listening on' line of the log."""
     return {m.group(1): int(m.group(2)) for m in LISTENING.finditer(read(path))}
-
-
-def ready_from(daemon: Daemon, log_path: Path, workers: int) -> Daemon:
-    """Readiness for a daemon that logs to `log_path` instead of stderr."""
-    def pid_file() -> bool:
-        if daemon.proc.poll() is not None:
-            raise AssertionError(f"lancelotd exited with {daemon.proc.returncode}:\n{daemon.log()}"
-                                 f"\n{read(log_path)}")
-        return daemon.pid_file.exists()
-    wait_for(pid_file, 10, "the PID file")
-    daemon.port = int(wait_log(log_path, LISTENING.pattern)[0].group(2))
-    wait_pool(daemon.proc.pid, workers)
-    return daemon
 
 
 # --- talking ---------------------------------------------------------------------

@@ -23,38 +23,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LISTENING, Daemon, recv_until, wait_for
+from conftest import Daemon, recv_until, wait_for
+from helpers import NAME_A, NAME_Q, read, ready_from, wait_log
 
 from lancelotd.limits import nofile_advice
-
-NAME_Q, NAME_A = b"What is your name?", b"My name is Sir Lancelot of Camelot."
-
-
-def read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-def wait_log(path: Path, pattern: str, count: int = 1, timeout: float = 10.0) -> list[re.Match]:
-    regex = re.compile(pattern, re.M)
-
-    def found() -> list[re.Match] | None:
-        matches = list(regex.finditer(read(path)))
-        return matches if len(matches) >= count else None
-    try:
-        return wait_for(found, timeout, f"{count} x {pattern!r} in {path.name}")  # type: ignore[return-value]
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n--- {path}:\n{read(path)[-4000:]}") from None
-
-
-def ready_from(d: Daemon, log_path: Path, workers: int) -> None:
-    """wait_ready() for a daemon that logs to its own file, not to stderr."""
-    wait_for(lambda: d.pid_file.exists() or d.proc.poll() is not None, 10, "the PID file")
-    assert d.proc.poll() is None, read(d.log_file) + read(log_path)
-    d.port = int(wait_log(log_path, LISTENING.pattern)[0].group(2))
-    d.wait_workers(workers)
 
 
 def in_boot_delay(pid: int) -> bool:
