@@ -50,6 +50,7 @@ CONFIG = "[protocol]\nmax_connections = 12000\n"  # 10,000 idle ones on one work
 # The documented worst case of one connection (README, "Bounds"): held input
 # (RECV_SIZE + max_question_bytes) + one slice of output + the objects.
 PER_CONNECTION_BOUND = 16384 + 1024 + 16384 + 2048
+WORKING_SET = 2 * MIB  # what a busy worker's own allocations add to its idle USS
 
 
 # --- the hostile side (a child process) ----------------------------------------
@@ -204,7 +205,7 @@ def run_scenario(key: str, args: argparse.Namespace, run_dir: Path) -> bool:
         ok = p99 < 0.100 and pct(fresh, 99) < 0.100 and not result["errors"]
         for w in workers:
             conns = max(w.num_fds() - 8, 0)  # about: the worker's own descriptors are ~8
-            bound = idle[w.pid] + conns * PER_CONNECTION_BOUND
+            bound = idle[w.pid] + WORKING_SET + conns * PER_CONNECTION_BOUND
             end_uss = bench.uss(w.pid)
             within = max(result["peak_uss"][w.pid], end_uss) <= bound
             ok = ok and within
