@@ -28,15 +28,35 @@ def recv_answer(sock: socket.socket, buffer: bytearray) -> bytes:
         buffer += data
 
 
+def problem(question: str) -> str | None:
+    """Why `question` cannot be sent as one question, or None.
+
+    The server answers every '?' it receives, so a string with two would get
+    two answers, and each later answer would be printed against the wrong question.
+    """
+    text = question.strip()
+    if not text.isascii():
+        return "questions must be ASCII"
+    if text.count("?") > 1:
+        return "holds more than one '?': ask each question as its own argument"
+    if not text.endswith("?"):
+        return "does not end with '?'"
+    return None
+
+
 def ask(host: str, port: int, questions: list[str], timeout: float = 10.0) -> Iterator[str]:
-    """Ask each question on one connection; yields the answers in order."""
+    """Ask each question on one connection; yields the answers in order.
+
+    ValueError, before anything is sent, if a question is not exactly one question.
+    """
+    for question in questions:
+        reason = problem(question)
+        if reason:
+            raise ValueError(f"{question!r}: {reason}")
     with socket.create_connection((host, port), timeout=timeout) as sock:
         buffer = bytearray()
         for question in questions:
-            question = question.strip()
-            if not question.endswith("?"):
-                question += "?"
-            sock.sendall(question.encode("ascii", "replace"))
+            sock.sendall(question.strip().encode("ascii"))
             yield recv_answer(sock, buffer).decode("ascii", "replace")
 
 
@@ -51,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p_ask.add_argument("questions", nargs="+", metavar="QUESTION")
     args = parser.parse_args(argv)
     where = f"{args.host}:{args.port}"
+    refused = [f"lancelot: not asked: {q!r} {problem(q)}" for q in args.questions if problem(q)]
+    if refused:
+        print("\n".join(refused), file=sys.stderr)
+        return 2
     try:
         for answer in ask(args.host, args.port, args.questions, args.timeout):
             print(answer, flush=True)

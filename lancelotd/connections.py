@@ -6,11 +6,15 @@ this is everything a connection needs besides one recv and one send.
 
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
+import struct
+import termios
 import time
 from typing import TYPE_CHECKING
 
+from .logs import log
 from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
 from .scoreboard import DRAINING, SERVING
 
@@ -19,30 +23,54 @@ if TYPE_CHECKING:
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
-RECV_SIZE = 65536
+RECV_SIZE = 16384  # also the most unparsed input a connection holds back (Session.held)
+# Fairness.  A read is answered at once up to READ_SLICE bytes (plenty for any
+# client that waits for its answers); what more it asked for is answered a
+# slice (SLICE_BYTES) per turn, after everyone else's questions, and the
+# slices of one turn stop after TURN_BUDGET seconds, the rest next turn.
+READ_SLICE = 4096
+TURN_BUDGET = 0.010
 LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
+# The kernel's send buffer of a connection (it doubles the figure for its own
+# bookkeeping).  Left to autotuning it grows to tcp_wmem's maximum (4 MB): a
+# client that never reads would make us answer 4 MB of questions and hold them.
+SEND_BUFFER = 65536
 
-# Connection states
-OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
+# Connection states.  FINISHING: the worker stops; answer what the client sent, then close.
+OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state")
+    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent")
 
     def __init__(self, sock: socket.socket, table: AnswerTable, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.session = Session(table)
-        self.out = b""  # answers the kernel has not taken yet
-        self.last = now  # when the last complete question arrived (or accept)
+        self.out = b""  # answers the kernel has not taken yet (at most one slice)
+        self.last = now  # the last progress: a complete question, answers taken (or accept)
         self.state = OPEN
+        self.writing = False  # watched for EPOLLOUT: output owed, input held back, or finishing
+        self.unsent = -1  # bytes in the kernel's send queue when _taking_answers last looked
+
+
+def bound_send_buffers(listeners: list[socket.socket]) -> None:
+    """Accepted sockets inherit the listener's SO_SNDBUF: set it once, not per accept."""
+    for sock in listeners:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError as e:  # serve on with the kernel's default
+            log.warning("cannot bound the send buffer of %s: %s", sock.getsockname(), e.strerror)
 
 
 class Connections:
     """Per-connection mechanics of the Worker."""
 
-    def _adopt(self: Worker, sock: socket.socket, now: float) -> Conn:
+    def _adopt(self: Worker, sock: socket.socket, now: float, last: float | None = None) -> Conn:
+        """Serve a connection accepted elsewhere; `last` keeps its idle timer (a hand-off)."""
         conn = Conn(sock, self.table, now)
+        if last is not None:
+            conn.last = min(last, now)
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, EPOLLIN)
         return conn
@@ -50,23 +78,99 @@ class Connections:
     def _full(self: Worker) -> bool:
         return len(self.conns) >= self.cfg.max_connections
 
-    def _flush(self: Worker, conn: Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn)
-            return
-        conn.out = conn.out[sent:]
+    def _want_output(self: Worker, conn: Conn) -> None:
+        """Stop reading from the client; wake when its socket can take more."""
+        if not conn.writing:
+            conn.writing = True
+            self.epoll.modify(conn.fd, EPOLLOUT)
+
+    def _want_input(self: Worker, conn: Conn) -> None:
+        if conn.writing:
+            conn.writing = False
+            self.epoll.modify(conn.fd, EPOLLIN)
+
+    def _serve_writable(self: Worker, writable: list[Conn], now: float) -> None:
+        """Those epoll found writable, in turn, for TURN_BUDGET at most.
+
+        The others are reported again at the next poll, in the same order:
+        the turn after starts where this one stopped.
+        """
+        conns = self.conns
+        count = len(writable)
+        first = self.rotation % count
+        deadline = time.monotonic() + TURN_BUDGET
+        for i in range(first, first + count):
+            conn = writable[i % count]
+            if conns.get(conn.fd) is conn:  # not closed meanwhile
+                self._writable(conn, now)
+            if time.monotonic() > deadline:
+                self.rotation = i + 1
+                return
+
+    def _writable(self: Worker, conn: Conn, now: float) -> None:
+        """EPOLLOUT: send what is owed; then answer the next slice of what is held back.
+
+        One slice per connection per turn of the loop, so a client with a
+        large backlog (a flood of '?', a long answer asked again and again)
+        gets its share and leaves the others theirs.
+        """
         if conn.out:
-            return
+            try:
+                sent = conn.sock.send(conn.out)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if sent:
+                conn.last = now  # it reads its answers: progress
+            conn.out = conn.out[sent:]
+            if conn.out:
+                return
         if conn.state == CLOSE_AFTER_FLUSH:
             self._close(conn)
+        elif conn.session.held or conn.state == FINISHING:
+            self._next_slice(conn, now)
         else:
-            self.epoll.modify(conn.fd, EPOLLIN)
+            self._want_input(conn)
             if self.state == DRAINING:
                 self._hand_off()  # its answers are out: now it can go
+
+    def _next_slice(self: Worker, conn: Conn, now: float) -> None:
+        session = conn.session
+        if session.held:
+            out, must_close = session.resume()
+        else:  # FINISHING: the next piece of what the client sent before the stop
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                data = b""
+            except OSError:
+                self._forget(conn)
+                return
+            if not data:  # everything received is answered
+                self._close_after_flush(conn)
+                return
+            self.bytes_in += len(data)
+            out, must_close = session.feed(data)
+        if out:
+            conn.last = now
+            self.answered += out.count(b".") - must_close
+            self.bytes_out += len(out)
+            try:
+                sent = conn.sock.send(out)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            conn.out = out[sent:]
+        if must_close:
+            self._protocol_error(conn, out)
+        elif conn.out or session.held or conn.state == FINISHING:
+            self._want_output(conn)  # the rest next turn
+        else:
+            self._want_input(conn)
 
     def _protocol_error(self: Worker, conn: Conn, out: bytes) -> None:
         if out.endswith(TOO_LONG):
@@ -78,7 +182,9 @@ class Connections:
     def _close_after_flush(self: Worker, conn: Conn) -> None:
         """Close once the answers owed are sent; until then nothing more is read."""
         conn.state = CLOSE_AFTER_FLUSH
-        if not conn.out:
+        if conn.out:
+            self._want_output(conn)
+        else:
             self._close(conn)
 
     def _close(self: Worker, conn: Conn) -> None:
@@ -94,7 +200,7 @@ class Connections:
                 conn.sock.shutdown(socket.SHUT_WR)
                 conn.state = LINGERING
                 conn.last = time.monotonic()
-                self.epoll.modify(conn.fd, EPOLLIN)
+                self._want_input(conn)
                 return
             except OSError:
                 pass
@@ -108,40 +214,50 @@ class Connections:
             self._start_accepting()
 
     def _expire(self: Worker, now: float) -> None:
-        """Close idle connections and forget lingering ones that took too long."""
+        """Close idle connections and forget lingering ones that took too long.
+
+        Idle means no progress either way: no complete question, and no
+        answers taken.  A client still reading a large backlog is not idle.
+        """
         idle_limit = now - self.cfg.idle_timeout
         linger_limit = now - LINGER_SECONDS
         for conn in list(self.conns.values()):
             if conn.state == LINGERING:
                 if conn.last < linger_limit:
                     self._forget(conn)
-            elif conn.last < idle_limit:
+                continue
+            if conn.last < idle_limit and not self._taking_answers(conn, now):
                 self.counters.timeouts += 1
                 if conn.out:  # it has not read its answers for that long: give up
                     self._forget(conn)
                 else:
                     self._close_after_flush(conn)
 
+    def _taking_answers(self: Worker, conn: Conn, now: float) -> bool:
+        """An idle-looking client that still reads answers queued in the kernel is not idle.
+
+        The loop sees that progress only when the send queue has room for more;
+        a client reading a large backlog slowly drains it long before.  So a
+        connection due to expire with answers still queued gets one more tick,
+        and is kept if the queue shrinks meanwhile (or since the last look).
+        """
+        seen, conn.unsent = conn.unsent, _unsent(conn)
+        if conn.unsent and seen < 0:
+            return True  # first look: judge at the next tick
+        if conn.unsent < seen:
+            conn.last = now
+            return True
+        return False
+
     def _answer_received(self: Worker, conn: Conn) -> None:
-        out = []
-        while True:
-            try:
-                data = conn.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError:
-                self._forget(conn)
-                return
-            if not data:
-                break
-            answers, must_close = conn.session.feed(data)
-            out.append(answers)
-            if must_close:
-                break
-        conn.out += b"".join(out)
-        conn.state = CLOSE_AFTER_FLUSH
-        if conn.out:
-            self.epoll.modify(conn.fd, EPOLLOUT)
-            self._flush(conn)
-        else:
-            self._close(conn)
+        """Stopping: answer what the client sent, a slice per turn of the loop, then close."""
+        conn.state = FINISHING
+        self._want_output(conn)
+
+
+def _unsent(conn: Conn) -> int:
+    """Bytes in the kernel's send queue of the connection, not yet taken by the client."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

@@ -7,10 +7,19 @@ hypothesis check that any split of a stream gives the same answers.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping
+from itertools import accumulate, repeat
 
 TOO_LONG = b"Error: question too long."
 NOT_ASCII = b"Error: questions must be ASCII."
+# The most output one feed() produces: a read of "???..." is a question per
+# byte, so without a cap one read could make a worker answer 16,384 questions
+# and queue hundreds of KB for a client that may never read them.
+SLICE_BYTES = 16384
+# (answers, the error of the first bad question or None, how many of the answers fit in the cap)
+Answered = tuple[list[bytes], bytes | None, int]
+FEW = 8  # questions in one read up to which a plain loop is the fastest way to answer them
 
 
 class AnswerTable:
@@ -22,7 +31,7 @@ class AnswerTable:
     around it and of its '?' for the general path.
     """
 
-    __slots__ = ("exact", "by_text", "unknown", "max_bytes", "unknown_count")
+    __slots__ = ("exact", "by_text", "unknown", "max_bytes", "unknown_count", "shortest")
 
     def __init__(self, answers: Mapping[str, str], unknown_answer: str, max_question_bytes: int) -> None:
         self.by_text = {q.strip().encode("ascii")[:-1]: a.encode("ascii") for q, a in answers.items()}
@@ -34,23 +43,33 @@ class AnswerTable:
         self.unknown = unknown_answer.encode("ascii")
         self.max_bytes = max_question_bytes
         self.unknown_count = 0  # unknown questions seen, for the scoreboard
+        # No answer is shorter: a slice of `cap` output bytes holds at most cap // shortest answers.
+        self.shortest = max(1, min(len(a) for a in [self.unknown, *self.by_text.values()]))
 
 
 class Session:
-    """Protocol state of one connection: the bytes of an unfinished question.
+    """Protocol state of one connection: the bytes received and not yet answered.
 
-    feed() returns (output, close): the answers for every complete question
+    feed() returns (output, close): the answers for the complete questions
     in order, followed by an error line when the stream broke a rule, in which
     case close is True and nothing after the bad question is answered.
+
+    Output is produced in slices of at most `cap` bytes (one answer at least):
+    when the next answer would not fit, parsing stops there, the rest of the
+    input stays in `pending` and `held` is True.  The caller then reads nothing
+    more from the client and calls resume() (once the client has taken the
+    answers) until `held` is False.  However the stream is split and whatever
+    the cap, the concatenated output is the same.
     """
 
-    __slots__ = ("table", "pending")
+    __slots__ = ("table", "pending", "held")
 
     def __init__(self, table: AnswerTable, pending: bytes = b"") -> None:
         self.table = table
-        self.pending = pending
+        self.pending = pending  # an unfinished question, or (held) input not parsed yet
+        self.held = False
 
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
+    def feed(self, data: bytes, cap: int = SLICE_BYTES) -> tuple[bytes, bool]:
         if not self.pending:
             answer = self.table.exact.get(data)
             if answer is not None:  # the hot path: one whole, known question
@@ -58,35 +77,89 @@ class Session:
         else:
             data = self.pending + data
             self.pending = b""
-        return self._feed_slow(data)
+        return self._feed_slow(data, cap)
 
-    def _feed_slow(self, data: bytes) -> tuple[bytes, bool]:
+    def resume(self, cap: int = SLICE_BYTES) -> tuple[bytes, bool]:
+        """The next slice of the input a capped feed() left unparsed."""
+        data, self.pending, self.held = self.pending, b"", False
+        return self._feed_slow(data, cap)
+
+    def _feed_slow(self, data: bytes, cap: int) -> tuple[bytes, bool]:
         table = self.table
-        limit = table.max_bytes
-        parts = data.split(b"?")
-        rest = parts.pop().lstrip()
+        # The split does no work past what one slice can answer.
+        most = cap // table.shortest + 1
+        parts = data.split(b"?", most)
+        rest = parts.pop()
         clean = data.isascii()
-        out = []
+        if len(parts) > FEW:
+            answers, error, fit = self._answer_many(parts, clean, cap)
+        else:
+            answers, error, fit = self._answer_few(parts, clean, cap)
+        if fit < len(parts) and error is None or fit < len(answers):
+            del answers[fit:]
+            self.pending = b"?".join([*parts[fit:], rest])
+            self.held = True
+        elif error is None and len(parts) == most:  # the split stopped early: more may follow
+            self.pending = rest
+            self.held = True
+        elif error is None:
+            # An unfinished question fails as soon as it can no longer be valid,
+            # exactly as it would had it arrived in one piece.
+            rest = rest.lstrip()
+            error = _check(rest, table.max_bytes - 1, clean)
+            if error is None:
+                self.pending = rest
+        if error is not None and not self.held:
+            answers.append(error)
+            return b"".join(answers), True
+        return b"".join(answers), False
+
+    def _answer_few(self, parts: list[bytes], clean: bool, cap: int) -> Answered:
+        """The answers to a few questions, one by one."""
+        table = self.table
+        answers = []
+        size = 0
         for part in parts:
             question = part.lstrip()
-            # A question may hold limit bytes, its '?' included.
-            error = _check(question, limit - 1, clean)
+            error = _check(question, table.max_bytes - 1, clean)  # max_bytes with its '?'
             if error:
-                out.append(error)
-                return b"".join(out), True
+                return answers, error, len(answers)
             answer = table.by_text.get(question)
             if answer is None:
                 answer = table.unknown
+            size += len(answer)
+            if size > cap and answers:
+                return answers, None, len(answers)
+            if answer is table.unknown:
                 table.unknown_count += 1
-            out.append(answer)
-        # An unfinished question fails as soon as it can no longer be valid,
-        # exactly as it would had it arrived in one piece.
-        error = _check(rest, limit - 1, clean)
+            answers.append(answer)
+        return answers, None, len(answers)
+
+    def _answer_many(self, parts: list[bytes], clean: bool, cap: int) -> Answered:
+        """_answer_few with whole-list operations: a read of "???..." is a question per byte."""
+        table = self.table
+        by_text = table.by_text
+        questions = list(map(bytes.lstrip, parts))
+        error = None
+        if not clean or max(map(len, questions)) >= table.max_bytes:
+            error, questions = _first_error(questions, table.max_bytes - 1, clean)
+        answers = list(map(by_text.get, questions, repeat(table.unknown)))
+        fit = len(answers)
+        if fit > 1:
+            ends = list(accumulate(map(len, answers)))
+            if ends[-1] > cap:  # one answer at least
+                fit = bisect_right(ends, cap) or 1
+        table.unknown_count += fit - sum(map(by_text.__contains__, questions[:fit]))
+        return answers, error, fit
+
+
+def _first_error(questions: list[bytes], max_len: int, clean: bool) -> tuple[bytes | None, list[bytes]]:
+    """The first question that breaks a rule: its error, and the questions before it."""
+    for i, question in enumerate(questions):
+        error = _check(question, max_len, clean)
         if error:
-            out.append(error)
-            return b"".join(out), True
-        self.pending = rest
-        return b"".join(out), False
+            return error, questions[:i]
+    return None, questions
 
 
 def _check(question: bytes, max_len: int, clean: bool) -> bytes | None:

@@ -61,7 +61,7 @@ class Retirement:
 
     def _hand_off(self: Worker) -> None:
         """Retiring: pass every connection at a question boundary to a current worker."""
-        ready = [c for c in self.conns.values() if c.state == OPEN and not c.out]
+        ready = [c for c in self.conns.values() if c.state == OPEN and not c.writing]  # nothing owed or held
         if not ready:
             return
         targets = self.sender.targets()

@@ -33,7 +33,7 @@ from setproctitle import setproctitle
 
 from . import handoff, logs
 from .config import Config
-from .connections import EPOLLIN, EPOLLOUT, LINGERING, RECV_SIZE, Conn, Connections
+from .connections import EPOLLIN, LINGERING, READ_SLICE, RECV_SIZE, Conn, Connections, bound_send_buffers
 from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
 from .logs import log, set_role
 from .protocol import AnswerTable
@@ -92,6 +92,7 @@ class Worker(Connections, Retirement):
         self.sender = handoff.Sender(scoreboard_path(cfg.pid_file) if cfg.pid_file else "", spec.board,
                                      cfg.max_connections, self._watch_channel)
         self.handed_off = 0
+        self.rotation = 0  # where the next turn starts serving writable connections (_serve_writable)
         # The heartbeat goes with the tick: several per worker_timeout, so a
         # busy but healthy worker is never mistaken for a hung one.
         self.tick = min(TICK, cfg.worker_timeout / 4)
@@ -140,6 +141,7 @@ class Worker(Connections, Retirement):
         self._install_signals()
         self.inbox = handoff.listen()
         self.epoll.register(self.inbox.fileno(), EPOLLIN)
+        bound_send_buffers(list(self.listeners.values()))
         self._start_accepting()
         self._set_state(SERVING, time.monotonic())
         log.debug("serving (gen %d)", self.generation)
@@ -175,8 +177,7 @@ class Worker(Connections, Retirement):
         # where a worker spends its life, and locals are Python's fast path.
         conns = self.conns
         listeners = self.listeners
-        epoll = self.epoll
-        poll = epoll.poll
+        poll = self.epoll.poll
         exact = self.table.exact.get
         tick = self.tick
         next_tick = time.monotonic() + tick
@@ -184,6 +185,7 @@ class Worker(Connections, Retirement):
             events = poll(tick)
             now = time.monotonic()
             answered = bytes_in = bytes_out = 0
+            writable = []
             for fd, _ev in events:
                 conn = conns.get(fd)
                 if conn is None:
@@ -196,8 +198,8 @@ class Worker(Connections, Retirement):
                     else:
                         self._take_over(fd, now)
                     continue
-                if conn.out:
-                    self._flush(conn)
+                if conn.writing:  # output owed or input held back: after the others, see below
+                    writable.append(conn)
                     continue
                 # The hot path: one recv, one lookup, one send.
                 sock = conn.sock
@@ -220,10 +222,12 @@ class Worker(Connections, Retirement):
                     answered += 1
                     must_close = False
                 else:
-                    out, must_close = session.feed(data)
+                    out, must_close = session.feed(data, READ_SLICE)
                     if not out:  # an unfinished question (an error always has its line)
                         continue
                     answered += out.count(b".") - must_close  # an error line is no answer
+                    if session.held:  # a full slice: the rest of the input waits for the next turn
+                        self._want_output(conn)
                 conn.last = now
                 bytes_out += len(out)
                 try:
@@ -236,12 +240,14 @@ class Worker(Connections, Retirement):
                 if sent != len(out):
                     # Back-pressure: stop reading from this client until it reads.
                     conn.out = out[sent:]
-                    epoll.modify(fd, EPOLLOUT)
+                    self._want_output(conn)
                 if must_close:
                     self._protocol_error(conn, out)
             self.answered += answered
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
+            if writable:  # after every question that came in: see _serve_writable
+                self._serve_writable(writable, now)
             if self.state != SERVING and not conns and not self.sender.waiting():
                 return self._exit_code()  # retired or stopping, the last client gone or handed over
             if now >= next_tick:

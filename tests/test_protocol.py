@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lancelotd.config import DEFAULT_ANSWERS
-from lancelotd.protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
+from lancelotd.config import DEFAULT_ANSWERS, MAX_ANSWER_BYTES
+from lancelotd.protocol import NOT_ASCII, SLICE_BYTES, TOO_LONG, AnswerTable, Session
 
 UNKNOWN = b"I don't know that."
 TABLE = AnswerTable(DEFAULT_ANSWERS, UNKNOWN.decode(), 64)
@@ -15,15 +15,24 @@ QUEST = b"To seek the Holy Grail."
 COLOR = b"Blue."
 
 
-def feed_all(chunks: list[bytes], table: AnswerTable = TABLE) -> tuple[bytes, bool]:
-    """Feed chunks in order until the session asks to close; all output and whether it closed."""
+def feed_all(chunks: list[bytes], table: AnswerTable = TABLE, cap: int = SLICE_BYTES) -> tuple[bytes, bool]:
+    """Feed chunks in order until the session asks to close; all output and whether it closed.
+
+    Like a worker: while the session holds input back (a slice was full),
+    it is resumed before anything more is fed, and no slice exceeds the cap.
+    """
     session = Session(table)
     out = []
     for chunk in chunks:
-        answers, close = session.feed(chunk)
-        out.append(answers)
-        if close:
-            return b"".join(out), True
+        answers, close = session.feed(chunk, cap)
+        while True:
+            assert len(answers) <= max(cap, MAX_ANSWER_BYTES + len(TOO_LONG)), (len(answers), cap)
+            out.append(answers)
+            if close:
+                return b"".join(out), True
+            if not session.held:
+                break
+            answers, close = session.resume(cap)
     return b"".join(out), False
 
 
@@ -116,3 +125,47 @@ def test_any_split_gives_the_same_answers(stream: list[bytes], cuts: list[int]) 
 def test_verdict_does_not_depend_on_splits(data: bytes, cuts: list[int]) -> None:
     """Arbitrary bytes, errors included: the same output however the stream is split."""
     assert feed_all(split_at(data, cuts)) == feed_all([data])
+
+
+@given(st.lists(question, max_size=20), st.lists(st.integers(min_value=0), max_size=30),
+       st.integers(min_value=1, max_value=200))
+def test_any_output_cap_gives_the_same_answers(stream: list[bytes], cuts: list[int], cap: int) -> None:
+    data = b"".join(stream)
+    assert feed_all(split_at(data, cuts), cap=cap) == (expected_answers(stream), False)
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=30),
+       st.integers(min_value=1, max_value=200))
+def test_verdict_does_not_depend_on_the_output_cap(data: bytes, cuts: list[int], cap: int) -> None:
+    assert feed_all(split_at(data, cuts), cap=cap) == feed_all([data])
+
+
+def test_a_flood_of_empty_questions_is_answered_a_slice_at_a_time() -> None:
+    session = Session(TABLE)
+    flood = b"?" * 65536
+    out, close = session.feed(flood)
+    assert not close and session.held
+    assert len(out) <= SLICE_BYTES and out == UNKNOWN * (len(out) // len(UNKNOWN))
+    slices = [out]
+    while session.held:
+        out, close = session.resume()
+        assert not close and len(out) <= SLICE_BYTES
+        slices.append(out)
+    assert b"".join(slices) == UNKNOWN * 65536
+    assert session.pending == b""
+    assert len(slices) == -(-65536 * len(UNKNOWN) // (SLICE_BYTES // len(UNKNOWN) * len(UNKNOWN)))
+
+
+def test_unknown_questions_are_counted_once_across_slices() -> None:
+    table = AnswerTable(DEFAULT_ANSWERS, UNKNOWN.decode(), 64)
+    assert feed_all([b"Who?" * 1000], table, cap=100) == (UNKNOWN * 1000, False)
+    assert table.unknown_count == 1000
+
+
+def test_a_long_answer_to_a_repeated_short_question_is_capped() -> None:
+    long_answer = "x" * (MAX_ANSWER_BYTES - 1) + "."
+    table = AnswerTable({"Q?": long_answer}, UNKNOWN.decode(), 64)
+    session = Session(table)
+    out, close = session.feed(b"Q?" * 30000)  # one 60 kB read: 30 MB of answers uncapped
+    assert len(out) <= SLICE_BYTES and session.held and not close
+    assert len(session.pending) < 60000
