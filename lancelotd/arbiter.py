@@ -42,6 +42,7 @@ from .systemd import Notifier, listen_fds
 from .upgrade import ENV_PREDECESSOR, ENV_READY_FD, Channel, Upgrade, Upgrades, inherited_listeners
 
 if TYPE_CHECKING:
+    from .clients import ClientTable
     from .metrics import MetricsServer
 
 # The signal table: every signal the master acts on, and its handler.
@@ -85,6 +86,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         self.stop_deadline = 0.0
         self.pid_file_written = False
         self.metrics: MetricsServer | None = None
+        self.clients: ClientTable | None = None  # per-client counts (clients.py), made when first needed
         self.failed_turns = 0  # loop turns in a row that raised
 
     # --- start ---------------------------------------------------------

@@ -27,7 +27,7 @@ OPEN, CLOSE_AFTER_FLUSH, LINGERING = 0, 1, 2
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state")
+    __slots__ = ("sock", "fd", "session", "out", "last", "state", "client")
 
     def __init__(self, sock: socket.socket, table: AnswerTable, now: float) -> None:
         self.sock = sock
@@ -36,6 +36,7 @@ class Conn:
         self.out = b""  # answers the kernel has not taken yet
         self.last = now  # when the last complete question arrived (or accept)
         self.state = OPEN
+        self.client = 0  # its fingerprint in the per-client counts (access.py), 0 = not counted
 
 
 class Connections:
@@ -103,6 +104,8 @@ class Connections:
     def _forget(self: Worker, conn: Conn) -> None:
         del self.conns[conn.fd]
         conn.sock.close()  # also leaves the epoll set
+        if conn.client:
+            self.gate.release(conn.client)
         if (not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections
                 and not self.accept_paused):
             self._start_accepting()
