@@ -228,11 +228,12 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         watched = [self.sig_r, self.events_r]
         watched += [self.upgrade.channel.fd] if self.upgrade else []
         watched += [self.predecessor.fd] if self.predecessor else []
+        sending = self.metrics.write_fds() if self.metrics else []
         if self.metrics:
             watched += self.metrics.fds()
-        readable, _, _ = select.select(watched, [], [], 0.05 if busy else 0.5)
+        readable, writable, _ = select.select(watched, sending, [], 0.05 if busy else 0.5)
         if self.metrics:
-            self.metrics.handle(readable)
+            self.metrics.handle(readable, writable)
         if self.events_r in readable:
             drain(self.events_r)
         self.notifier.watchdog(time.monotonic())  # only a loop that turns sends it
