@@ -56,7 +56,8 @@ def test_hostile_scrapers_cost_the_master_nothing(start_daemon):
     url = metrics_url(d, master.pid)
     port = int(url.split(":")[2].split("/")[0])
     scrape(url)
-    hostile = open_silent(port, 100) + [open_non_reader(port) for _ in range(5)]
+    # (The non-readers first: once the silent ones fill the listen queue, a connect() waits.)
+    hostile = [open_non_reader(port) for _ in range(5)] + open_silent(port, 100)
     try:
         # The master takes MAX_SCRAPERS of them, and leaves the rest in the listen queue.
         wait_for(lambda: held_by(master.pid, port) >= MAX_SCRAPERS, 5, "the master to take scrapers")
