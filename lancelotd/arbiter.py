@@ -42,6 +42,7 @@ from .systemd import Notifier, listen_fds
 from .upgrade import ENV_PREDECESSOR, ENV_READY_FD, Channel, Upgrade, Upgrades, inherited_listeners
 
 if TYPE_CHECKING:
+    from .clients import ClientTable
     from .metrics import MetricsServer
 
 # The signal table: every signal the master acts on, and its handler.
@@ -85,6 +86,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         self.stop_deadline = 0.0
         self.pid_file_written = False
         self.metrics: MetricsServer | None = None
+        self.clients: ClientTable | None = None  # per-client counts (clients.py), made when first needed
         self.failed_turns = 0  # loop turns in a row that raised
 
     # --- start ---------------------------------------------------------
@@ -226,11 +228,12 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         watched = [self.sig_r, self.events_r]
         watched += [self.upgrade.channel.fd] if self.upgrade else []
         watched += [self.predecessor.fd] if self.predecessor else []
+        sending = self.metrics.write_fds() if self.metrics else []
         if self.metrics:
             watched += self.metrics.fds()
-        readable, _, _ = select.select(watched, [], [], 0.05 if busy else 0.5)
+        readable, writable, _ = select.select(watched, sending, [], 0.05 if busy else 0.5)
         if self.metrics:
-            self.metrics.handle(readable)
+            self.metrics.handle(readable, writable)
         if self.events_r in readable:
             drain(self.events_r)
         self.notifier.watchdog(time.monotonic())  # only a loop that turns sends it

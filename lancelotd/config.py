@@ -72,6 +72,9 @@ class Config:
     log_file: str = ""
     log_level: str = "info"
     answers: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ANSWERS))
+    allow: tuple[str, ...] = ()  # [access]: see the section "access" below
+    deny: tuple[str, ...] = ()
+    max_connections_per_client: int = 0  # 0 = no limit
     path: str = ""  # the file it came from, "" for built-in defaults
 
     def with_overrides(self, **changes: Any) -> Config:
@@ -234,6 +237,30 @@ def check_log_file(path: str, base_dir: str) -> str | None:
     return None
 
 
+# --- access: allow / deny / max_connections_per_client (access.py) ----------
+
+def _access_list(v: Any) -> str | None:
+    """A list of "all", addresses and CIDR blocks, each of which parses (the bad one is named)."""
+    from .access import parse_rule  # local: access imports the shared-memory counts
+
+    if not isinstance(v, list) or not all(isinstance(entry, str) for entry in v):
+        return f"must be a list of addresses and CIDR blocks (strings), not {v!r}"
+    for entry in v:
+        try:
+            parse_rule(entry)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+ACCESS_SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
+    ("access", "allow"): ("allow", _access_list),
+    ("access", "deny"): ("deny", _access_list),
+    ("access", "max_connections_per_client"): ("max_connections_per_client", _int_in(0, MAX_CONNECTIONS)),
+}
+ACCESS_LISTS = ("allow", "deny")
+
+
 # (table, key) -> (Config field, checker); the shipped etc/lancelotd.toml
 # documents each of them.
 SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
@@ -252,6 +279,7 @@ SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("lifecycle", "max_requests_jitter"): ("max_requests_jitter", _count),
     ("log", "file"): ("log_file", _string),
     ("log", "level"): ("log_level", _log_level),
+    **ACCESS_SETTINGS,
 }
 TABLES = {table for table, _ in SETTINGS} | {"answers"}
 
@@ -324,6 +352,9 @@ def from_dict(data: dict[str, Any], path: str = "", base_dir: str | None = None)
         del values["workers"]
     if "bind" in values:
         values["bind"] = tuple(values["bind"])
+    for name in ACCESS_LISTS:
+        if name in values:
+            values[name] = tuple(values[name])
     max_bytes = values.get("max_question_bytes", Config.max_question_bytes)
     if "answers" in data:
         problems += check_answers(data["answers"], max_bytes)

@@ -41,7 +41,7 @@ OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent")
+    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "client")
 
     def __init__(self, sock: socket.socket, table: AnswerTable, now: float) -> None:
         self.sock = sock
@@ -52,6 +52,7 @@ class Conn:
         self.state = OPEN
         self.writing = False  # watched for EPOLLOUT: output owed, input held back, or finishing
         self.unsent = -1  # bytes in the kernel's send queue when _taking_answers last looked
+        self.client = 0  # its fingerprint in the per-client counts (access.py), 0 = not counted
 
 
 def bound_send_buffers(listeners: list[socket.socket]) -> None:
@@ -209,6 +210,8 @@ class Connections:
     def _forget(self: Worker, conn: Conn) -> None:
         del self.conns[conn.fd]
         conn.sock.close()  # also leaves the epoll set
+        if conn.client:
+            self.gate.release(conn.client)
         if (not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections
                 and not self.accept_paused):
             self._start_accepting()

@@ -121,6 +121,7 @@ class Sender:
         self.full_until: dict[int, float] = {}  # target pid -> when to try it again
         self.unanswered: dict[int, int] = {}  # target pid -> connections sent, not yet answered for
         self.last_sent = 0.0
+        self.last_channel = -1  # the channel (fd) the last connection went out on
 
     def targets(self) -> list[tuple[int, int]]:
         """(pid, load) of the current generation's serving workers, least loaded first."""
@@ -160,6 +161,7 @@ class Sender:
             self.sent[pid] = self.sent.get(pid, 0) + 1
             self.unanswered[pid] = self.unanswered.get(pid, 0) + 1
             self.last_sent = time.monotonic()
+            self.last_channel = channel.fileno()
             if load + 1 >= self.max_connections:
                 del targets[index]  # full as far as we know
             else:

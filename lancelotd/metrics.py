@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import psutil
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,8 +23,9 @@ from .logs import log
 from .scoreboard import STATE_NAMES, Header, Scoreboard
 from .sockets import bind, format_address
 
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0  # a whole exchange: the request in, the response out
 MAX_REQUEST = 8192
+MAX_SCRAPERS = 8  # exchanges at once; more wait in the listen queue
 
 
 class ScoreboardCollector:
@@ -66,6 +67,12 @@ class ScoreboardCollector:
         for kind in ("unknown", "too_long", "not_ascii", "timeouts"):
             total_errors.add_metric([kind], getattr(totals, kind))
         yield total_errors
+        refused = CounterMetricFamily("lancelotd_connections_refused", "Connections refused by the access "
+                                      "rules, by cause (denied_open: open ones a reload's rules deny)",
+                                      labels=["cause"])
+        for cause in ("denied", "per_client_limit", "denied_open"):
+            refused.add_metric([cause], getattr(totals, cause))
+        yield refused
         yield CounterMetricFamily("lancelotd_received_bytes", "Bytes received", value=totals.bytes_in)
         yield CounterMetricFamily("lancelotd_sent_bytes", "Bytes sent", value=totals.bytes_out)
 
@@ -99,8 +106,32 @@ class ScoreboardCollector:
         yield memory
 
 
+class Scrape:
+    """One scraper's exchange: its request as it arrives, then the response as the kernel takes it."""
+
+    __slots__ = ("sock", "request", "response", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.request = bytearray()
+        self.response: memoryview | None = None  # None while the request is still coming
+        self.deadline = deadline
+
+
 class MetricsServer:
-    """A tiny non-blocking HTTP responder for GET /metrics, driven by the master loop."""
+    """A tiny non-blocking HTTP responder for GET /metrics, driven by the master loop.
+
+    It can neither stall nor spin the master: every socket is non-blocking
+    and a response goes out as the kernel takes it (the loop watches the
+    socket for writing in between); at most MAX_SCRAPERS exchanges run at
+    once, and at the bound the listener is left out of the select() set, so
+    further scrapers wait in the listen queue instead of waking the loop; an
+    exchange not done within REQUEST_TIMEOUT (a scraper that never sends or
+    never reads) is dropped, and what it held - a request of MAX_REQUEST at
+    most and one response - goes with it.  Meant for loopback or an internal
+    network all the same: the scrape itself costs the master a scoreboard
+    read and a psutil call per process.
+    """
 
     def __init__(self, address: str, backlog: int, collector: ScoreboardCollector) -> None:
         self.address = address
@@ -109,50 +140,82 @@ class MetricsServer:
         self.port = self.listener.getsockname()[1]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)  # type: ignore[arg-type]
-        self.clients: dict[int, tuple[socket.socket, bytearray, float]] = {}
+        self.clients: dict[int, Scrape] = {}
         log.info("metrics on http://%s/metrics", format_address(self.listener.getsockname()))
 
     def fds(self) -> list[int]:
-        return [self.listener.fileno(), *self.clients]
+        """To watch for reading: scrapers still sending, and the listener while there is room."""
+        watched = [fd for fd, scrape in self.clients.items() if scrape.response is None]
+        if len(self.clients) < MAX_SCRAPERS:
+            watched.append(self.listener.fileno())
+        return watched
 
-    def handle(self, readable: list[int]) -> None:
+    def write_fds(self) -> list[int]:
+        """To watch for writing: responses the kernel has not taken whole."""
+        return [fd for fd, scrape in self.clients.items() if scrape.response is not None]
+
+    def handle(self, readable: Collection[int], writable: Collection[int] = ()) -> None:
         now = time.monotonic()
         if self.listener.fileno() in readable:
             self._accept(now)
         for fd in readable:
-            if fd in self.clients:
-                self._read(fd)
-        for fd, (_, _, deadline) in list(self.clients.items()):
-            if now > deadline:
+            scrape = self.clients.get(fd)
+            if scrape is not None and scrape.response is None:
+                self._read(fd, scrape)
+        for fd in writable:
+            scrape = self.clients.get(fd)
+            if scrape is not None and scrape.response is not None:
+                self._write(fd, scrape)
+        for fd, scrape in list(self.clients.items()):
+            if now > scrape.deadline:
                 self._drop(fd)
 
     def _accept(self, now: float) -> None:
-        while len(self.clients) < 64:
+        while len(self.clients) < MAX_SCRAPERS:
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
+            except OSError as e:  # EMFILE...: the listener stays readable; the next turn retries
                 log.warning("metrics: accept failed: %s", e.strerror)
                 return
             sock.setblocking(False)
-            self.clients[sock.fileno()] = (sock, bytearray(), now + REQUEST_TIMEOUT)
+            self.clients[sock.fileno()] = Scrape(sock, now + REQUEST_TIMEOUT)
 
-    def _read(self, fd: int) -> None:
-        sock, buf, _ = self.clients[fd]
+    def _read(self, fd: int, scrape: Scrape) -> None:
         try:
-            data = sock.recv(4096)
+            data = scrape.sock.recv(4096)
         except BlockingIOError:
             return
         except OSError:
             self._drop(fd)
             return
-        buf += data
+        scrape.request += data
+        buf = scrape.request
         if b"\r\n\r\n" in buf or b"\n\n" in buf or not data or len(buf) > MAX_REQUEST:
-            self._respond(sock, bytes(buf))
+            scrape.response = memoryview(self.response(bytes(buf)))
+            scrape.request = bytearray()
+            self._write(fd, scrape)
+
+    def _write(self, fd: int, scrape: Scrape) -> None:
+        assert scrape.response is not None
+        try:
+            sent = scrape.sock.send(scrape.response)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        scrape.response = scrape.response[sent:]
+        if not scrape.response:
+            try:
+                scrape.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
             self._drop(fd)
 
-    def _respond(self, sock: socket.socket, request: bytes) -> None:
+    def response(self, request: bytes) -> bytes:
+        """The whole HTTP response to `request` (routing: what is served where)."""
         parts = request.split(b" ", 2)
         path = parts[1].split(b"?")[0] if len(parts) > 1 else b""
         if parts[0] != b"GET" or path not in (b"/metrics", b"/"):
@@ -165,17 +228,10 @@ class MetricsServer:
                 status, ctype, body = "500 Internal Server Error", "text/plain", f"{e}\n".encode()
         head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n").encode()
-        try:
-            sock.setblocking(True)
-            sock.settimeout(1.0)  # a scrape is a few kB: the send buffer takes it at once
-            sock.sendall(head + body)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        return head + body
 
     def _drop(self, fd: int) -> None:
-        sock, _, _ = self.clients.pop(fd)
-        sock.close()
+        self.clients.pop(fd).sock.close()
 
     def close(self) -> None:
         for fd in list(self.clients):

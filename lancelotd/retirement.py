@@ -42,18 +42,30 @@ class Retirement:
                 return
         received, acks, closed = handoff.receive(channel)
         for sock, pending in received:
+            client = 0
             if outbound:  # a full target sent it back: we keep serving it
                 self.handed_off -= 1
+                client = self._came_back(fd, sock)
                 log.info("a connection came back from a full worker: serving it here")
             elif self._full() and handoff.send_back(channel, sock, pending):
                 continue
             else:
                 handoff.acknowledge(channel)
-            self._adopt(sock, now).session.pending = pending
+                if self.gate is not None:
+                    permitted, client = self.gate.adopt(sock)
+                    if not permitted:  # a reload's new rules deny it: closed here, at a question boundary
+                        self.counters.denied_open += 1
+                        self._close_after_flush(self._adopt(sock, now))
+                        continue
+            conn = self._adopt(sock, now)
+            conn.session.pending = pending
+            conn.client = client
         if outbound:
             self.sender.answered(fd, acks, len(received))
+            self._went_over(fd, acks)
         if closed:  # closing the socket also takes it out of the epoll set
             if outbound:
+                self._went_over(fd, len(self.in_flight.get(fd, ())))  # adopted or lost: not ours now
                 self.sender.forget(fd)
             else:
                 del self.channels[fd]
@@ -73,10 +85,33 @@ class Retirement:
             self.epoll.unregister(conn.fd)
             del self.conns[conn.fd]
             conn.sock.close()
+            if self.gate is not None:  # still counted here until the target confirms (_went_over)
+                self.in_flight.setdefault(self.sender.last_channel, []).append(conn.client)
             handed += 1
         if handed:
             self.handed_off += handed
             log.info("handed %d connections over (%d left)", handed, len(self.conns))
+
+    def _went_over(self: Worker, channel_fd: int, acks: int) -> None:
+        """The target confirmed `acks` connections (in the order sent): no longer counted here."""
+        flight = self.in_flight.get(channel_fd)
+        if not flight or self.gate is None:
+            return
+        for client in flight[:acks]:
+            if client:
+                self.gate.release(client)
+        del flight[:acks]
+
+    def _came_back(self: Worker, channel_fd: int, sock: socket.socket) -> int:
+        """A connection a full target sent back: the count it had here (it never left) goes on."""
+        flight = self.in_flight.get(channel_fd)
+        if not flight or self.gate is None:
+            return 0
+        client = self.gate.fingerprint_of(sock)
+        if client in flight:  # same address, same count: which of its connections does not matter
+            flight.remove(client)
+            return client
+        return 0
 
     def _close_listeners(self: Worker) -> None:
         self._stop_accepting()
@@ -138,7 +173,7 @@ class Retirement:
                 if self._full():
                     return
                 try:
-                    sock, _addr = listener.accept()
+                    sock, addr = listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as e:
@@ -146,8 +181,14 @@ class Retirement:
                         continue
                     log.warning("last accept sweep stopped: %s", e.strerror)
                     return
+                client = 0
+                if self.gate is not None:
+                    refused, client = self.gate.admit(addr)
+                    if refused:
+                        self._refuse(sock, refused)
+                        continue
                 sock.setblocking(False)
-                self._adopt(sock, now)
+                self._adopt(sock, now).client = client
                 self.counters.accepted += 1
 
     def _close_open(self: Worker) -> None:

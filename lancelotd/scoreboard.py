@@ -83,6 +83,10 @@ class Counters:
     timeouts: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    # access (access.py): connections refused at accept, by cause, and open ones a reload's rules deny
+    denied: int = 0
+    per_client_limit: int = 0
+    denied_open: int = 0
 
     def add(self, other: Counters) -> None:
         for f in fields(self):

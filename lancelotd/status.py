@@ -24,6 +24,7 @@ from .scoreboard import path_for as scoreboard_path
 RUNNING, DEAD, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
 SCHEMA = 1
 ERROR_KINDS = ("unknown", "too_long", "not_ascii", "timeouts")
+REFUSAL_CAUSES = ("denied", "per_client_limit", "denied_open")  # access.py
 
 
 class StatusError(Exception):
@@ -90,6 +91,7 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
             **process_figures(slot.pid),
             "answered": counters.answered, "accepted": counters.accepted,
             "errors": {kind: getattr(counters, kind) for kind in ERROR_KINDS},
+            "refused": {cause: getattr(counters, cause) for cause in REFUSAL_CAUSES},
             "bytes_in": counters.bytes_in, "bytes_out": counters.bytes_out,
         })
     workers.sort(key=lambda w: (w["generation"], w["number"]))
@@ -116,8 +118,9 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
         "totals": {
             "connections": sum(w["connections"] for w in workers),
             "answered_per_s": answered_per_s,
-            **{k: v for k, v in asdict(totals).items() if k not in ERROR_KINDS},
+            **{k: v for k, v in asdict(totals).items() if k not in ERROR_KINDS + REFUSAL_CAUSES},
             "errors": {kind: getattr(totals, kind) for kind in ERROR_KINDS},
+            "refused": {cause: getattr(totals, cause) for cause in REFUSAL_CAUSES},
         },
     }
 
@@ -230,6 +233,9 @@ def human(snap: dict[str, Any]) -> str:
     lines.append(f"errors: {e['unknown']} unknown questions, {e['too_long']} too long, "
                  f"{e['not_ascii']} non-ASCII, {e['timeouts']} idle timeouts; {t['accepted']} connections "
                  f"accepted, {size(t['bytes_in'])} in, {size(t['bytes_out'])} out")
+    f = t["refused"]
+    lines.append(f"refused: {f['denied']} denied, {f['per_client_limit']} over max_connections_per_client; "
+                 f"{f['denied_open']} open connections closed as a reload's rules deny them")
     return "\n".join(lines)
 
 

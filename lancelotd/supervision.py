@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .clients import ClientTable
 from .config import Config
 from .logs import log
-from .scoreboard import DRAINING, FREE, STARTING, STOPPING, Scoreboard, Slot, last_progress
+from .scoreboard import DRAINING, FREE, SLOTS, STARTING, STOPPING, Scoreboard, Slot, last_progress
 from .worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
@@ -260,10 +261,13 @@ class Supervision:
     def spawn(self: Arbiter, number: int, generation: int, cfg: Config,
               listeners: dict[str, socket.socket]) -> None:
         jitter = random.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
+        clients = self.client_table() if cfg.max_connections_per_client else None
 
         def fork(slot: int) -> int:
             spec = WorkerSpec(number, generation, list(listeners.values()), cfg, self.pid, self.board, slot,
-                              self.events_w, cfg.max_requests + jitter)
+                              self.events_w, cfg.max_requests + jitter, clients)
+            if self.clients is not None:
+                self.clients.open_region(slot)
             # Signals stay blocked across fork, and in the child until the
             # worker's own handlers are in place (worker.py unblocks them).
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signal_table())
@@ -278,6 +282,19 @@ class Supervision:
         worker = self.pool.spawn(number, generation, fork)
         if worker:
             log.info("spawned worker %d (pid %d, gen %d)", number, worker.pid, generation)
+
+    def client_table(self: Arbiter) -> ClientTable | None:
+        """The per-client counts shared by all our workers, made when a config first sets a limit.
+
+        If the mapping cannot be made, workers run without the limit (logged); the next spawn retries.
+        """
+        if self.clients is None:
+            try:
+                self.clients = ClientTable(SLOTS)
+            except OSError as e:
+                log.error("max_connections_per_client: cannot map the shared counts (%s): not enforced",
+                          e.strerror)
+        return self.clients
 
     def _become_worker(self: Arbiter, spec: WorkerSpec) -> None:
         """In the forked child: drop the master's plumbing, serve, and never return."""
@@ -318,6 +335,8 @@ class Supervision:
                 return
             found = self.pool.reaped(pid, status, bool(self.stopping))
             if found:
+                if self.clients is not None:  # its connections are gone: so are their counts
+                    self.clients.clear(found[0].slot)
                 self.worker_exited(*found, status)
 
     def worker_exited(self: Arbiter, worker: WorkerProc, slot: Slot, why: Exit, status: int) -> None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from setproctitle import setproctitle
 
 from . import handoff, logs
+from .access import make_gate, refuse
+from .clients import ClientTable
 from .config import Config
 from .connections import EPOLLIN, LINGERING, READ_SLICE, RECV_SIZE, Conn, Connections, bound_send_buffers
 from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
@@ -64,6 +66,7 @@ class WorkerSpec:
     slot: int
     events_fd: int  # write end of the master's event pipe: "my state changed"
     max_requests: int  # 0 = never recycle
+    clients: ClientTable | None = None  # the per-client counts, when max_connections_per_client is set
 
 
 class Worker(Connections, Retirement):
@@ -102,6 +105,9 @@ class Worker(Connections, Retirement):
         self.clients_gone = 0  # accept() failures that concern one client only (ECONNABORTED...)
         self.accept_paused = False  # out of descriptors: not watching the listeners until the alarm
         self.accept_pause = AcceptPause()
+        # allow/deny and the per-client limit (access.py); None when there is nothing to check
+        self.gate = make_gate(cfg.allow, cfg.deny, cfg.max_connections_per_client, spec.clients, spec.slot)
+        self.in_flight: dict[int, list[int]] = {}  # hand-off target pid -> counted clients sent, unanswered
 
     # --- set-up --------------------------------------------------------
 
@@ -259,9 +265,10 @@ class Worker(Connections, Retirement):
     def _accept(self, listener: socket.socket, now: float) -> None:
         self.accept_wakeups += 1
         accepted = 0
+        gate = self.gate
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                sock, _addr = listener.accept()
+                sock, addr = listener.accept()
             except BlockingIOError:
                 break
             except OSError as e:
@@ -271,8 +278,15 @@ class Worker(Connections, Retirement):
                     continue
                 self._pause_accepting(e, now)  # EMFILE...: trying again at once would spin
                 break
+            client = 0
+            if gate is not None:
+                refused, client = gate.admit(addr)
+                if refused:
+                    self._refuse(sock, refused)
+                    continue
             sock.setblocking(False)
             conn = Conn(sock, self.table, now)
+            conn.client = client
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
             accepted += 1
@@ -284,6 +298,11 @@ class Worker(Connections, Retirement):
         if self._full():
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
+
+    def _refuse(self, sock: socket.socket, cause: str) -> None:
+        """Closed at once, and counted by cause (access.py)."""
+        refuse(sock)
+        setattr(self.counters, cause, getattr(self.counters, cause) + 1)
 
     def _pause_accepting(self, error: OSError, now: float) -> None:
         """Stop watching the listeners for ACCEPT_PAUSE: level-triggered, they would wake us in a loop."""
