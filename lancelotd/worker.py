@@ -34,6 +34,7 @@ from setproctitle import setproctitle
 from . import handoff, logs
 from .config import Config
 from .connections import EPOLLIN, EPOLLOUT, LINGERING, RECV_SIZE, Conn, Connections
+from .draining import Draining
 from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
 from .logs import log, set_role
 from .protocol import AnswerTable
@@ -66,7 +67,7 @@ class WorkerSpec:
     max_requests: int  # 0 = never recycle
 
 
-class Worker(Connections, Retirement):
+class Worker(Connections, Retirement, Draining):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.number = spec.number
@@ -309,6 +310,7 @@ class Worker(Connections, Retirement):
             log.warning("master %d is gone: exiting", self.master_pid)
             return 1
         self._expire(now)
+        self._shed(now)  # a drained host, max_connection_age (draining.py)
         self.accept_pause.check_over(now)
         if self.state == DRAINING:
             self._hand_off()  # again, for those a target could not take before
