@@ -44,6 +44,7 @@ from helpers import (
     wait_log,
 )
 from test_notify import NotifySocket
+from test_status import assert_running_schema
 
 from lancelotd.config import ConfigError, from_dict
 
@@ -174,6 +175,7 @@ def test_drain_and_undrain_through_agent_ready_status_metrics_and_systemd(start_
         assert get(url + "/ready") == (503, "drained\n")
         assert get(url + "/live") == (200, "alive\n")
         snap = status_json(d)
+        assert_running_schema(snap)
         assert snap["balancer"] == {"state": "drained", "drained": True, "agent": "drain"}
         human = lancelotd_cli("status", "--pid-file", str(d.pid_file)).stdout
         assert "balancer: DRAINED by the operator" in human, human
