@@ -155,8 +155,12 @@ class Balancing:
             log.info("balance: %s (the agent says %s)", BALANCE_NAMES[state],
                      self.agent_answer().decode().strip())
             balance.state = state
-            self.next_status = 0.0  # systemd's STATUS= at once
-            self.publish()
+            if self.stopping:  # the header only: STATUS= says "stopping" until the end
+                self.header.balance = state
+                self.board.publish(self.header)
+            else:
+                self.next_status = 0.0  # systemd's STATUS= at once
+                self.publish()
         if balance.stop_at and not self.stopping and time.monotonic() >= balance.stop_at:
             log.info("drain_delay over: stopping")
             self.begin_stop("graceful", signal.SIGTERM, self.cfg.graceful_timeout + KILL_GRACE)

@@ -297,6 +297,21 @@ def test_term_with_drain_delay_says_drain_at_once_serves_on_then_refuses(start_d
         notify.close()
 
 
+def test_plain_term_keeps_systemd_status_at_stopping(start_daemon, tmp_path):
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        d = start_daemon(config=conf(), env={"NOTIFY_SOCKET": notify.address}, workers=1)
+        wait_agent(agent_port(d), READY)
+        d.signal(signal.SIGTERM)
+        stopping = notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
+        assert d.wait_exit() == 0
+        notify.collect(0.2)
+        later = [m.raw for m in notify.messages[stopping.seq + 1:] if "STATUS" in m.fields]
+        assert later == [], f"STATUS= after STOPPING=1: {later}"
+    finally:
+        notify.close()
+
+
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGQUIT], ids=["TERM", "QUIT"])
 def test_a_second_term_or_quit_ends_drain_delay(start_daemon, second):
     d = start_daemon(config=conf(balancer="drain_delay = 60"), workers=1)
