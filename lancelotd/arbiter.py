@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from setproctitle import setproctitle
 
 from . import logs, pidfile
+from .balancer import Balance, Balancing
 from .config import MAX_WORKERS, Config
 from .generations import Generations, Reload
 from .limits import nofile_advice, raise_nofile_limit
@@ -64,7 +65,7 @@ class StartError(Exception):
     """The master cannot start; the message says why in one line."""
 
 
-class Arbiter(Supervision, Generations, Upgrades, Reporting):
+class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
     def __init__(self, cfg: Config, load_config: Callable[[], Config]) -> None:
         self.cfg = cfg
         self.load_config = load_config  # for reloads: the file plus command-line overrides
@@ -87,6 +88,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         self.pid_file_written = False
         self.metrics: MetricsServer | None = None
         self.clients: ClientTable | None = None  # per-client counts (clients.py), made when first needed
+        self.balance = Balance()  # the agent port, the drain state, drain_delay (balancer.py)
         self.failed_turns = 0  # loop turns in a row that raised
 
     # --- start ---------------------------------------------------------
@@ -146,6 +148,11 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
             except BindError as e:
                 self.cleanup()
                 raise StartError(f"metrics: {e}") from None
+        try:
+            self.open_balance()
+        except BindError as e:
+            self.cleanup()
+            raise StartError(f"agent: {e}") from None
         self._install_signals()
         log.info("master started: %d workers, config %s", self.cfg.workers, self.config_name())
 
@@ -198,6 +205,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         for signum in self.wait():
             self.guarded(self.dispatch, SIGNALS[signum].upper())
         self.reap()
+        self.check_balance()
         if self.stopping:
             return self.stop_step()
         self.check_workers()
@@ -224,16 +232,18 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
     def wait(self) -> list[int]:
         """Sleep until a signal, a worker event or the next check; the signals received."""
         busy = (self.stopping or self.reload or self.upgrade or self.missing_any()
-                or not self.announced_ready)
+                or not self.announced_ready or self.balance.stop_at)
         watched = [self.sig_r, self.events_r]
         watched += [self.upgrade.channel.fd] if self.upgrade else []
         watched += [self.predecessor.fd] if self.predecessor else []
         sending = self.metrics.write_fds() if self.metrics else []
         if self.metrics:
             watched += self.metrics.fds()
+        watched += self.balance_fds()
         readable, writable, _ = select.select(watched, sending, [], 0.05 if busy else 0.5)
         if self.metrics:
             self.metrics.handle(readable, writable)
+        self.serve_balance(readable)
         if self.events_r in readable:
             drain(self.events_r)
         self.notifier.watchdog(time.monotonic())  # only a loop that turns sends it
@@ -246,7 +256,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
     # --- signal handlers (called from the loop, not from the signal) -------
 
     def dispatch(self, name: str) -> None:
-        if self.stopping and name in ("HUP", "TTIN", "TTOU", "USR2"):
+        if (self.stopping or self.balance.stop_at) and name in ("HUP", "TTIN", "TTOU", "USR2"):
             log.info("%s ignored: stopping", name)
             return
         if name == os.environ.get("LANCELOTD_TEST_FAULT_SIGNAL"):  # fault injection for the tests
@@ -257,6 +267,8 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         pass  # reap() runs after every wake-up anyway
 
     def handle_term(self) -> None:
+        if self.delay_stop():  # drain_delay: the balancer is told first, the stop comes later
+            return
         self.begin_stop("graceful", signal.SIGTERM, self.cfg.graceful_timeout + KILL_GRACE)
 
     def handle_int(self) -> None:
@@ -368,6 +380,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting):
         self.close_listeners(self.listeners)
         if self.metrics:
             self.metrics.close()
+        self.close_balance()
         if self.reload:
             self.close_listeners(self.reload.listeners, keep=self.listeners)
         if self.pid_file_written:

@@ -1,4 +1,5 @@
-"""`lancelotd` command line (SPEC §5): serve, check-config, status, stop, reload, reopen-logs."""
+"""`lancelotd` command line (SPEC §5): serve, check-config, status, stop, reload, reopen-logs,
+drain, undrain."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, config, logs, pidfile, status
+from . import __version__, agent, config, logs, pidfile, status
 from .logs import log
 from .logs import setup as setup_logging
 from .scoreboard import Scoreboard, ScoreboardError
 from .sockets import parse_address
 
 SYSTEM_CONFIG = "/etc/lancelotd/lancelotd.toml"
-COMMANDS = ("serve", "check-config", "status", "stop", "reload", "reopen-logs")
+COMMANDS = ("serve", "check-config", "status", "stop", "reload", "reopen-logs", "drain", "undrain")
+DRAIN_WAIT = 5.0  # the master sees the drain file within one loop turn (0.5 s)
 
 
 def default_config_path() -> str | None:
@@ -77,14 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="reload the config (SIGHUP); waits until the new workers serve")
     reopen = sub.add_parser("reopen-logs", help="make every process reopen its log file (SIGUSR1), "
                             "for logrotate: only a live lancelotd master named by the PID file is signalled")
-    for p in (status, stop, reload, reopen):
+    drain = sub.add_parser("drain", help="tell load balancers to send no more connections: the agent port "
+                           "and /ready say drain, connections close at idle points; kept across restarts")
+    undrain = sub.add_parser("undrain", help="end `lancelotd drain`: the agent port says ready again")
+    for p in (status, stop, reload, reopen, drain, undrain):
         with_config(p)
         p.add_argument("--pid-file", metavar="PATH", help="the master's PID file (default: the config's)")
     status.add_argument("--json", action="store_true", help="machine-readable output (schema in the README)")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until ^C")
-    for p, default in ((stop, 60.0), (reload, 60.0)):
-        p.add_argument("--timeout", type=float, default=default, help=f"seconds to wait ({default:g})")
+    for p, default in ((stop, 60.0), (reload, 60.0), (drain, DRAIN_WAIT), (undrain, DRAIN_WAIT)):
+        more = ", or drain_delay + graceful_timeout + 10 if longer" if p is stop else ""
+        p.add_argument("--timeout", type=float, help=f"seconds to wait ({default:g}{more})")
         p.add_argument("--no-wait", action="store_true", help="send the signal and return at once")
+        p.set_defaults(timeout_default=default)
     stop.add_argument("--fast", action="store_true", help="fast stop (SIGQUIT) instead of graceful")
     return parser
 
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     return {"serve": cmd_serve, "check-config": cmd_check_config, "status": cmd_status, "stop": cmd_stop,
-            "reload": cmd_reload, "reopen-logs": cmd_reopen_logs}[args.command](args)
+            "reload": cmd_reload, "reopen-logs": cmd_reopen_logs, "drain": cmd_drain,
+            "undrain": cmd_drain}[args.command](args)
 
 
 def load_config(args: argparse.Namespace, base_dir: str | None = None) -> config.Config:
@@ -164,7 +172,8 @@ def config_loader(args: argparse.Namespace) -> Callable[[], config.Config]:
             bind=args.bind, workers=args.workers, pid_file=args.pid_file,
             log_file=args.log_file, log_level=args.log_level,
         )
-        return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file))
+        return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file),
+                                  drain_file=absolute(cfg.drain_file))
 
     return configure
 
@@ -182,10 +191,18 @@ def start_failed(lines: list[str], reason: str = "", ready_fd: int | None = None
 def pid_file_of(args: argparse.Namespace) -> str:
     if args.pid_file is not None:
         return args.pid_file
+    return config_of(args).pid_file
+
+
+def config_of(args: argparse.Namespace) -> config.Config:
     try:
-        return load_config(args).pid_file
+        return load_config(args)
     except config.ConfigError:
-        return config.Config().pid_file  # a broken config must not hide a running master
+        return config.Config()  # a broken config must not hide a running master
+
+
+def timeout_of(args: argparse.Namespace) -> float:
+    return args.timeout if args.timeout is not None else args.timeout_default
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -222,7 +239,7 @@ def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboar
     if args.no_wait:
         print(f"sent SIGHUP to master {proc.pid}")
         return 0
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout_of(args)
     while True:
         header, message = board.read_reload_result()
         if header.reloads > before and not header.reload_pending:
@@ -231,7 +248,7 @@ def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboar
             print(f"lancelotd: master {proc.pid} exited during the reload", file=sys.stderr)
             return 1
         if time.monotonic() > deadline:
-            print(f"lancelotd: reload not finished after {args.timeout:g}s", file=sys.stderr)
+            print(f"lancelotd: reload not finished after {timeout_of(args):g}s", file=sys.stderr)
             return 1
         time.sleep(0.02)
     if header.last_reload_ok:
@@ -266,10 +283,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:
         return 0
-    deadline = time.monotonic() + args.timeout
+    timeout = args.timeout
+    if timeout is None:  # a graceful stop may take drain_delay + graceful_timeout
+        cfg = config_of(args)
+        timeout = max(args.timeout_default, cfg.drain_delay + cfg.graceful_timeout + 10)
+    deadline = time.monotonic() + timeout
     while is_alive(proc):
         if time.monotonic() > deadline:
-            print(f"lancelotd: master {proc.pid} still running after {args.timeout:g}s", file=sys.stderr)
+            print(f"lancelotd: master {proc.pid} still running after {timeout:g}s", file=sys.stderr)
             return 1
         time.sleep(0.05)
     print(f"stopped master {proc.pid}")
@@ -292,3 +313,50 @@ def is_alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Create or remove the drain file, then wait until the running master (if any) has seen it."""
+    on = args.command == "drain"
+    cfg = config_of(args)
+    path = agent.drain_file(config.Config(pid_file=pid_file_of(args), drain_file=cfg.drain_file))
+    if not path:
+        print("lancelotd: no drain file: set balancer.drain_file, or a PID file", file=sys.stderr)
+        return 1
+    try:
+        changed = agent.set_drained(path, on)
+    except OSError as e:
+        print(f"lancelotd: cannot {'create' if on else 'remove'} {path}: {e.strerror}", file=sys.stderr)
+        return 1
+    word = "drained" if on else "undrained"
+    print(f"{word} ({path} {'created' if on else 'removed'})" if changed else f"already {word} ({path})")
+    try:
+        proc, board = status.find_master(pid_file_of(args))
+    except status.StatusError as e:
+        if e.code in (status.NOT_RUNNING, status.DEAD):
+            print(f"no master running: it will start {word}")
+            return 0
+        print(f"lancelotd: {e}", file=sys.stderr)
+        return e.code
+    try:
+        return wait_drain(args, proc, board, on)
+    except ScoreboardError as e:
+        print(f"lancelotd: {e}", file=sys.stderr)
+        return status.UNKNOWN
+    finally:
+        board.close()
+
+
+def wait_drain(args: argparse.Namespace, proc: psutil.Process, board: Scoreboard, on: bool) -> int:
+    if args.no_wait:
+        return 0
+    deadline = time.monotonic() + timeout_of(args)
+    while bool(board.read_header().drained) != on:
+        if time.monotonic() > deadline:
+            print(f"lancelotd: master {proc.pid} has not seen it after {timeout_of(args):g}s (does it use "
+                  "another drain file?)", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    answer = (agent.AGENT_DRAIN if board.read_header().balance != agent.READY else agent.AGENT_READY)
+    print(f"master {proc.pid}: the agent says {answer.decode().strip()}")
+    return 0

@@ -1,4 +1,10 @@
-"""`lancelot ask`: a small client for the protocol."""
+"""`lancelot ask`: a small client for the protocol.
+
+It keeps the protocol's contract for clients (README, "The protocol"): a connection may end
+between two questions (a drained or stopping host, a balancer's failover), so a question left
+unanswered when its connection ends is asked again, once, on a new connection.  Answers are
+idempotent, so asking twice is safe.
+"""
 
 from __future__ import annotations
 
@@ -44,20 +50,36 @@ def problem(question: str) -> str | None:
     return None
 
 
-def ask(host: str, port: int, questions: list[str], timeout: float = 10.0) -> Iterator[str]:
-    """Ask each question on one connection; yields the answers in order.
+ENDED = (ServerClosed, ConnectionResetError, BrokenPipeError)  # the connection ended under the question
 
-    ValueError, before anything is sent, if a question is not exactly one question.
+
+def ask(host: str, port: int, questions: list[str], timeout: float = 10.0) -> Iterator[str]:
+    """Ask each question in order on one connection; yields the answers in order.
+
+    ValueError, before anything is sent, if a question is not exactly one question.  A question
+    whose connection ends before its answer is asked again on a new one, once (answers are
+    idempotent: the protocol's contract for clients).
     """
     for question in questions:
         reason = problem(question)
         if reason:
             raise ValueError(f"{question!r}: {reason}")
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        buffer = bytearray()
-        for question in questions:
-            sock.sendall(question.strip().encode("ascii"))
-            yield recv_answer(sock, buffer).decode("ascii", "replace")
+    wanted = [q.strip() for q in questions]
+    asked = 0  # answered so far
+    retried = -1  # the question already asked again
+    while asked < len(wanted):
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                buffer = bytearray()
+                while asked < len(wanted):
+                    sock.sendall(wanted[asked].encode("ascii"))
+                    answer = recv_answer(sock, buffer).decode("ascii", "replace")
+                    asked += 1
+                    yield answer
+        except ENDED:
+            if retried == asked:
+                raise
+            retried = asked
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,8 @@ MAX_ANSWER_BYTES = 1024  # a read can hold a question per byte ("?"): bounds wha
 MAX_CONNECTIONS = 1_000_000
 MAX_SECONDS = 86400.0  # every timeout: finite, so deadlines stay sane numbers
 MIN_WORKER_TIMEOUT = 1.0  # a worker's loop heartbeats once a second
+MAX_DRAIN_DELAY = 300.0  # a stop that waits longer is a mistake; systemd must wait that long too
+MAX_DRAIN_SPREAD = 3600.0
 
 
 def default_pid_file() -> str:
@@ -71,6 +73,13 @@ class Config:
     max_requests_jitter: int = 0
     log_file: str = ""
     log_level: str = "info"
+    # [balancer] (balancer.py, draining.py)
+    agent_bind: str = ""
+    drain_file: str = ""  # "" = PIDFILE.drain
+    drain_delay: float = 0.0
+    drain_spread: float = 5.0
+    max_connection_age: float = 0.0
+    max_connection_age_jitter: float = 0.0
     answers: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ANSWERS))
     allow: tuple[str, ...] = ()  # [access]: see the section "access" below
     deny: tuple[str, ...] = ()
@@ -127,6 +136,16 @@ def _seconds(at_least: float = 0.0) -> Checker:
         if not number or not (v > 0 and at_least <= v <= MAX_SECONDS):
             low = f"at least {at_least:g}" if at_least else "more than 0"
             return f"must be a number of seconds, {low} and at most {MAX_SECONDS:g} (a day), not {v!r}"
+        return None
+    return check
+
+
+def _seconds_or_zero(most: float) -> Checker:
+    """0 (off) up to `most` seconds."""
+    def check(v: Any) -> str | None:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not number or not 0 <= v <= most:
+            return f"must be a number of seconds from 0 to {most:g}, not {v!r}"
         return None
     return check
 
@@ -277,6 +296,12 @@ SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("lifecycle", "worker_timeout"): ("worker_timeout", _seconds(MIN_WORKER_TIMEOUT)),
     ("lifecycle", "max_requests"): ("max_requests", _count),
     ("lifecycle", "max_requests_jitter"): ("max_requests_jitter", _count),
+    ("balancer", "agent_bind"): ("agent_bind", _optional_address),
+    ("balancer", "drain_file"): ("drain_file", _string),
+    ("balancer", "drain_delay"): ("drain_delay", _seconds_or_zero(MAX_DRAIN_DELAY)),
+    ("balancer", "drain_spread"): ("drain_spread", _seconds_or_zero(MAX_DRAIN_SPREAD)),
+    ("balancer", "max_connection_age"): ("max_connection_age", _seconds_or_zero(MAX_SECONDS)),
+    ("balancer", "max_connection_age_jitter"): ("max_connection_age_jitter", _seconds_or_zero(MAX_SECONDS)),
     ("log", "file"): ("log_file", _string),
     ("log", "level"): ("log_level", _log_level),
     **ACCESS_SETTINGS,
@@ -313,6 +338,16 @@ def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
         clash = bind_clash(address, metrics)
         if clash:
             problems.append(f"server.metrics_bind: {clash} in server.bind")
+    agent = values.get("agent_bind", "")
+    others = [(a, "server.bind") for a in values.get("bind", Config.bind)]
+    others.append((metrics, "server.metrics_bind"))
+    for address, key in others if agent and not agent.endswith(":0") else ():  # port 0: a port of its own
+        clash = address and bind_clash(address, agent)
+        if clash:
+            problems.append(f"balancer.agent_bind: {clash} in {key}")
+    if values.get("max_connection_age_jitter", 0) and not values.get("max_connection_age", 0):
+        problems.append("balancer.max_connection_age_jitter: has no effect without max_connection_age; "
+                        "set max_connection_age too, or remove it")
     if values.get("max_requests_jitter", 0) and not values.get("max_requests", 0):
         problems.append("lifecycle.max_requests_jitter: has no effect without max_requests; "
                         "set max_requests too, or remove it")

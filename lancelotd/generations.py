@@ -79,6 +79,7 @@ class Generations:
         self.close_listeners(self.listeners, keep=reload.listeners)
         if reload.cfg.metrics_bind != self.cfg.metrics_bind:
             self.move_metrics(reload.cfg)
+        self.move_agent(reload.cfg)  # only if agent_bind changed
         self.cfg, self.generation, self.listeners = reload.cfg, reload.generation, reload.listeners
         self.target = reload.cfg.workers
         self.reload = None

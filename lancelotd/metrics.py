@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .agent import BALANCE_NAMES
 from .logs import log
 from .scoreboard import STATE_NAMES, Header, Scoreboard
 from .sockets import bind, format_address
@@ -88,6 +89,13 @@ class ScoreboardCollector:
         yield restarts
         yield GaugeMetricFamily("lancelotd_generation", "Generation of workers serving",
                                 value=header.generation)
+        yield GaugeMetricFamily("lancelotd_drained", "1 while drained by the operator (lancelotd drain)",
+                                value=header.drained)
+        balance = GaugeMetricFamily("lancelotd_balance_state", "What the agent port and /ready say: "
+                                    "1 for the current state", labels=["state"])
+        for state, name in BALANCE_NAMES.items():
+            balance.add_metric([name], int(header.balance == state))
+        yield balance
         states = GaugeMetricFamily("lancelotd_workers", "Workers by state", labels=["state"])
         for state, name in STATE_NAMES.items():
             if name != "free":
@@ -141,6 +149,8 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)  # type: ignore[arg-type]
         self.clients: dict[int, Scrape] = {}
+        # Paths besides /metrics (the master's /ready and /live): path -> (status, body) or None.
+        self.probe: Callable[[bytes], tuple[str, bytes] | None] = lambda path: None
         log.info("metrics on http://%s/metrics", format_address(self.listener.getsockname()))
 
     def fds(self) -> list[int]:
@@ -218,8 +228,11 @@ class MetricsServer:
         """The whole HTTP response to `request` (routing: what is served where)."""
         parts = request.split(b" ", 2)
         path = parts[1].split(b"?")[0] if len(parts) > 1 else b""
-        if parts[0] != b"GET" or path not in (b"/metrics", b"/"):
-            status, ctype, body = "404 Not Found", "text/plain", b"not found: try /metrics\n"
+        probed = self.probe(path) if parts[0] == b"GET" else None
+        if probed:
+            (status, body), ctype = probed, "text/plain"
+        elif parts[0] != b"GET" or path not in (b"/metrics", b"/"):
+            status, ctype, body = "404 Not Found", "text/plain", b"not found: try /metrics, /ready, /live\n"
         else:
             try:
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)

@@ -31,7 +31,9 @@ class Reporting:
         from .metrics import MetricsServer, ScoreboardCollector  # only when asked for: 4 MB less
 
         collector = ScoreboardCollector(self.board, self.board.read_header, self.pid)
-        return MetricsServer(cfg.metrics_bind, 64, collector)
+        server = MetricsServer(cfg.metrics_bind, 64, collector)
+        server.probe = self.probe  # /ready and /live (balancer.py)
+        return server
 
     def announce_ready(self: Arbiter) -> None:
         """Our first workers serve: tell whoever waits for it (USR2's old master)."""
@@ -62,6 +64,9 @@ class Reporting:
         self.header.workers_target = self.target
         self.header.reload_pending = int(bool(self.reload or self.reload_queued))
         self.header.metrics_port = self.metrics.port if self.metrics else 0
+        self.header.agent_port = self.balance.agent.port if self.balance.agent else 0
+        self.header.balance = self.balance.state
+        self.header.drained = int(self.balance.drained)
         self.board.publish(self.header, message)  # one record: `lancelotd reload` reads it whole
         now = time.monotonic()
         if self.notifier.enabled and now >= self.next_status:
@@ -78,7 +83,8 @@ class Reporting:
                 last += f" ({self.board.read_message()})"
         line = (f"gen {self.generation}, {len(self.pool.serving(self.generation))} workers, "
                 f"{answered} questions answered, last reload: {last}")
-        return f"{line}; {self.last_upgrade}" if self.last_upgrade else line
+        notes = [note for note in (self.last_upgrade, self.balance_note()) if note]
+        return "; ".join([line, *notes])
 
     def move_metrics(self: Arbiter, cfg: Config) -> None:
         if self.metrics:

@@ -136,13 +136,18 @@ class Header:
     reload_pending: int = 0  # 1 while a reload runs or waits: `lancelotd reload` waits for 0
     metrics_port: int = 0  # so `status` can tell the metrics listener from the service's
     retired: Counters | None = None  # totals of workers that have exited
+    # Behind a balancer (balancer.py): appended after the counters, so a reader of the older
+    # header (a USR2 peer) still reads its own fields, and reads these as 0 from an older writer.
+    agent_port: int = 0  # so `status` can tell the agent listener from the service's
+    balance: int = 0  # balancer.READY, DRAINED, STOPPING or NOT_SERVING: what the agent answers
+    drained: int = 0  # 1 while the operator's drain file exists (also while stopping)
 
 
 # q = 8-byte words throughout, d for times.
 # Header: magic, sequence, checksum, then the fields; the message follows at HEADER_SIZE.
 # The checksum covers everything from the fields to the message's end (RECORD_AT:SLOTS_AT).
 SEQ_AT, CHECKSUM_AT, RECORD_AT = 8, 16, 24
-HEADER_FMT = "<qdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES)
+HEADER_FMT = "<qdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES) + "qqq"
 HEADER_SIZE = 256
 MESSAGE_SIZE = 1024  # the last reload's result, for `lancelotd reload` to print
 SLOTS_AT = HEADER_SIZE + MESSAGE_SIZE
@@ -331,7 +336,7 @@ class Scoreboard:
                          h.master_pid, h.started, h.generation, h.workers_target,
                          h.reloads, h.reload_failures, h.last_reload, h.last_reload_ok, h.replaced_crashed,
                          h.replaced_hung, h.recycled, h.reload_pending, h.metrics_port,
-                         *(getattr(c, name) for name in COUNTER_NAMES))
+                         *(getattr(c, name) for name in COUNTER_NAMES), h.agent_port, h.balance, h.drained)
         self.mem[HEADER_SIZE:SLOTS_AT] = data + bytes(MESSAGE_SIZE - len(data))
         self.mem[CHECKSUM_AT:RECORD_AT] = checksum(self.mem[RECORD_AT:SLOTS_AT])
         ints[SEQ_AT // 8] = seq + 1
@@ -349,7 +354,9 @@ class Scoreboard:
         """The header and the message as the master last published them, together."""
         record = self._read_record()
         values = struct.unpack_from(HEADER_FMT, record, RECORD_AT - CHECKSUM_AT)
-        header = Header(*values[:13], retired=Counters(*values[13:]))  # type: ignore[arg-type]
+        counted = 13 + len(COUNTER_NAMES)
+        header = Header(*values[:13], Counters(*values[13:counted]),  # type: ignore[arg-type]
+                        *values[counted:])
         message = record[HEADER_SIZE - CHECKSUM_AT:].rstrip(b"\0").decode("utf-8", "replace")
         return header, message
 

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from . import pidfile
+from .agent import AGENT_DRAIN, AGENT_READY, BALANCE_NAMES, READY
 from .scoreboard import STATE_NAMES, Counters, Scoreboard, ScoreboardError
 from .scoreboard import path_for as scoreboard_path
 
@@ -106,7 +107,11 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
             "uptime_s": round(now_wall - header.started, 1), "title": " ".join(proc.cmdline()).strip(),
             **process_figures(proc.pid),
         },
-        "listeners": listeners(proc, header.metrics_port),
+        "listeners": listeners(proc, header.metrics_port, header.agent_port),
+        "balancer": {
+            "state": BALANCE_NAMES.get(header.balance, "?"), "drained": bool(header.drained),
+            "agent": (AGENT_READY if header.balance == READY else AGENT_DRAIN).decode().strip(),
+        },
         "reloads": {
             "count": header.reloads, "failures": header.reload_failures,
             "last": header.last_reload or None, "last_ok": bool(header.last_reload_ok),
@@ -136,7 +141,7 @@ def process_figures(pid: int) -> dict[str, Any]:
         return {"cpu_seconds": None, "rss": None, "uss": None}
 
 
-def listeners(proc: psutil.Process, metrics_port: int) -> list[dict[str, Any]]:
+def listeners(proc: psutil.Process, metrics_port: int, agent_port: int = 0) -> list[dict[str, Any]]:
     """The master's listening TCP sockets with their role and accept-queue depth."""
     inodes = set()
     try:
@@ -160,7 +165,8 @@ def listeners(proc: psutil.Process, metrics_port: int) -> list[dict[str, Any]]:
             # For a listening socket the kernel reports its accept queue as rx_queue.
             rx_queue = int(fields[4].split(":")[1], 16)
             address = decode_address(fields[1], v6)
-            role = "metrics" if int(fields[1].rsplit(":", 1)[1], 16) == metrics_port else "service"
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            role = {metrics_port: "metrics", agent_port: "agent"}.get(port, "service") if port else "service"
             found.append({"address": address, "role": role, "accept_queue": rx_queue})
     return found
 
@@ -209,8 +215,9 @@ def human(snap: dict[str, Any]) -> str:
         f"  {m['title']}",
         "  listening: " + (", ".join(
             f"{listener['address']} (accept queue {listener['accept_queue']})"
-            if listener["role"] == "service" else f"{listener['address']} (metrics)"
+            if listener["role"] == "service" else f"{listener['address']} ({listener['role']})"
             for listener in snap["listeners"]) or "-"),
+        "  balancer: " + balancer_line(snap["balancer"]),
         f"  reloads: {r['count']} ({r['failures']} failed), last {last}"
         + (" - reload under way" if r["pending"] else ""),
         f"  workers replaced: {rep['crashed']} crashed, {rep['hung']} hung, {rep['recycled']} recycled",
@@ -237,6 +244,14 @@ def human(snap: dict[str, Any]) -> str:
     lines.append(f"refused: {f['denied']} denied, {f['per_client_limit']} over max_connections_per_client; "
                  f"{f['denied_open']} open connections closed as a reload's rules deny them")
     return "\n".join(lines)
+
+
+def balancer_line(b: dict[str, Any]) -> str:
+    line = {"ready": "ready", "drained": "DRAINED by the operator (`lancelotd undrain` ends it)",
+            "stopping": "stopping", "not_serving": "no worker serving yet"}.get(b["state"], b["state"])
+    if b["drained"] and b["state"] != "drained":
+        line += ", drained by the operator"
+    return f"{line} (agent says: {b['agent']})"
 
 
 def num(value: float | None) -> str:

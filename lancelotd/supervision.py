@@ -313,6 +313,7 @@ class Supervision:
                     sock.close()
             if self.metrics:
                 self.metrics.close()
+            self.close_balance()
             code = run_worker(spec)
         except BaseException:
             log.exception("worker crashed")

@@ -194,10 +194,12 @@ class Upgrades:
             return
         argv = [sys.executable, *sys.orig_argv[1:]]
         self.move_metrics(Config(metrics_bind=""))  # the new master binds it again
+        self.move_agent(Config(agent_bind=""))  # the same
         try:
             self.upgrade = launch_successor(argv, self.cwd, self.listeners, self.signal_table())
         except OSError as e:
             self.move_metrics(self.cfg)
+            self.move_agent(self.cfg)
             log.error("USR2 refused: cannot start a new master: %s", e.strerror)
             return
         self.set_title(" (upgrading)")
@@ -269,6 +271,7 @@ class Upgrades:
         if upgrade.pid and self.cfg.pid_file:  # a successor killed before its cleanup leaves it
             remove_quietly(scoreboard_path(f"{self.cfg.pid_file}.new-{upgrade.pid}"))
         self.move_metrics(self.cfg)
+        self.move_agent(self.cfg)
         self.set_title()
         self.last_upgrade = f"upgrade FAILED at {time.strftime('%H:%M:%S')} ({why})"
         log.error("upgrade failed: %s; this master keeps serving", why)

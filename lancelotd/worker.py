@@ -36,6 +36,7 @@ from .access import make_gate, refuse
 from .clients import ClientTable
 from .config import Config
 from .connections import EPOLLIN, LINGERING, READ_SLICE, RECV_SIZE, Conn, Connections, bound_send_buffers
+from .draining import Draining
 from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
 from .logs import log, set_role
 from .protocol import AnswerTable
@@ -69,7 +70,7 @@ class WorkerSpec:
     clients: ClientTable | None = None  # the per-client counts, when max_connections_per_client is set
 
 
-class Worker(Connections, Retirement):
+class Worker(Connections, Retirement, Draining):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.number = spec.number
@@ -334,6 +335,7 @@ class Worker(Connections, Retirement):
             log.warning("master %d is gone: exiting", self.master_pid)
             return 1
         self._expire(now)
+        self._shed(now)  # a drained host, max_connection_age (draining.py)
         self.accept_pause.check_over(now)
         if self.state == DRAINING:
             self._hand_off()  # again, for those a target could not take before
