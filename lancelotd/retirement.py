@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from . import handoff
-from .connections import EPOLLIN, LINGER_SECONDS, OPEN
+from .connections import EPOLLIN, LINGER_SECONDS, OPEN, Conn
 from .limits import CLIENT_GONE
 from .logs import log
 from .scoreboard import DRAINING, SERVING, STOPPING
@@ -23,60 +24,44 @@ RECENT = 1.0  # at TERM, a connection active this recently is served this long m
 class Retirement:
     """The Worker's ways out."""
 
-    def _watch_channel(self: Worker, channel: socket.socket) -> None:
-        self.epoll.register(channel.fileno(), EPOLLIN)
+    # --- the hand-off's host (handoff.Host) ---------------------------------
+
+    def refusal(self: Worker) -> bytes | None:
+        """Why we cannot adopt a connection handed to us now, or None."""
+        if self.state != SERVING:
+            return handoff.LEAVING  # its sender knows better targets than we would
+        if self._full():
+            return handoff.FULL
+        return None
+
+    def adopt_handed(self: Worker, sock: socket.socket, pending: bytes, now: float) -> None:
+        self._adopt(sock, now).session.pending = pending
+
+    def resume(self: Worker, conn: Conn, now: float) -> None:
+        """A connection we sent was not adopted: serve it again (with what it sent meanwhile)."""
+        self.conns[conn.fd] = conn
+        self.epoll.register(conn.fd, EPOLLIN)
 
     def _take_over(self: Worker, fd: int, now: float) -> None:
-        """Accept a hand-off channel; adopt connections sent on one, or sent back to us."""
-        if fd == self.inbox.fileno():
-            channel = handoff.accept_channel(self.inbox)
-            if channel is not None:
-                self.channels[channel.fileno()] = channel
-                self._watch_channel(channel)
-            return
-        channel = self.channels.get(fd)
-        outbound = channel is None
-        if outbound:
-            channel = self.sender.channel(fd)
-            if channel is None:
-                return
-        received, acks, closed = handoff.receive(channel)
-        for sock, pending in received:
-            if outbound:  # a full target sent it back: we keep serving it
-                self.handed_off -= 1
-                log.info("a connection came back from a full worker: serving it here")
-            elif self._full() and handoff.send_back(channel, sock, pending):
-                continue
-            else:
-                handoff.acknowledge(channel)
-            self._adopt(sock, now).session.pending = pending
-        if outbound:
-            self.sender.answered(fd, acks, len(received))
-        if closed:  # closing the socket also takes it out of the epoll set
-            if outbound:
-                self.sender.forget(fd)
-            else:
-                del self.channels[fd]
-                channel.close()
+        """Our hand-off inbox or a channel is ready."""
+        if self.handoff.on_event(fd, now) and self.state == DRAINING:
+            self._hand_off()  # a target answered: room for more, or connections back to place
 
     def _hand_off(self: Worker) -> None:
         """Retiring: pass every connection at a question boundary to a current worker."""
         ready = [c for c in self.conns.values() if c.state == OPEN and not c.out]
         if not ready:
             return
-        targets = self.sender.targets()
-        handed = 0
-        for conn in ready:
-            if not targets or not self.sender.send(conn.sock, conn.session.pending, targets):
-                break  # fallback: this worker keeps serving it (and tries again next tick)
-            # Unregister first: epoll watches the open file, which lives on in the target.
+        sent = self.handoff.offer(ready, time.monotonic())
+        for conn in sent:  # in flight: the hand-off holds our copy until the target answers
             self.epoll.unregister(conn.fd)
             del self.conns[conn.fd]
-            conn.sock.close()
-            handed += 1
-        if handed:
-            self.handed_off += handed
-            log.info("handed %d connections over (%d left)", handed, len(self.conns))
+        if sent:
+            log.info("handed %d connections over (%d left)", len(sent), len(self.conns))
+
+    def _done(self: Worker, now: float) -> bool:
+        """Not serving: may we exit?  Not while we hold connections, or the hand-off does."""
+        return not self.conns and self.handoff.finished(now) and not self.conns
 
     def _close_listeners(self: Worker) -> None:
         self._stop_accepting()
@@ -89,6 +74,7 @@ class Retirement:
         if self.state != SERVING:
             return
         self._close_listeners()
+        self.handoff.stop_receiving()
         self.deadline = now + self.cfg.graceful_timeout
         self._set_state(DRAINING, now)
         self._hand_off()
@@ -106,6 +92,7 @@ class Retirement:
         self.deadline = now + (self.cfg.graceful_timeout if self.state == SERVING else LINGER_SECONDS)
         self._last_sweep(now)
         self._close_listeners()
+        self.handoff.stop_receiving()
         self._set_state(STOPPING, now)
         recent = now - RECENT
         waiting = False

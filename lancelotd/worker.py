@@ -88,10 +88,8 @@ class Worker(Connections, Retirement):
         self.started = time.time()
         self.published_at = time.monotonic()
         self.rate = 0.0  # questions answered per second over the last tick
-        self.channels: dict[int, socket.socket] = {}  # hand-off channels from retiring workers
-        self.sender = handoff.Sender(scoreboard_path(cfg.pid_file) if cfg.pid_file else "", spec.board,
-                                     cfg.max_connections, self._watch_channel)
-        self.handed_off = 0
+        board_path = scoreboard_path(cfg.pid_file) if cfg.pid_file else ""
+        self.handoff = handoff.HandOff(self, cfg.pid_file, board_path, spec.board, cfg.max_connections)
         # The heartbeat goes with the tick: several per worker_timeout, so a
         # busy but healthy worker is never mistaken for a hung one.
         self.tick = min(TICK, cfg.worker_timeout / 4)
@@ -138,8 +136,7 @@ class Worker(Connections, Retirement):
         set_role(f"worker {self.number}")
         setproctitle(f"lancelotd: worker {self.number} [gen {self.generation}]")
         self._install_signals()
-        self.inbox = handoff.listen()
-        self.epoll.register(self.inbox.fileno(), EPOLLIN)
+        self.handoff.start()
         self._start_accepting()
         self._set_state(SERVING, time.monotonic())
         log.debug("serving (gen %d)", self.generation)
@@ -242,7 +239,7 @@ class Worker(Connections, Retirement):
             self.answered += answered
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
-            if self.state != SERVING and not conns and not self.sender.waiting():
+            if self.state != SERVING and not conns and self._done(now):
                 return self._exit_code()  # retired or stopping, the last client gone or handed over
             if now >= next_tick:
                 next_tick = now + tick
@@ -310,6 +307,7 @@ class Worker(Connections, Retirement):
             return 1
         self._expire(now)
         self.accept_pause.check_over(now)
+        self.handoff.tick(now)
         if self.state == DRAINING:
             self._hand_off()  # again, for those a target could not take before
         max_requests = self.spec.max_requests
@@ -318,7 +316,7 @@ class Worker(Connections, Retirement):
             self._drain(now)
         self._publish(now)
         if self.state != SERVING:
-            if not self.conns and not self.sender.waiting():
+            if self._done(now):
                 return self._exit_code()
             if now >= self.deadline:
                 if self.state == DRAINING:
@@ -348,17 +346,18 @@ class Worker(Connections, Retirement):
                 self._alarm(now)
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
-        if self.state != SERVING and not self.conns and not self.sender.waiting():
+        if self.state != SERVING and self._done(now):
             return self._exit_code()
         return None
 
     def _exit_code(self) -> int:
+        self.handoff.stop_receiving()
         self._publish(time.monotonic())  # the master folds our last counters into its totals
         log.info(
             "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered, "
             "%d connections handed over, %d gone before accept",
             self.counters.accepted, self.accept_wakeups, self.empty_wakeups, self.counters.answered,
-            self.handed_off, self.clients_gone,
+            self.handoff.adopted, self.clients_gone,
         )
         return 0
 
