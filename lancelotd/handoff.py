@@ -97,6 +97,7 @@ class HandOff:
         self.max_connections = max_connections  # ours: a hint only, the target's own limit rules
         self.inbox: socket.socket | None = None
         self.inbox_paused = False  # out of descriptors: not watching the inbox until the next tick
+        self.inbox_failing = False  # accept() failing for want of descriptors: logged once
         self.channels: dict[int, Channel] = {}  # fd -> channel, both directions
         self.to: dict[int, Channel] = {}  # target pid -> outbound channel
         self.sent: dict[int, int] = {}  # target pid -> connections it took, for a fair spread
@@ -134,12 +135,15 @@ class HandOff:
                 return
             except OSError as e:
                 if e.errno in ACCEPT_FAILED:  # the channel stays queued: try again next tick
-                    log.warning("cannot accept a hand-off channel (%s): inbox paused until the next tick",
-                                e.strerror)
+                    if not self.inbox_failing:
+                        log.warning("cannot accept a hand-off channel (%s): trying again once a tick",
+                                    e.strerror)
+                    self.inbox_failing = True
                     self.host.epoll.unregister(self.inbox.fileno())
                     self.inbox_paused = True
                     return
                 continue  # that sender is gone
+            self.inbox_failing = False
             pid, uid = self.rendezvous.peer(sock)
             if uid != self.rendezvous.uid:
                 log.warning("hand-off channel from pid %d uid %d refused: not our user", pid, uid)
