@@ -366,13 +366,16 @@ def run_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop; the exit code for os._exit()."""
     # Already blocked if the master forked us so; this makes sure (it costs nothing).
     signal.pthread_sigmask(signal.SIG_BLOCK, BOOT_BLOCKED)
-    # Fault injection for the tests of boot back-off, failed reloads and failed upgrades.
+    # Fault injection for the tests: a long boot (signals sent during it; a worker
+    # failing late), then a failure (boot back-off, failed reloads and upgrades).
+    # LANCELOTD_TEST_BOOT_DELAY=SECONDS[@GEN:NUMBER], LANCELOTD_TEST_FAIL_BOOT=GEN[:NUMBER].
+    who_am_i = f"{spec.generation}:{spec.number}"
+    delay, _, who = os.environ.get("LANCELOTD_TEST_BOOT_DELAY", "").partition("@")
+    if delay and who in ("", who_am_i):
+        time.sleep(float(delay))
     fail_if = os.environ.get("LANCELOTD_TEST_FAIL_BOOT_IF", "")
-    failing = os.environ.get("LANCELOTD_TEST_FAIL_BOOT") == str(spec.generation)
+    failing = os.environ.get("LANCELOTD_TEST_FAIL_BOOT") in (str(spec.generation), who_am_i)
     if failing or (fail_if and os.path.exists(fail_if)):
         log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT*)")
         return 3
-    delay = os.environ.get("LANCELOTD_TEST_BOOT_DELAY")
-    if delay:  # fault injection: a long boot, for the tests of signals sent during it
-        time.sleep(float(delay))
     return Worker(spec).run()
