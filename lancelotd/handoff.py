@@ -16,8 +16,8 @@ the deadline written in the message (CLOCK_MONOTONIC, one clock for every
 process), and the sender takes a connection back only PATIENCE after it: so the
 two never both serve one.  The wire protocol is in docs/DESIGN.md.
 
-The rendezvous is in rendezvous.py (inboxes in the PID file's directory, peer
-credentials checked both ways); targets come from the scoreboard beside the PID
+The rendezvous and the wire format are in rendezvous.py (inboxes in the PID
+file's directory, peer credentials checked both ways); targets come from the scoreboard beside the PID
 file, which after a USR2 upgrade is the new master's.
 """
 
@@ -26,40 +26,21 @@ from __future__ import annotations
 import errno
 import select
 import socket
-import struct
 import time
-from collections import deque
 from typing import Protocol
 
+from . import rendezvous as wire
 from .logs import log
-from .protocol import Session
-from .rendezvous import Rendezvous
+from .rendezvous import Channel, Held, Rendezvous
 from .scoreboard import SERVING, Scoreboard
 
-MAX_PENDING = 65536  # an unfinished question travels with its connection (max_question_bytes <= 65536)
-HAND = struct.Struct("=cId")  # b"H", id, deadline; then the unfinished question; the socket as SCM_RIGHTS
-ANSWER = struct.Struct("=cIc")  # b"A" (adopted) or b"R" (refused), id, reason
-HANDED, ADOPTED, REFUSED = b"H", b"A", b"R"
-FULL, LEAVING, LATE, NO_FD, MALFORMED = b"F", b"L", b"T", b"D", b"X"  # why a receiver refuses
-REASONS = {FULL: "full", LEAVING: "not serving", LATE: "too late", NO_FD: "out of descriptors",
-           MALFORMED: "malformed message"}
+CLOEXEC = socket.MSG_CMSG_CLOEXEC
 ANSWER_WITHIN = 2.0  # a receiver adopts a connection only this soon after it was sent
 PATIENCE = 1.0  # and the sender takes it back only this long after that deadline
 IN_FLIGHT_PER_TARGET = 32  # far below what a channel's buffer holds: an answer never meets EAGAIN
 REST_FOR = 5.0  # seconds a target that refused or failed is left alone
-RECEIVE_SIZE = HAND.size + MAX_PENDING
-CLOEXEC = socket.MSG_CMSG_CLOEXEC
-FDS_SPACE = socket.CMSG_SPACE(2 * 4)  # room for one descriptor too many: that one is refused
 ACCEPT_FAILED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED})
-
-
-class Held(Protocol):
-    """A worker's connection, as far as the hand-off is concerned (connections.Conn)."""
-
-    sock: socket.socket
-    fd: int
-    session: Session
 
 
 class Host(Protocol):
@@ -70,19 +51,6 @@ class Host(Protocol):
     def refusal(self) -> bytes | None: ...  # why we cannot adopt a connection now, or None
     def adopt_handed(self, sock: socket.socket, pending: bytes, now: float) -> None: ...
     def resume(self, conn: Held, now: float) -> None: ...  # serve again one sent but not adopted
-
-
-class Channel:
-    """One end of a hand-off channel: to a target (outbound) or from a sender (inbound)."""
-
-    def __init__(self, sock: socket.socket, peer: int, outbound: bool) -> None:
-        self.sock, self.peer, self.outbound = sock, peer, outbound
-        self.fd = sock.fileno()
-        self.flights: dict[int, tuple[Held, float]] = {}  # outbound: id -> (connection, deadline)
-        # inbound: answers not sent yet, each with the copy of a refused connection and its
-        # question, kept until the refusal is out: if the sender is gone, we are the last holder.
-        self.outbox: deque[tuple[bytes, socket.socket | None, bytes]] = deque()
-        self.watching_out = False
 
 
 class HandOff:
@@ -155,28 +123,29 @@ class HandOff:
     def _received(self, channel: Channel, data: bytes, fds: list[int], flags: int) -> None:
         """A connection handed to us: adopt it, or refuse it (the sender still has its own copy)."""
         for extra in fds[1:]:
-            _close_fd(extra)
-        if len(data) < HAND.size or flags & socket.MSG_TRUNC:
+            wire.close_fd(extra)
+        if len(data) < wire.HAND.size or flags & socket.MSG_TRUNC:
             for fd in fds[:1]:
-                _close_fd(fd)
+                wire.close_fd(fd)
             return  # no id to answer by: the sender takes it back at the deadline
-        _, ident, deadline = HAND.unpack_from(data)
-        pending = data[HAND.size:]
-        sock = _socket_of(fds[0]) if fds else None
+        _, ident, deadline = wire.HAND.unpack_from(data)
+        pending = data[wire.HAND.size:]
+        sock = wire.socket_of(fds[0]) if fds else None
         if sock is None:
-            reason: bytes | None = NO_FD if flags & socket.MSG_CTRUNC else MALFORMED
+            reason: bytes | None = wire.NO_FD if flags & socket.MSG_CTRUNC else wire.MALFORMED
         elif time.monotonic() > deadline:  # the sender may be serving it again
-            reason = LATE
+            reason = wire.LATE
         else:
             reason = self.host.refusal()
         if reason is None and sock is not None:
             self.host.adopt_handed(sock, pending, time.monotonic())
             self.taken += 1
-            self._answer(channel, ANSWER.pack(ADOPTED, ident, b"-"), None, b"")
+            self._answer(channel, wire.ANSWER.pack(wire.ADOPTED, ident, b"-"), None, b"")
             return
-        log_refusal = log.warning if reason in (NO_FD, MALFORMED) else log.info
-        log_refusal("refused a connection from worker %d: %s", channel.peer, REASONS[reason or MALFORMED])
-        self._answer(channel, ANSWER.pack(REFUSED, ident, reason or MALFORMED), sock, pending)
+        reason = reason or wire.MALFORMED
+        log_refusal = log.warning if reason in (wire.NO_FD, wire.MALFORMED) else log.info
+        log_refusal("refused a connection from worker %d: %s", channel.peer, wire.REASONS[reason])
+        self._answer(channel, wire.ANSWER.pack(wire.REFUSED, ident, reason), sock, pending)
 
     def _answer(self, channel: Channel, message: bytes, held: socket.socket | None, pending: bytes) -> None:
         channel.outbox.append((message, held, pending))
@@ -215,7 +184,7 @@ class HandOff:
             if not targets:
                 break
             pending = conn.session.pending
-            if len(pending) > MAX_PENDING:
+            if len(pending) > wire.MAX_PENDING:
                 continue
             while targets:
                 pid, load = targets[0]
@@ -239,7 +208,8 @@ class HandOff:
         self.last_id = (self.last_id + 1) & 0xFFFFFFFF
         deadline = time.monotonic() + ANSWER_WITHIN
         try:
-            socket.send_fds(channel.sock, [HAND.pack(HANDED, self.last_id, deadline), pending], [conn.fd])
+            header = wire.HAND.pack(wire.HANDED, self.last_id, deadline)
+            socket.send_fds(channel.sock, [header, pending], [conn.fd])
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
                 return "too large"
@@ -250,21 +220,21 @@ class HandOff:
         return "sent"
 
     def _answered(self, channel: Channel, data: bytes, now: float) -> None:
-        kind, ident, reason = ANSWER.unpack(data)
+        kind, ident, reason = wire.ANSWER.unpack(data)
         flight = channel.flights.pop(ident, None)
         if flight is None:  # taken back already: by the deadline rule the answer is a refusal
-            if kind == ADOPTED:
+            if kind == wire.ADOPTED:
                 log.error("worker %d adopted connection %d after its deadline", channel.peer, ident)
             return
         conn = flight[0]
-        if kind == ADOPTED:
+        if kind == wire.ADOPTED:
             conn.sock.close()  # the target's copy lives on: nothing reaches the client
             self.adopted += 1
             return
         self.sent[channel.peer] = max(0, self.sent.get(channel.peer, 0) - 1)
         self.resting[channel.peer] = now + REST_FOR
         log.info("a connection came back from worker %d (%s): serving it here", channel.peer,
-                 REASONS.get(reason, "?"))
+                 wire.REASONS.get(reason, "?"))
         self.host.resume(conn, now)
 
     def _targets(self, now: float) -> list[tuple[int, int]]:
@@ -323,40 +293,42 @@ class HandOff:
             _unwatch(self.host.epoll, fd)
             return False
         answered = self._read(channel, now)
-        if channel.outbox and channel.fd in self.channels:
+        if channel.outbox and self._open(channel):
             self._flush(channel)
         return answered
 
     def _read(self, channel: Channel, now: float) -> bool:
         answered = False
-        while channel.fd in self.channels:
+        while self._open(channel):
             try:
-                data, ancdata, flags, _ = channel.sock.recvmsg(RECEIVE_SIZE, FDS_SPACE, CLOEXEC)
+                data, ancdata, flags, _ = channel.sock.recvmsg(wire.RECEIVE_SIZE, wire.FDS_SPACE, CLOEXEC)
             except BlockingIOError:
                 break
             except OSError:
                 data, ancdata, flags = b"", [], 0
-            fds = _fds_of(ancdata)
+            fds = wire.fds_of(ancdata)
             if not data:  # EOF: the other side is gone (what it sent before is read already)
                 for fd in fds:
-                    _close_fd(fd)
+                    wire.close_fd(fd)
                 answered = answered or bool(channel.flights)
                 self._lost(channel)
                 break
-            if data[:1] == HANDED:
+            if data[:1] == wire.HANDED:
                 self._received(channel, data, fds, flags)
                 continue
             for fd in fds:  # an answer carries no descriptor: we kept our own copy
-                _close_fd(fd)
-            if len(data) == ANSWER.size and data[:1] in (ADOPTED, REFUSED):
+                wire.close_fd(fd)
+            if len(data) == wire.ANSWER.size and data[:1] in (wire.ADOPTED, wire.REFUSED):
                 self._answered(channel, data, now)
                 answered = True
         return answered
 
     def _lost(self, channel: Channel) -> None:
         """The channel is closed or broken: what was in flight on it is ours again."""
+        if not self._open(channel):
+            return
         now = time.monotonic()
-        self.channels.pop(channel.fd, None)
+        del self.channels[channel.fd]
         if self.to.get(channel.peer) is channel:
             del self.to[channel.peer]
         if channel.flights:
@@ -410,43 +382,22 @@ class HandOff:
         taken = self.taken
         for channel in list(self.channels.values()):
             self._read(channel, now)
-            if channel.outbox and channel.fd in self.channels:
+            if channel.outbox and self._open(channel):
                 self._flush(channel)
         return self.taken == taken and not self.pending()
+
+    def _open(self, channel: Channel) -> bool:
+        """Still ours (a closed channel's descriptor number may already name a new one)."""
+        return self.channels.get(channel.fd) is channel
 
     def _watch(self, channel: Channel) -> None:
         self.channels[channel.fd] = channel
         self.host.epoll.register(channel.fd, select.EPOLLIN)
 
     def _watch_out(self, channel: Channel, on: bool) -> None:
-        if channel.watching_out != on and channel.fd in self.channels:
+        if channel.watching_out != on and self._open(channel):
             channel.watching_out = on
             self.host.epoll.modify(channel.fd, select.EPOLLIN | (select.EPOLLOUT if on else 0))
-
-
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
-    return fds
-
-
-def _socket_of(fd: int) -> socket.socket | None:
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:  # not a socket: nothing we could serve
-        _close_fd(fd)
-        return None
-    sock.setblocking(False)
-    return sock
-
-
-def _close_fd(fd: int) -> None:
-    try:
-        socket.close(fd)
-    except OSError:
-        pass
 
 
 def _unwatch(epoll: select.epoll, fd: int) -> None:

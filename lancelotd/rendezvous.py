@@ -1,4 +1,4 @@
-"""Where retiring workers find current ones: each worker's hand-off inbox, a file socket.
+"""Where retiring workers find current ones (each worker's hand-off inbox), and what they say.
 
 An inbox is a SOCK_SEQPACKET socket named PIDFILE.handoff-PID in the PID
 file's directory, which is ours alone (runtime.py: 0700, or 0755 for root;
@@ -18,6 +18,9 @@ that cannot be had, there is no inbox and retiring workers drain instead.
 Both ends check the other with SO_PEERCRED: the sender that the inbox belongs
 to the very worker it chose from the scoreboard (pid) and to our user, the
 receiver that the sender runs as our user.
+
+The wire format (HAND, ANSWER and the reasons for a refusal) and a channel's
+state are here too; handoff.py decides what to send.  See docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -26,10 +29,22 @@ import errno
 import os
 import socket
 import struct
+from collections import deque
+from typing import Protocol
 
 from . import runtime
 from .config import default_pid_file
+from .protocol import Session
 
+MAX_PENDING = 65536  # an unfinished question travels with its connection (max_question_bytes <= 65536)
+HAND = struct.Struct("=cId")  # b"H", id, deadline; then the unfinished question; the socket as SCM_RIGHTS
+ANSWER = struct.Struct("=cIc")  # b"A" (adopted) or b"R" (refused), id, reason
+HANDED, ADOPTED, REFUSED = b"H", b"A", b"R"
+FULL, LEAVING, LATE, NO_FD, MALFORMED = b"F", b"L", b"T", b"D", b"X"  # why a receiver refuses
+REASONS = {FULL: "full", LEAVING: "not serving", LATE: "too late", NO_FD: "out of descriptors",
+           MALFORMED: "malformed message"}
+RECEIVE_SIZE = HAND.size + MAX_PENDING
+FDS_SPACE = socket.CMSG_SPACE(2 * 4)  # room for one descriptor too many: that one is refused
 SUN_PATH_MAX = 107  # bytes of a socket's path, its NUL aside
 CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 BACKLOG = 64
@@ -37,6 +52,8 @@ SEQPACKET = socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 class Rendezvous:
+    """This worker's inbox, and the way to any other worker's."""
+
     def __init__(self, pid_file: str) -> None:
         self.pid = os.getpid()
         self.uid = os.geteuid()
@@ -112,3 +129,49 @@ class Rendezvous:
         """(pid, uid) of the process at the other end, as the kernel recorded them."""
         pid, uid, _gid = CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDS.size))
         return pid, uid
+
+
+class Held(Protocol):
+    """A worker's connection, as far as the hand-off is concerned (connections.Conn)."""
+
+    sock: socket.socket
+    fd: int
+    session: Session
+
+
+class Channel:
+    """One end of a hand-off channel: to a target (outbound) or from a sender (inbound)."""
+
+    def __init__(self, sock: socket.socket, peer: int, outbound: bool) -> None:
+        self.sock, self.peer, self.outbound = sock, peer, outbound
+        self.fd = sock.fileno()
+        self.flights: dict[int, tuple[Held, float]] = {}  # outbound: id -> (connection, deadline)
+        # inbound: answers not sent yet, each with the copy of a refused connection and its
+        # question, kept until the refusal is out: if the sender is gone, we are the last holder.
+        self.outbox: deque[tuple[bytes, socket.socket | None, bytes]] = deque()
+        self.watching_out = False
+
+
+def fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
+    return fds
+
+
+def socket_of(fd: int) -> socket.socket | None:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket: nothing we could serve
+        close_fd(fd)
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+def close_fd(fd: int) -> None:
+    try:
+        socket.close(fd)
+    except OSError:
+        pass

@@ -9,7 +9,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from . import handoff
+from . import rendezvous as wire
 from .connections import EPOLLIN, LINGER_SECONDS, OPEN, Conn
 from .limits import CLIENT_GONE
 from .logs import log
@@ -29,9 +29,9 @@ class Retirement:
     def refusal(self: Worker) -> bytes | None:
         """Why we cannot adopt a connection handed to us now, or None."""
         if self.state != SERVING:
-            return handoff.LEAVING  # its sender knows better targets than we would
+            return wire.LEAVING  # its sender knows better targets than we would
         if self._full():
-            return handoff.FULL
+            return wire.FULL
         return None
 
     def adopt_handed(self: Worker, sock: socket.socket, pending: bytes, now: float) -> None:
