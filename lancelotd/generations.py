@@ -4,13 +4,12 @@ A reload starts a whole new generation of workers with the new config; only
 once every one of them serves is the old generation retired (commit), so
 there is always a generation accepting.  If a new worker cannot boot, or the
 generation is not serving within RELOAD_TIMEOUT, the new generation is
-stopped and everything is as it was before the HUP (abort): same config,
-same sockets, same log file, same workers.
+retired (its clients handed to the current one) and everything is as it was
+before the HUP (abort): same config, same sockets, same log file, same workers.
 """
 
 from __future__ import annotations
 
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from . import logs
 from .config import Config, ConfigError
 from .logs import log
 from .sockets import BindError, open_listeners
-from .supervision import kill
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter
@@ -94,15 +92,18 @@ class Generations:
         self.run_queued_reload()
 
     def abort_reload(self: Arbiter, why: str) -> None:
-        """Stop the new generation and go back to exactly what ran before the HUP."""
+        """Retire the new generation and go back to exactly what ran before the HUP.
+
+        Retired, not stopped: the clients its workers accepted meanwhile are
+        handed to the current generation (the scoreboard header still names it).
+        """
         reload = self.reload
         if reload is None:
             return
         self.reload = None
-        for worker in self.pool.workers.values():
+        for worker in list(self.pool.workers.values()):
             if worker.generation == reload.generation:
-                worker.retiring = True
-                kill(worker.pid, signal.SIGTERM)
+                self.retire(worker)
         self.close_listeners(reload.listeners, keep=self.listeners)
         self.pool.forget_backoff([self.generation])
         logs.reopen(self.cfg.log_file, self.cfg.log_level)  # if it fails, the one open logs on

@@ -1,223 +1,409 @@
-"""Handing live connections from a retiring worker to a current one.
+"""Handing live connections from a retiring worker to a current one, in two phases.
 
-A retired worker (reload, TTOU, max_requests, USR2 upgrade) does not make
-its clients wait for graceful_timeout and then disconnect them: at a
-question boundary (its answers flushed) it sends each connection's socket
-over SCM_RIGHTS, with the bytes of any unfinished question, to a worker of
-the current generation, which carries on serving it.  The client sees
-nothing, and from its next question on gets the new config's answers.
+A retired worker (reload, TTOU, max_requests, USR2 upgrade) does not make its
+clients wait for graceful_timeout and then disconnect them: at a question
+boundary (its answers flushed) it sends each connection's socket over
+SCM_RIGHTS, with the bytes of any unfinished question, to a serving worker of
+the current generation, which carries on serving it.  The client sees nothing.
 
-Every worker listens on an abstract-namespace SOCK_SEQPACKET socket named
-after its PID (one message = one connection; no file to clean up).  The
-receiver answers every connection on the same channel: an ACK, or - when it
-is at its own max_connections - the connection itself, sent back, which the
-sender then keeps serving (the scoreboard a sender chooses by is up to a
-second old, and two workers may retire at once).  A sender leaves only once
-every connection it sent has been answered for.  Targets
-come from the scoreboard file beside the PID file, which after a USR2
-upgrade is the new master's: so the same code hands connections across an
-upgrade.  Peers are checked with SO_PEERCRED: only our own user may hand us
-a socket.
+Two phases, because a socket in flight can be lost: the sender keeps its own
+copy of each connection it sent (out of its epoll set: nobody reads or writes
+it) until the receiver answers for it.  "Adopted": the sender closes its copy
+(the receiver's lives on, so the client notices nothing).  "Refused" (full,
+leaving, too late, out of descriptors), the channel closing, or no answer in
+time: the sender serves the connection again.  A receiver adopts only before
+the deadline written in the message (CLOCK_MONOTONIC, one clock for every
+process), and the sender takes a connection back only PATIENCE after it: so the
+two never both serve one.  The wire protocol is in docs/DESIGN.md.
+
+The rendezvous and the wire format are in rendezvous.py (inboxes in the PID
+file's directory, peer credentials checked both ways); targets come from the scoreboard beside the PID
+file, which after a USR2 upgrade is the new master's.
 """
 
 from __future__ import annotations
 
-import os
+import errno
+import select
 import socket
-import struct
 import time
-from collections.abc import Callable
+from typing import Protocol
 
+from . import rendezvous as wire
 from .logs import log
+from .rendezvous import Channel, Held, Rendezvous
 from .scoreboard import SERVING, Scoreboard
 
-MAX_MESSAGE = 65536  # a connection's unfinished question travels with it
-FULL_FOR = 5.0  # seconds a target that sent a connection back is left alone
-ACK = b"+"  # "adopted"; never empty: an empty SEQPACKET message reads like EOF
-ANSWER_WITHIN = 2.0  # seconds a sender waits for a target's answer before it gives up
+CLOEXEC = socket.MSG_CMSG_CLOEXEC
+ANSWER_WITHIN = 2.0  # a receiver adopts a connection only this soon after it was sent
+PATIENCE = 1.0  # and the sender takes it back only this long after that deadline
+IN_FLIGHT_PER_TARGET = 32  # far below what a channel's buffer holds: an answer never meets EAGAIN
+REST_FOR = 5.0  # seconds a target that refused or failed is left alone
+ACCEPT_FAILED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED})
 
 
-def address(pid: int) -> str:
-    return f"\0lancelotd-handoff-{pid}"
+class Host(Protocol):
+    """What the hand-off needs of its worker (retirement.py)."""
+
+    epoll: select.epoll
+
+    def refusal(self) -> bytes | None: ...  # why we cannot adopt a connection now, or None
+    def adopt_handed(self, sock: socket.socket, pending: bytes, now: float, last: float) -> None: ...
+    def handed(self, conn: Held) -> None: ...  # one we sent was adopted (before we close our copy)
+    def resume(self, conn: Held, now: float) -> None: ...  # serve again one sent but not adopted
 
 
-def listen() -> socket.socket:
-    """This worker's hand-off inbox."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    sock.bind(address(os.getpid()))
-    sock.listen(64)
-    return sock
+class HandOff:
+    """Both sides of the hand-off for one worker: its inbox, its channels, its connections in flight."""
 
-
-def accept_channel(inbox: socket.socket) -> socket.socket | None:
-    """A retiring worker's channel to us, if it runs as our user."""
-    try:
-        channel, _ = inbox.accept()
-    except BlockingIOError:
-        return None
-    _pid, uid, _gid = struct.unpack("3i", channel.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    if uid != os.getuid():
-        log.warning("hand-off from uid %d refused", uid)
-        channel.close()
-        return None
-    channel.setblocking(False)
-    return channel
-
-
-def receive(channel: socket.socket) -> tuple[list[tuple[socket.socket, bytes]], int, bool]:
-    """What waits on a channel: connections as (socket, unfinished question), ACKs, and EOF."""
-    received = []
-    acks = 0
-    while True:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(channel, MAX_MESSAGE, 1)
-        except BlockingIOError:
-            return received, acks, False
-        except OSError:
-            return received, acks, True
-        if fds:
-            sock = socket.socket(fileno=fds[0])
-            sock.setblocking(False)
-            received.append((sock, data))
-        elif data == ACK:
-            acks += 1
-        else:
-            return received, acks, True  # EOF: the other side is gone
-
-
-def acknowledge(channel: socket.socket) -> None:
-    try:
-        channel.send(ACK)
-    except OSError:
-        pass  # the sender is gone: it no longer waits
-
-
-def send_back(channel: socket.socket, sock: socket.socket, pending: bytes) -> bool:
-    """Return a connection to the worker that sent it (we are full); True if it went."""
-    try:
-        socket.send_fds(channel, [pending], [sock.fileno()])
-    except OSError:
-        return False
-    sock.close()
-    return True
-
-
-class Sender:
-    """The retiring side: picks targets and sends connections to them.
-
-    `watch` is called with each new channel: connections a full target sends
-    back arrive on it, and the worker adopts them again.
-    """
-
-    def __init__(self, board_path: str, own_board: Scoreboard, max_connections: int,
-                 watch: Callable[[socket.socket], None]) -> None:
-        self.board_path = board_path
+    def __init__(self, host: Host, pid_file: str, board_path: str, own_board: Scoreboard,
+                 max_connections: int) -> None:
+        self.host = host
+        self.rendezvous = Rendezvous(pid_file)
+        self.board_path = board_path  # the public scoreboard: after a USR2 upgrade, the new master's
         self.own_board = own_board
         self.max_connections = max_connections  # ours: a hint only, the target's own limit rules
-        self.watch = watch
-        self.channels: dict[int, socket.socket] = {}  # target pid -> channel
-        self.sent: dict[int, int] = {}  # target pid -> connections sent, for a fair spread
-        self.full_until: dict[int, float] = {}  # target pid -> when to try it again
-        self.unanswered: dict[int, int] = {}  # target pid -> connections sent, not yet answered for
-        self.last_sent = 0.0
-        self.last_channel = -1  # the channel (fd) the last connection went out on
+        self.inbox: socket.socket | None = None
+        self.inbox_paused = False  # out of descriptors: not watching the inbox until the next tick
+        self.inbox_failing = False  # accept() failing for want of descriptors: logged once
+        self.channels: dict[int, Channel] = {}  # fd -> channel, both directions
+        self.to: dict[int, Channel] = {}  # target pid -> outbound channel
+        self.sent: dict[int, int] = {}  # target pid -> connections it took, for a fair spread
+        self.resting: dict[int, float] = {}  # target pid -> when to try it again
+        self.last_id = 0
+        self.adopted = 0  # connections our targets adopted
+        self.taken = 0  # connections we adopted
 
-    def targets(self) -> list[tuple[int, int]]:
+    # --- receiving -------------------------------------------------------
+
+    def start(self) -> None:
+        """Open our inbox; without one we serve on, but nobody can hand us connections."""
+        try:
+            self.inbox = self.rendezvous.listen()
+        except OSError as e:
+            log.warning("no hand-off inbox (%s): retiring workers will not hand connections to this one",
+                        e.strerror or e)
+            return
+        self.host.epoll.register(self.inbox.fileno(), select.EPOLLIN)
+
+    def stop_receiving(self) -> None:
+        """We no longer serve: close the inbox (a channel still queued there is reset, and its
+        sender serves its connections again); channels already open get refusals."""
+        if self.inbox is not None:
+            self.inbox.close()  # also leaves the epoll set
+            self.inbox = None
+            self.rendezvous.remove()
+
+    def _accept(self) -> None:
+        assert self.inbox is not None
+        for _ in range(16):
+            try:
+                sock, _ = self.inbox.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in ACCEPT_FAILED:  # the channel stays queued: try again next tick
+                    if not self.inbox_failing:
+                        log.warning("cannot accept a hand-off channel (%s): trying again once a tick",
+                                    e.strerror)
+                    self.inbox_failing = True
+                    self.host.epoll.unregister(self.inbox.fileno())
+                    self.inbox_paused = True
+                    return
+                continue  # that sender is gone
+            self.inbox_failing = False
+            pid, uid = self.rendezvous.peer(sock)
+            if uid != self.rendezvous.uid:
+                log.warning("hand-off channel from pid %d uid %d refused: not our user", pid, uid)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._watch(Channel(sock, pid, outbound=False))
+
+    def _received(self, channel: Channel, data: bytes, fds: list[int], flags: int) -> None:
+        """A connection handed to us: adopt it, or refuse it (the sender still has its own copy)."""
+        for extra in fds[1:]:
+            wire.close_fd(extra)
+        if len(data) < wire.HAND.size or flags & socket.MSG_TRUNC:
+            for fd in fds[:1]:
+                wire.close_fd(fd)
+            return  # no id to answer by: the sender takes it back at the deadline
+        _, ident, deadline, last = wire.HAND.unpack_from(data)
+        pending = data[wire.HAND.size:]
+        sock = wire.socket_of(fds[0]) if fds else None
+        if sock is None:
+            reason: bytes | None = wire.NO_FD if flags & socket.MSG_CTRUNC else wire.MALFORMED
+        elif time.monotonic() > deadline:  # the sender may be serving it again
+            reason = wire.LATE
+        else:
+            reason = self.host.refusal()
+        if reason is None and sock is not None:
+            self.host.adopt_handed(sock, pending, time.monotonic(), last)
+            self.taken += 1
+            self._answer(channel, wire.ANSWER.pack(wire.ADOPTED, ident, b"-"), None, b"")
+            return
+        reason = reason or wire.MALFORMED
+        log_refusal = log.warning if reason in (wire.NO_FD, wire.MALFORMED) else log.info
+        log_refusal("refused a connection from worker %d: %s", channel.peer, wire.REASONS[reason])
+        self._answer(channel, wire.ANSWER.pack(wire.REFUSED, ident, reason), sock, pending)
+
+    def _answer(self, channel: Channel, message: bytes, held: socket.socket | None, pending: bytes) -> None:
+        channel.outbox.append((message, held, pending))
+        self._flush(channel)
+
+    def _flush(self, channel: Channel) -> None:
+        """Send the answers queued; a refused connection's copy is closed once its refusal is out."""
+        while channel.outbox:
+            message, held, pending = channel.outbox[0]
+            try:
+                channel.sock.send(message)
+            except OSError as e:
+                if e.errno in PEER_GONE:
+                    self._lost(channel)
+                    return
+                self._watch_out(channel, True)  # EAGAIN, ENOBUFS: when it is writable, or next tick
+                return
+            channel.outbox.popleft()
+            if held is not None:
+                held.close()  # the sender holds its own copy: nothing reaches the client
+        self._watch_out(channel, False)
+
+    # --- sending ---------------------------------------------------------
+
+    def offer(self, conns: list[Held], now: float) -> list[Held]:
+        """Send each connection to the least loaded target that takes it; the ones sent.
+
+        Those are in flight: the caller takes them out of its epoll set and its
+        table, and touches them no more (resume() gives them back).  A
+        connection that cannot go (no target, too large) stays; the others
+        still go.
+        """
+        targets = self._targets(now)
+        sent: list[Held] = []
+        for conn in conns:
+            if not targets:
+                break
+            pending = conn.session.pending
+            if len(pending) > wire.MAX_PENDING:
+                continue
+            while targets:
+                pid, load = targets[0]
+                channel = self._channel(pid, now)
+                outcome = "busy" if channel is None else self._send(channel, conn, pending)
+                if outcome == "sent":
+                    sent.append(conn)
+                    self.sent[pid] = self.sent.get(pid, 0) + 1
+                    if load + 1 >= self.max_connections or len(self.to[pid].flights) >= IN_FLIGHT_PER_TARGET:
+                        targets.pop(0)  # full as far as we know
+                    else:
+                        targets[0] = (pid, load + 1)
+                        targets.sort(key=lambda t: t[1])
+                    break
+                if outcome == "too large":
+                    break  # this one stays with us; the next one may go
+                targets.pop(0)
+        return sent
+
+    def _send(self, channel: Channel, conn: Held, pending: bytes) -> str:
+        self.last_id = (self.last_id + 1) & 0xFFFFFFFF
+        deadline = time.monotonic() + ANSWER_WITHIN
+        try:
+            header = wire.HAND.pack(wire.HANDED, self.last_id, deadline, conn.last)
+            socket.send_fds(channel.sock, [header, pending], [conn.fd])
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                return "too large"
+            if e.errno in PEER_GONE:
+                self._lost(channel)
+            return "busy"  # EAGAIN, ENOBUFS, ETOOMANYREFS: next round
+        channel.flights[self.last_id] = (conn, deadline)
+        return "sent"
+
+    def _answered(self, channel: Channel, data: bytes, now: float) -> None:
+        kind, ident, reason = wire.ANSWER.unpack(data)
+        flight = channel.flights.pop(ident, None)
+        if flight is None:  # taken back already: by the deadline rule the answer is a refusal
+            if kind == wire.ADOPTED:
+                log.error("worker %d adopted connection %d after its deadline", channel.peer, ident)
+            return
+        conn = flight[0]
+        if kind == wire.ADOPTED:
+            self.host.handed(conn)
+            conn.sock.close()  # the target's copy lives on: nothing reaches the client
+            self.adopted += 1
+            return
+        self.sent[channel.peer] = max(0, self.sent.get(channel.peer, 0) - 1)
+        self.resting[channel.peer] = now + REST_FOR
+        log.info("a connection came back from worker %d (%s): serving it here", channel.peer,
+                 wire.REASONS.get(reason, "?"))
+        self.host.resume(conn, now)
+
+    def _targets(self, now: float) -> list[tuple[int, int]]:
         """(pid, load) of the current generation's serving workers, least loaded first."""
         board = self.own_board
         try:
-            if self.board_path:  # after a USR2 upgrade this is the new master's board
+            if self.board_path:
                 board = Scoreboard.open(self.board_path)
         except (OSError, ValueError):
             pass
-        current = board.read_header().generation
-        now = time.monotonic()
-        found = []
-        for _, slot in board.slots():
-            if self.full_until.get(slot.pid, 0.0) > now:
-                continue
-            if slot.generation == current and slot.state == SERVING and slot.pid != os.getpid():
-                load = slot.connections + self.sent.get(slot.pid, 0)
+        try:
+            current = board.read_header().generation
+            found = []
+            for _, slot in board.slots():
+                pid = slot.pid
+                if (slot.generation != current or slot.state != SERVING or pid == self.rendezvous.pid
+                        or self.resting.get(pid, 0.0) > now):
+                    continue
+                load = slot.connections + self.sent.get(pid, 0)
                 if load < self.max_connections:
-                    found.append((load, slot.pid))
-        if board is not self.own_board:
-            board.close()
+                    found.append((load, pid))
+        finally:
+            if board is not self.own_board:
+                board.close()
         return [(pid, load) for load, pid in sorted(found)]
 
-    def send(self, conn_sock: socket.socket, pending: bytes, targets: list[tuple[int, int]]) -> bool:
-        """Hand one connection to the least loaded target; False if none would take it."""
-        if len(pending) > MAX_MESSAGE:
-            return False
-        for index, (pid, load) in enumerate(targets):
-            channel = self._channel(pid)
-            if channel is None:
-                continue
-            try:
-                socket.send_fds(channel, [pending], [conn_sock.fileno()])
-            except OSError:  # full, or the target went away: try the next one
-                self._drop(pid)
-                continue
-            self.sent[pid] = self.sent.get(pid, 0) + 1
-            self.unanswered[pid] = self.unanswered.get(pid, 0) + 1
-            self.last_sent = time.monotonic()
-            self.last_channel = channel.fileno()
-            if load + 1 >= self.max_connections:
-                del targets[index]  # full as far as we know
-            else:
-                targets[index] = (pid, load + 1)
-                targets.sort(key=lambda t: t[1])
-            return True
-        return False
-
-    def answered(self, channel_fd: int, acks: int, returned: int) -> None:
-        """A target's answers: `acks` adopted, `returned` sent back (it is full: leave it a while)."""
-        pid = self._pid_of(channel_fd)
-        if pid is None:
-            return
-        self.unanswered[pid] = max(0, self.unanswered.get(pid, 0) - acks - returned)
-        if returned:
-            self.full_until[pid] = time.monotonic() + FULL_FOR
-            self.sent[pid] = max(0, self.sent.get(pid, 0) - returned)
-
-    def waiting(self) -> bool:
-        """Connections sent whose fate the targets have not told yet (for ANSWER_WITHIN)."""
-        return any(self.unanswered.values()) and time.monotonic() - self.last_sent < ANSWER_WITHIN
-
-    def channel(self, channel_fd: int) -> socket.socket | None:
-        pid = self._pid_of(channel_fd)
-        return None if pid is None else self.channels[pid]
-
-    def forget(self, channel_fd: int) -> None:
-        """The target closed its end (it exited): drop the channel."""
-        pid = self._pid_of(channel_fd)
-        if pid is not None:
-            self.unanswered.pop(pid, None)
-            self._drop(pid)
-
-    def _pid_of(self, channel_fd: int) -> int | None:
-        for pid, channel in self.channels.items():
-            if channel.fileno() == channel_fd:
-                return pid
-        return None
-
-    def _channel(self, pid: int) -> socket.socket | None:
-        channel = self.channels.get(pid)
-        if channel is None:
-            # Non-blocking from the start: a target whose inbox queue is full
-            # answers EAGAIN instead of stalling this worker's loop.
-            channel = socket.socket(socket.AF_UNIX,
-                                    socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            try:
-                channel.connect(address(pid))
-            except OSError:
-                channel.close()
-                return None
-            self.channels[pid] = channel
-            self.watch(channel)
+    def _channel(self, pid: int, now: float) -> Channel | None:
+        channel = self.to.get(pid)
+        if channel is not None:
+            return channel if len(channel.flights) < IN_FLIGHT_PER_TARGET else None
+        try:
+            sock = self.rendezvous.connect(pid)
+        except BlockingIOError:
+            return None  # its inbox's queue is full: next round
+        except PermissionError as e:  # not the worker the scoreboard names
+            log.warning("not handing connections to worker %d: %s", pid, e.strerror)
+            self.resting[pid] = now + REST_FOR
+            return None
+        except OSError:  # it stopped receiving (retiring, gone), or we are out of descriptors
+            self.resting[pid] = now + REST_FOR
+            return None
+        channel = Channel(sock, pid, outbound=True)
+        self.to[pid] = channel
+        self._watch(channel)
         return channel
 
-    def _drop(self, pid: int) -> None:
-        channel = self.channels.pop(pid, None)
-        if channel is not None:
-            channel.close()
+    # --- both ------------------------------------------------------------
+
+    def on_event(self, fd: int, now: float) -> bool:
+        """Our inbox or a channel is ready; True if a target answered (room, or connections back)."""
+        if self.inbox is not None and fd == self.inbox.fileno():
+            self._accept()
+            return False
+        channel = self.channels.get(fd)
+        if channel is None:
+            _unwatch(self.host.epoll, fd)
+            return False
+        answered = self._read(channel, now)
+        if channel.outbox and self._open(channel):
+            self._flush(channel)
+        return answered
+
+    def _read(self, channel: Channel, now: float) -> bool:
+        answered = False
+        while self._open(channel):
+            try:
+                data, ancdata, flags, _ = channel.sock.recvmsg(wire.RECEIVE_SIZE, wire.FDS_SPACE, CLOEXEC)
+            except BlockingIOError:
+                break
+            except OSError:
+                data, ancdata, flags = b"", [], 0
+            fds = wire.fds_of(ancdata)
+            if not data:  # EOF: the other side is gone (what it sent before is read already)
+                for fd in fds:
+                    wire.close_fd(fd)
+                answered = answered or bool(channel.flights)
+                self._lost(channel)
+                break
+            if data[:1] == wire.HANDED:
+                self._received(channel, data, fds, flags)
+                continue
+            for fd in fds:  # an answer carries no descriptor: we kept our own copy
+                wire.close_fd(fd)
+            if len(data) == wire.ANSWER.size and data[:1] in (wire.ADOPTED, wire.REFUSED):
+                self._answered(channel, data, now)
+                answered = True
+        return answered
+
+    def _lost(self, channel: Channel) -> None:
+        """The channel is closed or broken: what was in flight on it is ours again."""
+        if not self._open(channel):
+            return
+        now = time.monotonic()
+        del self.channels[channel.fd]
+        if self.to.get(channel.peer) is channel:
+            del self.to[channel.peer]
+        if channel.flights:
+            log.info("worker %d is gone with %d connections in flight to it: serving them here",
+                     channel.peer, len(channel.flights))
+            self.resting[channel.peer] = now + REST_FOR
+            for conn, _deadline in channel.flights.values():
+                self.host.resume(conn, now)
+            channel.flights.clear()
+        for _message, held, pending in channel.outbox:
+            if held is not None:  # refused, but its sender is gone: we may hold the last copy
+                log.info("the sender of a connection we refused is gone: serving it here")
+                self.host.adopt_handed(held, pending, now, now)  # its timer was not carried back: a fresh one
+                self.taken += 1
+        channel.outbox.clear()
+        _unwatch(self.host.epoll, channel.fd)
+        channel.sock.close()
+
+    def tick(self, now: float) -> None:
+        """Once a loop tick: take back what was not answered in time, retry queued answers."""
+        if self.inbox_paused and self.inbox is not None:
+            self.inbox_paused = False
+            self.host.epoll.register(self.inbox.fileno(), select.EPOLLIN)
+        for channel in list(self.channels.values()):
+            if channel.outbox:
+                self._flush(channel)
+            if any(now > deadline + PATIENCE for _, deadline in channel.flights.values()):
+                self._read(channel, now)  # an answer on its way still counts
+                self._take_back_overdue(channel, now)
+
+    def _take_back_overdue(self, channel: Channel, now: float) -> None:
+        overdue = [ident for ident, (_, deadline) in channel.flights.items() if now > deadline + PATIENCE]
+        if not overdue:
+            return
+        log.warning("worker %d did not answer for %d connections in %.0fs: serving them here",
+                    channel.peer, len(overdue), ANSWER_WITHIN + PATIENCE)
+        self.resting[channel.peer] = now + REST_FOR
+        for ident in overdue:
+            conn, _ = channel.flights.pop(ident)
+            self.sent[channel.peer] = max(0, self.sent.get(channel.peer, 0) - 1)
+            self.host.resume(conn, now)
+
+    def pending(self) -> bool:
+        """Connections in flight, or answers owed: the worker must not exit yet."""
+        return any(c.flights or c.outbox for c in self.channels.values())
+
+    def finished(self, now: float) -> bool:
+        """Leaving with no connection of our own: answer what senders sent us, read what targets
+        answered.  True once nothing is in flight either way and nothing came to us meanwhile."""
+        self.stop_receiving()
+        taken = self.taken
+        for channel in list(self.channels.values()):
+            self._read(channel, now)
+            if channel.outbox and self._open(channel):
+                self._flush(channel)
+        return self.taken == taken and not self.pending()
+
+    def _open(self, channel: Channel) -> bool:
+        """Still ours (a closed channel's descriptor number may already name a new one)."""
+        return self.channels.get(channel.fd) is channel
+
+    def _watch(self, channel: Channel) -> None:
+        self.channels[channel.fd] = channel
+        self.host.epoll.register(channel.fd, select.EPOLLIN)
+
+    def _watch_out(self, channel: Channel, on: bool) -> None:
+        if channel.watching_out != on and self._open(channel):
+            channel.watching_out = on
+            self.host.epoll.modify(channel.fd, select.EPOLLIN | (select.EPOLLOUT if on else 0))
+
+
+def _unwatch(epoll: select.epoll, fd: int) -> None:
+    try:
+        epoll.unregister(fd)
+    except (OSError, ValueError):
+        pass

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 from typing import TYPE_CHECKING
 
-from . import handoff
-from .connections import EPOLLIN, LINGER_SECONDS, OPEN
+from . import rendezvous as wire
+from .connections import EPOLLIN, LINGER_SECONDS, OPEN, Conn
 from .limits import CLIENT_GONE
 from .logs import log
 from .scoreboard import DRAINING, SERVING, STOPPING
@@ -23,95 +24,63 @@ RECENT = 1.0  # at TERM, a connection active this recently is served this long m
 class Retirement:
     """The Worker's ways out."""
 
-    def _watch_channel(self: Worker, channel: socket.socket) -> None:
-        self.epoll.register(channel.fileno(), EPOLLIN)
+    # --- the hand-off's host (handoff.Host) ---------------------------------
+
+    def refusal(self: Worker) -> bytes | None:
+        """Why we cannot adopt a connection handed to us now, or None."""
+        if self.state != SERVING:
+            return wire.LEAVING  # its sender knows better targets than we would
+        if self._full():
+            return wire.FULL
+        return None
+
+    def adopt_handed(self: Worker, sock: socket.socket, pending: bytes, now: float, last: float) -> None:
+        """A connection handed to us: ours from now on, with its idle timer and unfinished question.
+
+        Our access rules apply (a reload may have changed them): one they deny now is closed
+        here, at this question boundary, and counted.
+        """
+        client = 0
+        if self.gate is not None:
+            permitted, client = self.gate.adopt(sock)
+            if not permitted:
+                self.counters.denied_open += 1
+                self._close_after_flush(self._adopt(sock, now, last))
+                return
+        conn = self._adopt(sock, now, last)
+        conn.session.pending = pending
+        conn.client = client
+
+    def handed(self: Worker, conn: Conn) -> None:
+        """A connection we sent was adopted: it no longer counts against its client here."""
+        if conn.client:
+            self.gate.release(conn.client)
+
+    def resume(self: Worker, conn: Conn, now: float) -> None:
+        """A connection we sent was not adopted: serve it again (with what it sent meanwhile)."""
+        self.conns[conn.fd] = conn
+        self.epoll.register(conn.fd, EPOLLIN)
 
     def _take_over(self: Worker, fd: int, now: float) -> None:
-        """Accept a hand-off channel; adopt connections sent on one, or sent back to us."""
-        if fd == self.inbox.fileno():
-            channel = handoff.accept_channel(self.inbox)
-            if channel is not None:
-                self.channels[channel.fileno()] = channel
-                self._watch_channel(channel)
-            return
-        channel = self.channels.get(fd)
-        outbound = channel is None
-        if outbound:
-            channel = self.sender.channel(fd)
-            if channel is None:
-                return
-        received, acks, closed = handoff.receive(channel)
-        for sock, pending in received:
-            client = 0
-            if outbound:  # a full target sent it back: we keep serving it
-                self.handed_off -= 1
-                client = self._came_back(fd, sock)
-                log.info("a connection came back from a full worker: serving it here")
-            elif self._full() and handoff.send_back(channel, sock, pending):
-                continue
-            else:
-                handoff.acknowledge(channel)
-                if self.gate is not None:
-                    permitted, client = self.gate.adopt(sock)
-                    if not permitted:  # a reload's new rules deny it: closed here, at a question boundary
-                        self.counters.denied_open += 1
-                        self._close_after_flush(self._adopt(sock, now))
-                        continue
-            conn = self._adopt(sock, now)
-            conn.session.pending = pending
-            conn.client = client
-        if outbound:
-            self.sender.answered(fd, acks, len(received))
-            self._went_over(fd, acks)
-        if closed:  # closing the socket also takes it out of the epoll set
-            if outbound:
-                self._went_over(fd, len(self.in_flight.get(fd, ())))  # adopted or lost: not ours now
-                self.sender.forget(fd)
-            else:
-                del self.channels[fd]
-                channel.close()
+        """Our hand-off inbox or a channel is ready."""
+        if self.handoff.on_event(fd, now) and self.state == DRAINING:
+            self._hand_off()  # a target answered: room for more, or connections back to place
 
     def _hand_off(self: Worker) -> None:
         """Retiring: pass every connection at a question boundary to a current worker."""
         ready = [c for c in self.conns.values() if c.state == OPEN and not c.writing]  # nothing owed or held
         if not ready:
             return
-        targets = self.sender.targets()
-        handed = 0
-        for conn in ready:
-            if not targets or not self.sender.send(conn.sock, conn.session.pending, targets):
-                break  # fallback: this worker keeps serving it (and tries again next tick)
-            # Unregister first: epoll watches the open file, which lives on in the target.
+        sent = self.handoff.offer(ready, time.monotonic())
+        for conn in sent:  # in flight: the hand-off holds our copy until the target answers
             self.epoll.unregister(conn.fd)
             del self.conns[conn.fd]
-            conn.sock.close()
-            if self.gate is not None:  # still counted here until the target confirms (_went_over)
-                self.in_flight.setdefault(self.sender.last_channel, []).append(conn.client)
-            handed += 1
-        if handed:
-            self.handed_off += handed
-            log.info("handed %d connections over (%d left)", handed, len(self.conns))
+        if sent:
+            log.info("handed %d connections over (%d left)", len(sent), len(self.conns))
 
-    def _went_over(self: Worker, channel_fd: int, acks: int) -> None:
-        """The target confirmed `acks` connections (in the order sent): no longer counted here."""
-        flight = self.in_flight.get(channel_fd)
-        if not flight or self.gate is None:
-            return
-        for client in flight[:acks]:
-            if client:
-                self.gate.release(client)
-        del flight[:acks]
-
-    def _came_back(self: Worker, channel_fd: int, sock: socket.socket) -> int:
-        """A connection a full target sent back: the count it had here (it never left) goes on."""
-        flight = self.in_flight.get(channel_fd)
-        if not flight or self.gate is None:
-            return 0
-        client = self.gate.fingerprint_of(sock)
-        if client in flight:  # same address, same count: which of its connections does not matter
-            flight.remove(client)
-            return client
-        return 0
+    def _done(self: Worker, now: float) -> bool:
+        """Not serving: may we exit?  Not while we hold connections, or the hand-off does."""
+        return not self.conns and self.handoff.finished(now) and not self.conns
 
     def _close_listeners(self: Worker) -> None:
         self._stop_accepting()
@@ -124,6 +93,7 @@ class Retirement:
         if self.state != SERVING:
             return
         self._close_listeners()
+        self.handoff.stop_receiving()
         self.deadline = now + self.cfg.graceful_timeout
         self._set_state(DRAINING, now)
         self._hand_off()
@@ -141,6 +111,7 @@ class Retirement:
         self.deadline = now + (self.cfg.graceful_timeout if self.state == SERVING else LINGER_SECONDS)
         self._last_sweep(now)
         self._close_listeners()
+        self.handoff.stop_receiving()
         self._set_state(STOPPING, now)
         recent = now - RECENT
         waiting = False

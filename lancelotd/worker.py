@@ -92,10 +92,8 @@ class Worker(Connections, Retirement, Draining):
         self.started = time.time()
         self.published_at = time.monotonic()
         self.rate = 0.0  # questions answered per second over the last tick
-        self.channels: dict[int, socket.socket] = {}  # hand-off channels from retiring workers
-        self.sender = handoff.Sender(scoreboard_path(cfg.pid_file) if cfg.pid_file else "", spec.board,
-                                     cfg.max_connections, self._watch_channel)
-        self.handed_off = 0
+        board_path = scoreboard_path(cfg.pid_file) if cfg.pid_file else ""
+        self.handoff = handoff.HandOff(self, cfg.pid_file, board_path, spec.board, cfg.max_connections)
         self.rotation = 0  # where the next turn starts serving writable connections (_serve_writable)
         # The heartbeat goes with the tick: several per worker_timeout, so a
         # busy but healthy worker is never mistaken for a hung one.
@@ -108,7 +106,6 @@ class Worker(Connections, Retirement, Draining):
         self.accept_pause = AcceptPause()
         # allow/deny and the per-client limit (access.py); None when there is nothing to check
         self.gate = make_gate(cfg.allow, cfg.deny, cfg.max_connections_per_client, spec.clients, spec.slot)
-        self.in_flight: dict[int, list[int]] = {}  # hand-off target pid -> counted clients sent, unanswered
 
     # --- set-up --------------------------------------------------------
 
@@ -146,8 +143,7 @@ class Worker(Connections, Retirement, Draining):
         set_role(f"worker {self.number}")
         setproctitle(f"lancelotd: worker {self.number} [gen {self.generation}]")
         self._install_signals()
-        self.inbox = handoff.listen()
-        self.epoll.register(self.inbox.fileno(), EPOLLIN)
+        self.handoff.start()
         bound_send_buffers(list(self.listeners.values()))
         self._start_accepting()
         self._set_state(SERVING, time.monotonic())
@@ -255,7 +251,7 @@ class Worker(Connections, Retirement, Draining):
             self.bytes_out += bytes_out
             if writable:  # after every question that came in: see _serve_writable
                 self._serve_writable(writable, now)
-            if self.state != SERVING and not conns and not self.sender.waiting():
+            if self.state != SERVING and not conns and self._done(now):
                 return self._exit_code()  # retired or stopping, the last client gone or handed over
             if now >= next_tick:
                 next_tick = now + tick
@@ -337,6 +333,7 @@ class Worker(Connections, Retirement, Draining):
         self._expire(now)
         self._shed(now)  # a drained host, max_connection_age (draining.py)
         self.accept_pause.check_over(now)
+        self.handoff.tick(now)
         if self.state == DRAINING:
             self._hand_off()  # again, for those a target could not take before
         max_requests = self.spec.max_requests
@@ -345,7 +342,7 @@ class Worker(Connections, Retirement, Draining):
             self._drain(now)
         self._publish(now)
         if self.state != SERVING:
-            if not self.conns and not self.sender.waiting():
+            if self._done(now):
                 return self._exit_code()
             if now >= self.deadline:
                 if self.state == DRAINING:
@@ -375,17 +372,18 @@ class Worker(Connections, Retirement, Draining):
                 self._alarm(now)
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
-        if self.state != SERVING and not self.conns and not self.sender.waiting():
+        if self.state != SERVING and self._done(now):
             return self._exit_code()
         return None
 
     def _exit_code(self) -> int:
+        self.handoff.stop_receiving()
         self._publish(time.monotonic())  # the master folds our last counters into its totals
         log.info(
             "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered, "
             "%d connections handed over, %d gone before accept",
             self.counters.accepted, self.accept_wakeups, self.empty_wakeups, self.counters.answered,
-            self.handed_off, self.clients_gone,
+            self.handoff.adopted, self.clients_gone,
         )
         return 0
 
@@ -394,13 +392,16 @@ def run_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop; the exit code for os._exit()."""
     # Already blocked if the master forked us so; this makes sure (it costs nothing).
     signal.pthread_sigmask(signal.SIG_BLOCK, BOOT_BLOCKED)
-    # Fault injection for the tests of boot back-off, failed reloads and failed upgrades.
+    # Fault injection for the tests: a long boot (signals sent during it; a worker
+    # failing late), then a failure (boot back-off, failed reloads and upgrades).
+    # LANCELOTD_TEST_BOOT_DELAY=SECONDS[@GEN:NUMBER], LANCELOTD_TEST_FAIL_BOOT=GEN[:NUMBER].
+    who_am_i = f"{spec.generation}:{spec.number}"
+    delay, _, who = os.environ.get("LANCELOTD_TEST_BOOT_DELAY", "").partition("@")
+    if delay and who in ("", who_am_i):
+        time.sleep(float(delay))
     fail_if = os.environ.get("LANCELOTD_TEST_FAIL_BOOT_IF", "")
-    failing = os.environ.get("LANCELOTD_TEST_FAIL_BOOT") == str(spec.generation)
+    failing = os.environ.get("LANCELOTD_TEST_FAIL_BOOT") in (str(spec.generation), who_am_i)
     if failing or (fail_if and os.path.exists(fail_if)):
         log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT*)")
         return 3
-    delay = os.environ.get("LANCELOTD_TEST_BOOT_DELAY")
-    if delay:  # fault injection: a long boot, for the tests of signals sent during it
-        time.sleep(float(delay))
     return Worker(spec).run()

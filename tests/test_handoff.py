@@ -16,11 +16,14 @@ tick) - never fixed sleeps, except the pacing of the HUP storm, which is the loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
+import stat
 import threading
 import time
 from collections import Counter
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Daemon, recv_until, wait_for
+from conftest import LISTENING, Daemon, recv_until, wait_for
 from helpers import (
     NAME_A,
     NAME_Q,
@@ -47,13 +50,17 @@ from helpers import (
 )
 from loadgen import assert_no_errors, load
 
-from lancelotd.scoreboard import Scoreboard
+from lancelotd.rendezvous import Rendezvous
+from lancelotd.scoreboard import SERVING, Scoreboard
 
 COLOR_Q = b"Color?"
 BLUE, GREEN = b"Blue.", b"Green."
 # "[pid] worker N: handed K connections over (L left)"
 HANDED = re.compile(r"\[(\d+)\] worker \d+: handed (\d+) connections over \((\d+) left\)")
 GRACE = 30  # graceful_timeout: a drain (the fallback) is never mistaken for a hand-off
+# Questions an ExactlyOnce client asks in turn, each with its own answer (in every config).
+ROTATION = [(f"Q{i}?".encode(), f"A{i}.".encode()) for i in range(7)]
+ROTATION_ANSWERS = "\n".join(f'"{q.decode()}" = "{a.decode()}"' for q, a in ROTATION)
 
 
 def conf(workers: int = 2, color: str = "Blue.", max_connections: int | None = None,
@@ -77,6 +84,7 @@ graceful_timeout = {GRACE}
 "What is your quest?" = "To seek the Holy Grail."
 "What is your favorite color?" = "Blue."
 "Color?" = "{color}"
+{ROTATION_ANSWERS}
 """
 
 
@@ -155,6 +163,32 @@ class Client:
     def check(self) -> None:
         assert not self.errors, self.errors
         assert not self.thread.is_alive(), f"{self.name} still running"
+
+
+class ExactlyOnce(Client):
+    """Asks the ROTATION questions in turn, one at a time: a question answered twice or never
+    shows as a wrong answer (the next one's) or a timeout, as does EOF or a reset."""
+
+    def __init__(self, sock: socket.socket, name: str = "client") -> None:
+        super().__init__(sock, [a for _, a in ROTATION], name=name)
+        sock.settimeout(scaled(10))  # a connection in flight waits for its target's answer
+
+    def _run(self) -> None:
+        for i in range(1 << 30):
+            if self.stopping.is_set():
+                return
+            question, expected = ROTATION[i % len(ROTATION)]
+            try:
+                self.sock.sendall(question)
+                answer = recv_until(self.sock, b".")
+            except (OSError, EOFError) as e:
+                self.errors.append(f"{self.name}: {e!r} after {len(self.answers)} answers")
+                return
+            self.answers.append((time.monotonic(), answer))
+            if answer != expected:
+                self.errors.append(f"{self.name}: {answer!r} to {question!r}: an answer lost or repeated")
+                return
+            time.sleep(self.pause)
 
 
 # --- who holds what ----------------------------------------------------------------
@@ -351,8 +385,9 @@ def test_max_requests_recycling_hands_the_connection_over(start_daemon):
         wait_for(lambda: len(re.findall(r"recycled after max_requests", d.log())) >= 3, 20,
                  "three recyclings")
         client.wait_more(20)
-        current = live_children(master) or []
-        holder = holder_of(sock, [p.pid for p in current])
+        # (Recycled every ~0.3 s: a worker spawned after a look at the children may hold it.)
+        holder = wait_for(lambda: holder_of(sock, [p.pid for p in live_children(master) or []]), 5,
+                          "a worker holding the connection")
     client.check()
     hand_offs = handed(d.log())
     assert len(hand_offs) >= 2, d.log()[-3000:]
@@ -612,3 +647,258 @@ def test_hup_fallback_when_the_new_generation_is_full(start_daemon, old_limit, o
     assert moved == limit < total, f"handed {moved} of {total}: {handed(d.log())}"
     assert green == limit
     assert draining and all(w["state"] == "draining" for w in draining), draining
+
+
+# =================================================================================
+# (g) two phases: a connection in flight is never lost (issue 10)
+# =================================================================================
+
+def stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+def free_fds(pid: int, count: int) -> list[int]:
+    """The `count` lowest descriptor numbers process `pid` does not use (the next it will get)."""
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    free = []
+    fd = 0
+    while len(free) < count:
+        if fd not in used:
+            free.append(fd)
+        fd += 1
+    return free
+
+
+def retire_worker_3(d: Daemon) -> tuple[int, list[int], socket.socket, ExactlyOnce]:
+    """Three workers; a client on worker 3, asking all the time; TTOU retires worker 3."""
+    master = d.proc.pid
+    pool = wait_pool(master, 3, generation=1)
+    by_number = {number: pid for pid, (number, _) in pool.items()}
+    (sock,) = connect_to(d, by_number[3], pool)
+    client = ExactlyOnce(sock)
+    client.__enter__()
+    return by_number[3], [by_number[1], by_number[2]], sock, client
+
+
+def settle_on_current_workers(d: Daemon, third: int, sock: socket.socket, client: ExactlyOnce) -> None:
+    """Worker 3 leaves once a current worker has adopted the client, which is answered throughout."""
+    wait_for(lambda: gone(third) or client.errors, scaled(20), "worker 3 to hand the client over and exit")
+    client.wait_more(20, timeout=scaled(10))
+    current = [pid for pid, (_, generation) in workers_of(d.proc.pid).items() if generation == 1]
+    holder = holder_of(sock, current)
+    client.__exit__()
+    sock.close()
+    client.check()
+    assert gone(third)
+    assert holder is not None and holder != third, d.log()[-3000:]
+    assert handed(d.log()).get(third, [])[-1:] == [(1, 0)], d.log()[-3000:]
+
+
+@pytest.mark.parametrize("fault", ["retires", "killed"])
+def test_target_retires_or_dies_with_a_connection_in_flight(start_daemon, fault):
+    """The targets are stopped (SIGSTOP) while worker 3 hands its client over, so the socket
+    is in flight, queued on the target's inbox or channel; then the target retires (USR2) or
+    is killed (SIGKILL) before it reads it.  Worker 3 takes the connection back (refusal, or
+    the channel closing) and hands it over later to a worker that adopts it."""
+    d = start_daemon(config=conf(workers=3))
+    third, targets, sock, client = retire_worker_3(d)
+    try:
+        for pid in targets:
+            os.kill(pid, signal.SIGSTOP)
+        for pid in targets:
+            wait_for(lambda pid=pid: stopped(pid), 5, f"worker {pid} stopped")
+        d.signal(signal.SIGTTOU)
+        wait_log(d.log_file, rf"\[{third}\] worker 3: handed 1 connections over \(0 left\)", timeout=5)
+        for pid in targets:
+            os.kill(pid, signal.SIGUSR2 if fault == "retires" else signal.SIGKILL)
+        if fault == "retires":
+            for pid in targets:
+                os.kill(pid, signal.SIGCONT)
+        client.wait_more(20, timeout=scaled(15))
+        # A refusal, or the channel closing: either way worker 3 served the client again.
+        wait_log(d.log_file, rf"\[{third}\] worker 3: .*(?:came back|is gone with 1 connections in flight)",
+                 timeout=5)
+        settle_on_current_workers(d, third, sock, client)
+    finally:
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        client.__exit__()
+        sock.close()
+    assert all(gone(pid) for pid in targets)
+
+
+@pytest.mark.parametrize("where", ["recvmsg", "accept"])
+def test_target_at_its_descriptor_limit(start_daemon, where):
+    """Workers 1 and 2 are at their descriptor limit (RLIMIT_NOFILE lowered on the running
+    process): room for the channel but not the client's socket (recvmsg: MSG_CTRUNC, the
+    target refuses), or no room for the channel either (accept: EMFILE, no answer; worker 3
+    takes the connection back after the deadline).  The client stays with worker 3 until the
+    limit is lifted, then moves."""
+    d = start_daemon(config=conf(workers=3))
+    third, targets, sock, client = retire_worker_3(d)
+    limits = {pid: resource.prlimit(pid, resource.RLIMIT_NOFILE) for pid in targets}
+    try:
+        for pid in targets:
+            first, second = free_fds(pid, 2)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (second if where == "recvmsg" else first,
+                                                          limits[pid][1]))
+        d.signal(signal.SIGTTOU)
+        wait_log(d.log_file, rf"\[{third}\] worker 3: handed 1 connections over", timeout=5)
+        client.wait_more(20, timeout=scaled(10))
+        if where == "recvmsg":
+            wait_log(d.log_file, r"refused a connection from worker \d+: out of descriptors", timeout=5)
+        else:
+            wait_log(d.log_file, r"cannot accept a hand-off channel \(Too many open files\)", timeout=5)
+        wait_log(d.log_file, rf"\[{third}\] worker 3: .*(?:came back|did not answer).*serving",
+                 timeout=scaled(10))
+        assert holder_of(sock, [third, *targets]) == third
+        for pid in targets:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits[pid])
+        settle_on_current_workers(d, third, sock, client)
+    finally:
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, limits[pid])
+        client.__exit__()
+        sock.close()
+    log = d.log()
+    assert not re.search(r"Traceback|exited with code [1-9]|killed by", log), log[-3000:]
+
+
+def test_aborted_reload_hands_the_new_generations_clients_back(start_daemon):
+    """A reload whose worker 2 fails at boot (after 3 s) is aborted; worker 1 of the new
+    generation had already accepted a client: it is retired, not stopped, so the client's
+    connection moves to the old generation and keeps being answered."""
+    boot = scaled(3)
+    d = start_daemon(config=conf(workers=2), env={"LANCELOTD_TEST_FAIL_BOOT": "2:2",
+                                                  "LANCELOTD_TEST_BOOT_DELAY": f"{boot}@2:2"})
+    master = d.proc.pid
+    gen1 = wait_pool(master, 2, generation=1)
+    board = Scoreboard.open(str(d.pid_file) + ".scoreboard")
+    try:
+        d.signal(signal.SIGHUP)
+
+        def new_worker_1() -> int | None:
+            return next((slot.pid for _, slot in board.slots()
+                         if slot.generation == 2 and slot.number == 1 and slot.state == SERVING), None)
+        new = wait_for(new_worker_1, 5, "worker 1 of generation 2 serving")
+    finally:
+        board.close()
+    (sock,) = connect_to(d, new, {**gen1, new: (1, 2)})
+    with sock, ExactlyOnce(sock) as client:
+        wait_log(d.log_file, r"reload failed: ", timeout=scaled(10))
+        wait_for(lambda: gone(new), 5, "the new worker to hand its client over and exit")
+        client.wait_more(20)
+        holder = holder_of(sock, list(gen1))
+    client.check()
+    assert holder in gen1, d.log()[-3000:]
+    assert handed(d.log()).get(new) == [(1, 0)], d.log()[-3000:]
+    assert set(wait_pool(master, 2)) == set(gen1)
+
+
+# =================================================================================
+# (h) the rendezvous: names in our own directory, nobody else's to take
+# =================================================================================
+
+def next_pids(count: int) -> list[int]:
+    """The PIDs the kernel will most likely hand out next."""
+    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return [pid for pid in ((last + i) % pid_max for i in range(1, count + 1)) if pid > 300]
+
+
+@pytest.mark.parametrize("squat", ["socket", "directory"])
+def test_squatted_rendezvous_names_do_not_stop_workers(start_daemon, squat):
+    """Before a reload, the names the next workers would use are taken: the old abstract
+    names (bound, as another user could) and the file names beside the PID file (a stale
+    socket a dead worker left, or a directory).  The new workers boot all the same; over a
+    stale socket they bind their own and receive the old generation's client."""
+    d = start_daemon(config=conf(workers=1))
+    master = d.proc.pid
+    (old,) = wait_pool(master, 1, generation=1)
+    pids = next_pids(1000)
+    squatters = []
+    try:
+        for pid in pids:
+            abstract = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            abstract.bind(f"\0lancelotd-handoff-{pid}")
+            abstract.listen(1)
+            squatters.append(abstract)
+            name = f"{d.pid_file}.handoff-{pid}"
+            if squat == "directory":
+                os.mkdir(name)
+            else:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as stale:
+                    stale.bind(name)
+        sock = d.connect()
+        with sock, ExactlyOnce(sock) as client:
+            rewrite(d, conf(workers=2))
+            d.signal(signal.SIGHUP)
+            wait_log(d.log_file, r"reload done: generation 2", timeout=10)
+            gen2 = wait_pool(master, 2, generation=2, timeout=5) if squat == "socket" else \
+                {pid: v for pid, v in workers_of(master).items() if v[1] == 2}
+            client.wait_more(20)
+            holder = holder_of(sock, [old, *gen2])
+    finally:
+        for s in squatters:
+            s.close()
+    client.check()
+    assert len(gen2) == 2 and set(gen2) <= set(pids), f"generation 2 {list(gen2)} not among the squatted PIDs"
+    log = d.log()
+    if squat == "socket":
+        assert holder in gen2, log[-3000:]
+        for pid in gen2:
+            assert stat.S_ISSOCK(os.stat(f"{d.pid_file}.handoff-{pid}").st_mode)
+    else:
+        assert holder == old  # no inbox on either new worker: the old one drains
+        assert len(re.findall(r"no hand-off inbox", log)) == 2, log[-3000:]
+    assert "failing" not in log and "reload failed" not in log, log[-3000:]
+
+
+def test_inboxes_are_private_and_removed(start_daemon):
+    """An inbox is a 0600 socket beside the PID file, named after its worker, gone with it."""
+    d = start_daemon(config=conf(workers=2))
+    master = d.proc.pid
+    gen1 = wait_pool(master, 2, generation=1)
+    for pid in gen1:  # (a worker takes its title a moment before it opens its inbox)
+        inbox = Path(f"{d.pid_file}.handoff-{pid}")
+        wait_for(inbox.exists, 5, f"the inbox of worker {pid}")
+        st = inbox.stat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    d.signal(signal.SIGTTOU)
+    wait_pool(master, 1, generation=1)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(10) == 0
+    assert not list(d.tmp.glob("*.handoff-*")), list(d.tmp.glob("*"))
+
+
+def test_hand_off_without_a_pid_file(start_daemon):
+    """--pid-file '': no directory of ours beside a PID file, so the inboxes live in the
+    default runtime directory (made private there, as the master would); TTOU still hands
+    the retired worker's client over, and the inboxes are gone with their workers."""
+    d = start_daemon("--pid-file", "", config=conf(workers=2), wait=False)
+    match = wait_log(d.log_file, LISTENING.pattern, timeout=10)[0]
+    d.port = int(match.group(2))
+    master = d.proc.pid
+    pool = wait_pool(master, 2, generation=1)
+    by_number = {number: pid for pid, (number, _) in pool.items()}
+    inbox = {pid: Path(Rendezvous("").path(pid)) for pid in pool}
+    for path in inbox.values():
+        wait_for(path.exists, 5, f"inbox {path}")
+    (sock,) = connect_to(d, by_number[2], pool)
+    with sock, ExactlyOnce(sock) as client:
+        d.signal(signal.SIGTTOU)
+        wait_for(lambda: gone(by_number[2]), 5, "worker 2 to hand its client over and exit")
+        client.wait_more(20)
+        holder = holder_of(sock, [by_number[1]])
+    client.check()
+    assert holder == by_number[1]
+    assert handed(d.log()).get(by_number[2]) == [(1, 0)], d.log()[-3000:]
+    assert not inbox[by_number[2]].exists()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(10) == 0
+    assert not inbox[by_number[1]].exists()
