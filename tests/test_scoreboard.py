@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import wait_for
@@ -273,12 +275,14 @@ def test_a_retiring_worker_hands_nothing_to_a_board_it_cannot_read(tmp_path):
     foreign.write_header(Header(master_pid=1, generation=1, retired=Counters()))
     foreign.write_slot(0, Slot(4343, 1, 1, SERVING, time.time(), time.monotonic(), 0, 0.0, Counters()))
     foreign.close()
-    sender = handoff.Sender(str(path), own, 100, lambda channel: None)
+    host = SimpleNamespace(epoll=select.epoll())  # the hand-off's view of its worker: only what targets needs
+    sender = handoff.HandOff(host, str(tmp_path / "lancelotd.pid"), str(path), own, 100)
     try:
-        assert [pid for pid, _ in sender.targets()] == [4343]  # the same layout: the new master's board
+        assert [pid for pid, _ in sender._targets(time.monotonic())] == [4343]  # same layout: the new board
         old_layout(path)
-        assert [pid for pid, _ in sender.targets()] == [4242]  # another: never its bytes
+        assert [pid for pid, _ in sender._targets(time.monotonic())] == [4242]  # another: never its bytes
     finally:
+        host.epoll.close()
         own.close()
 
 
