@@ -53,6 +53,18 @@ BACKLOG = 64
 SEQPACKET = socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
+def remove_inbox(pid_file: str, pid: int) -> None:
+    """The master, after reaping worker `pid`: a worker killed by a signal left its inbox's name.
+
+    Safe against reuse: the PID is free only from the reap on, and the master forks no worker
+    between the reap and this.
+    """
+    try:
+        os.unlink(f"{os.path.abspath(pid_file or default_pid_file())}.handoff-{pid}")
+    except OSError:
+        pass
+
+
 class Rendezvous:
     """This worker's inbox, and the way to any other worker's."""
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from .clients import ClientTable
 from .config import Config
 from .logs import log
+from .rendezvous import remove_inbox
 from .scoreboard import DRAINING, FREE, SLOTS, STARTING, STOPPING, Scoreboard, Slot, last_progress
 from .worker import WorkerSpec, run_worker
 
@@ -341,6 +342,8 @@ class Supervision:
                 self.worker_exited(*found, status)
 
     def worker_exited(self: Arbiter, worker: WorkerProc, slot: Slot, why: Exit, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            remove_inbox(self.cfg.pid_file, worker.pid)
         self.header.retired.add(slot.counters)  # its totals outlive it
         how = describe_status(status)
         name = f"worker {worker.number} (pid {worker.pid}, gen {worker.generation})"

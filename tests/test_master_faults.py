@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -153,3 +154,17 @@ def test_term_closes_the_masters_listeners_first(start_daemon):
     assert d.wait_exit(15) == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", d.port), timeout=2)
+
+
+def test_a_killed_workers_handoff_inbox_is_removed(start_daemon):
+    """A worker killed by a signal cannot remove its hand-off inbox: the master does, once it has
+    reaped it, so the PID file's directory does not fill with dead sockets."""
+    d = start_daemon("-w", "2", workers=2)
+    victim = min(wait_serving(d, 2))
+    inbox = Path(f"{d.pid_file}.handoff-{victim}")
+    assert inbox.exists()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(worker_pids(d) - {victim}) == 2, 5, "a replacement")
+    wait_for(lambda: not inbox.exists(), 5, "the dead worker's inbox to be removed")
+    stops_cleanly(d)
+    assert not list(d.pid_file.parent.glob("*.handoff-*")), "every worker removed its own at exit"
