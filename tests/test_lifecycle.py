@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,12 +42,14 @@ from helpers import (
     Backlog,
     ask,
     ask_on,
+    clean_env,
     gone,
     holder_of,
     live_children,
     read,
     read_pid,
     ready_from,
+    scaled,
     title,
     wait_child_exit,
     wait_log,
@@ -682,3 +687,52 @@ def test_term_during_reload(start_daemon):
     assert_nothing_left(d.proc.pid)
     assert not d.pid_file.exists()
     assert "master stopped" in d.log()
+
+
+def test_a_stop_during_an_upgrade_starts_no_queued_reload(start_daemon):
+    """USR2, then HUP (queued behind the upgrade), then TERM: the upgrade is abandoned and the
+    master stops; the queued reload must not start on the way out."""
+    d = start_daemon(config=config(workers=1), env={"LANCELOTD_TEST_BOOT_DELAY": "3@1:1"}, wait=False)
+    d.wait_ready(timeout=15, workers=1)
+    d.signal(signal.SIGUSR2)  # the successor's worker sleeps 3 s in its boot
+    wait_log(d.log_file, r"upgrade: new master (\d+) started")
+    d.signal(signal.SIGHUP)
+    wait_log(d.log_file, r"reload requested while one is under way: queued")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(15) == 0
+    log = read(d.log_file)
+    after_term = log[log.index("graceful stop"):]
+    assert "reloading" not in after_term and "reload" not in after_term.replace("reload requested", ""), \
+        after_term
+    assert "upgrade failed: stopping" in log
+
+
+def test_usr2_is_refused_in_a_master_that_is_pid_1(tmp_path):
+    """In a container without an init, the master is PID 1: a successor would die with it (the
+    namespace ends with its PID 1), so USR2 is refused with a clear line and nothing changes."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) for a PID namespace")
+    log = tmp_path / "lancelotd.log"
+    cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "lancelotd", "serve",
+           "-b", "127.0.0.1:0", "-w", "1", "--pid-file", str(tmp_path / "lancelotd.pid"),
+           "--log-file", str(log)]
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=err, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=clean_env())
+    try:
+        def master() -> psutil.Process | None:
+            if proc.poll() is not None:
+                pytest.skip(f"cannot run in a new PID namespace here: {read(tmp_path / 'stderr')}")
+            children = psutil.Process(proc.pid).children()
+            return children[0] if children and "ready" in read(log) else None
+        pid1 = wait_for(master, 15, "the master, PID 1 of its namespace")
+        assert read_pid(tmp_path / "lancelotd.pid") == 1
+        pid1.send_signal(signal.SIGUSR2)
+        wait_log(log, r"USR2 refused: this master is PID 1")
+        assert "upgrade: starting" not in read(log)
+        pid1.send_signal(signal.SIGTERM)
+        assert proc.wait(scaled(15)) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
