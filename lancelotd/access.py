@@ -1,8 +1,9 @@
 """Access control at accept (SPEC §8): `allow` / `deny` rules and `max_connections_per_client`.
 
 Checked on the address accept() returns, before a byte is read; per
-connection, never per request.  A worker with no rules and no limit has no
-Gate at all (`Worker.gate is None`), so it pays nothing.
+connection, never per request.  On a PROXY protocol listener (proxied.py),
+on the client's address in the header instead, once the header is read.
+A worker with no rules and no limit has no Gate at all (`Worker.gate is None`), so it pays nothing.
 
 The rule order ("deny wins"): an address that matches any `deny` entry is
 refused; otherwise, if `allow` is not empty, it must match an `allow` entry;
@@ -125,12 +126,10 @@ class Gate:
             return PER_CLIENT_LIMIT, 0
         return None, fingerprint if self.counts.add(fingerprint) else 0
 
-    def adopt(self, sock: socket.socket) -> tuple[bool, int]:
-        """(permitted by our rules, fingerprint it is now counted under, or 0)."""
-        try:
-            client = client_of(sock.getpeername())
-        except OSError:  # the client is gone already: its connection will find out itself
-            return True, 0
+    def adopt(self, addr: object) -> tuple[bool, int]:
+        """(permitted by our rules, fingerprint it is now counted under, or 0), for a connection
+        from `addr` (its socket's peer, or its PROXY header's source) handed over."""
+        client = client_of(addr)
         if client is None:
             return True, 0
         if self.rules is not None and not self.rules.permits(client):

@@ -57,8 +57,18 @@ def cpu_count() -> int:
 
 
 @dataclass(frozen=True)
+class Listener:
+    """A [[listener]] table: one address, with options of its own (see the section below)."""
+
+    bind: str
+    proxy_protocol: bool = False
+    proxy_protocol_from: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     bind: tuple[str, ...] = ("0.0.0.0:1060",)
+    listeners: tuple[Listener, ...] = ()  # [[listener]]: more addresses, each with its options
     workers: int = field(default_factory=lambda: min(cpu_count(), MAX_WORKERS))  # "auto"
     backlog: int = 4096
     pid_file: str = field(default_factory=default_pid_file)
@@ -86,6 +96,11 @@ class Config:
     max_connections_per_client: int = 0  # 0 = no limit
     path: str = ""  # the file it came from, "" for built-in defaults
 
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address to listen on: [server] bind, then each [[listener]]'s."""
+        return self.bind + tuple(listener.bind for listener in self.listeners)
+
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the command line's options applied (None = not given).
 
@@ -100,6 +115,9 @@ class Config:
             raise ConfigError("command line", problems)
         if "bind" in given:
             given["bind"] = tuple(given["bind"])
+            problems = listener_clashes(given["bind"], self.listeners, "--bind")
+            if problems:
+                raise ConfigError("command line", problems)
         return replace(self, **given)
 
 
@@ -280,6 +298,59 @@ ACCESS_SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
 ACCESS_LISTS = ("allow", "deny")
 
 
+# --- [[listener]]: addresses with options of their own (PROXY protocol v2: proxied.py) -----
+
+LISTENER_KEYS = ("bind", "proxy_protocol", "proxy_protocol_from")
+NO_EMPTY = 'must not be empty ("all" trusts every source)'
+
+
+def check_listeners(tables: Any) -> tuple[tuple[Listener, ...], list[str]]:
+    """[[listener]] tables: (the listeners, problems as "listener[I].key: why"; I counts from 0).
+
+    proxy_protocol_from is required with proxy_protocol = true (the spec: take the header
+    from trusted proxies only; "all" trusts everyone, as HAProxy's accept-proxy does), and
+    refused without it (it would do nothing).
+    """
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        return (), ["listener: must be an array of tables ([[listener]])"]
+    listeners, problems = [], []
+    for i, table in enumerate(tables):
+        key = f"listener[{i}]"
+        problems += [f"{key}.{name}: unknown setting (known: {', '.join(LISTENER_KEYS)})"
+                     for name in table if name not in LISTENER_KEYS]
+        bind, proxied = table.get("bind", ""), table.get("proxy_protocol", False)
+        trusted = table.get("proxy_protocol_from")
+        if reason := (_optional_address(bind) if bind else "is required (\"HOST:PORT\")"):
+            problems.append(f"{key}.bind: {reason}")
+            bind = ""  # kept in its place, so the clash checks name the others by their index
+        if not isinstance(proxied, bool):
+            problems.append(f"{key}.proxy_protocol: must be true or false, not {proxied!r}")
+        if trusted is None and proxied is True:
+            problems.append(f"{key}.proxy_protocol_from: required with proxy_protocol = true: the "
+                            "balancers' addresses or CIDR blocks (\"all\" trusts every source)")
+        elif trusted is not None and (reason := _access_list(trusted) or ("" if trusted else NO_EMPTY)):
+            problems.append(f"{key}.proxy_protocol_from: {reason}")
+        elif trusted is not None and proxied is False:
+            problems.append(f"{key}.proxy_protocol_from: has no effect without proxy_protocol = true")
+        listeners.append(Listener(bind, proxied, tuple(trusted) if isinstance(trusted, list) else ()))
+    return tuple(listeners), problems
+
+
+def service_addresses(bind: tuple[str, ...], listeners: tuple[Listener, ...],
+                      bind_key: str = "server.bind") -> list[tuple[str, str]]:
+    """(address, the key that set it) of every service listener."""
+    named = [(x.bind, f"listener[{i}].bind") for i, x in enumerate(listeners) if x.bind]
+    return [(a, bind_key) for a in bind] + named
+
+
+def listener_clashes(bind: tuple[str, ...], listeners: tuple[Listener, ...], bind_key: str) -> list[str]:
+    """Two listening addresses that cannot both be bound, one of them a [[listener]]'s."""
+    named = service_addresses(bind, listeners, bind_key)
+    return [f"{key}: {clash} in {earlier_key}"
+            for i, (address, key) in enumerate(named) if key.startswith("listener")
+            for earlier, earlier_key in named[:i] if (clash := bind_clash(earlier, address))]
+
+
 # (table, key) -> (Config field, checker); the shipped etc/lancelotd.toml
 # documents each of them.
 SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
@@ -306,7 +377,7 @@ SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("log", "level"): ("log_level", _log_level),
     **ACCESS_SETTINGS,
 }
-TABLES = {table for table, _ in SETTINGS} | {"answers"}
+TABLES = {table for table, _ in SETTINGS} | {"answers", "listener"}
 
 
 def check_answers(answers: Any, max_question_bytes: int) -> list[str]:
@@ -334,12 +405,14 @@ def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
     if log_problem:
         problems.append(f"log.file: {log_problem}")
     metrics = values.get("metrics_bind", "")
-    for address in values.get("bind", Config.bind) if metrics else ():
+    service = service_addresses(values.get("bind", Config.bind), values.get("listeners", ()))
+    for address, key in service if metrics else ():
         clash = bind_clash(address, metrics)
         if clash:
-            problems.append(f"server.metrics_bind: {clash} in server.bind")
+            problems.append(f"server.metrics_bind: {clash} in {key}")
     agent = values.get("agent_bind", "")
-    others = [(a, "server.bind") for a in values.get("bind", Config.bind)]
+    others = list(service)
+    problems += listener_clashes(values.get("bind", Config.bind), values.get("listeners", ()), "server.bind")
     others.append((metrics, "server.metrics_bind"))
     for address, key in others if agent and not agent.endswith(":0") else ():  # port 0: a port of its own
         clash = address and bind_clash(address, agent)
@@ -366,6 +439,11 @@ def from_dict(data: dict[str, Any], path: str = "", base_dir: str | None = None)
         if table not in TABLES:
             problems.append(f"{table}: unknown table (known: {', '.join(sorted(TABLES))})")
             continue
+        if table == "listener":
+            listeners, listener_problems = check_listeners(content)
+            problems += listener_problems
+            values["listeners"] = listeners
+            continue
         if not isinstance(content, dict):
             problems.append(f"{table}: must be a table")
             continue
@@ -382,6 +460,8 @@ def from_dict(data: dict[str, Any], path: str = "", base_dir: str | None = None)
                 problems.append(f"{table}.{key}: {reason}")
             else:
                 values[name] = value
+    if values.get("listeners") and "bind" not in values:
+        values["bind"] = ()  # [[listener]] tables alone: the default address is not wanted too
     problems += check_together(values, base_dir if base_dir is not None else os.getcwd())
     if values.get("workers") == "auto":
         del values["workers"]

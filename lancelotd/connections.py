@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .logs import log
 from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
 from .scoreboard import DRAINING, SERVING
+from .sockets import describe
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -41,9 +42,10 @@ OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "client")
+    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "client", "peer")
 
-    def __init__(self, sock: socket.socket, table: AnswerTable, now: float) -> None:
+    def __init__(self, sock: socket.socket, table: AnswerTable, now: float,
+                 peer: tuple | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.session = Session(table)
@@ -53,6 +55,7 @@ class Conn:
         self.writing = False  # watched for EPOLLOUT: output owed, input held back, or finishing
         self.unsent = -1  # bytes in the kernel's send queue when _taking_answers last looked
         self.client = 0  # its fingerprint in the per-client counts (access.py), 0 = not counted
+        self.peer = peer  # the client's address: the socket's peer, or a PROXY header's source
 
 
 def bound_send_buffers(listeners: list[socket.socket]) -> None:
@@ -67,9 +70,11 @@ def bound_send_buffers(listeners: list[socket.socket]) -> None:
 class Connections:
     """Per-connection mechanics of the Worker."""
 
-    def _adopt(self: Worker, sock: socket.socket, now: float, last: float | None = None) -> Conn:
+    def _adopt(self: Worker, sock: socket.socket, now: float, last: float | None = None,
+               peer: tuple | None = None) -> Conn:
         """Serve a connection accepted elsewhere; `last` keeps its idle timer (a hand-off)."""
-        conn = Conn(sock, self.table, now)
+        conn = Conn(sock, self.table, now, peer)
+        self.recent.append(peer)
         if last is not None:
             conn.last = min(last, now)
         self.conns[conn.fd] = conn
@@ -77,7 +82,7 @@ class Connections:
         return conn
 
     def _full(self: Worker) -> bool:
-        return len(self.conns) >= self.cfg.max_connections
+        return len(self.conns) + len(self.awaiting) >= self.cfg.max_connections  # awaiting: proxied.py
 
     def _want_output(self: Worker, conn: Conn) -> None:
         """Stop reading from the client; wake when its socket can take more."""
@@ -178,6 +183,7 @@ class Connections:
             self.counters.too_long += 1
         elif out.endswith(NOT_ASCII):
             self.counters.not_ascii += 1
+        log.debug("closing %s: %s", describe(conn.peer), out[out.rfind(b"Error"):].decode())
         self._close_after_flush(conn)
 
     def _close_after_flush(self: Worker, conn: Conn) -> None:
@@ -212,8 +218,7 @@ class Connections:
         conn.sock.close()  # also leaves the epoll set
         if conn.client:
             self.gate.release(conn.client)
-        if (not self.accepting and self.state == SERVING and len(self.conns) < self.cfg.max_connections
-                and not self.accept_paused):
+        if not self.accepting and self.state == SERVING and not self._full() and not self.accept_paused:
             self._start_accepting()
 
     def _expire(self: Worker, now: float) -> None:

@@ -33,6 +33,7 @@ from . import rendezvous as wire
 from .logs import log
 from .rendezvous import Channel, Held, Rendezvous
 from .scoreboard import SERVING, Scoreboard
+from .sockets import pack_address, unpack_address
 
 CLOEXEC = socket.MSG_CMSG_CLOEXEC
 ANSWER_WITHIN = 2.0  # a receiver adopts a connection only this soon after it was sent
@@ -49,7 +50,8 @@ class Host(Protocol):
     epoll: select.epoll
 
     def refusal(self) -> bytes | None: ...  # why we cannot adopt a connection now, or None
-    def adopt_handed(self, sock: socket.socket, pending: bytes, now: float, last: float) -> None: ...
+    def adopt_handed(self, sock: socket.socket, pending: bytes, now: float, last: float,
+                     peer: tuple | None) -> None: ...
     def handed(self, conn: Held) -> None: ...  # one we sent was adopted (before we close our copy)
     def resume(self, conn: Held, now: float) -> None: ...  # serve again one sent but not adopted
 
@@ -129,8 +131,8 @@ class HandOff:
             for fd in fds[:1]:
                 wire.close_fd(fd)
             return  # no id to answer by: the sender takes it back at the deadline
-        _, ident, deadline, last = wire.HAND.unpack_from(data)
-        pending = data[wire.HAND.size:]
+        _, ident, deadline, last, family, address, port = wire.HAND.unpack_from(data)
+        pending, peer = data[wire.HAND.size:], unpack_address(family, address, port)
         sock = wire.socket_of(fds[0]) if fds else None
         if sock is None:
             reason: bytes | None = wire.NO_FD if flags & socket.MSG_CTRUNC else wire.MALFORMED
@@ -139,23 +141,24 @@ class HandOff:
         else:
             reason = self.host.refusal()
         if reason is None and sock is not None:
-            self.host.adopt_handed(sock, pending, time.monotonic(), last)
+            self.host.adopt_handed(sock, pending, time.monotonic(), last, peer)
             self.taken += 1
-            self._answer(channel, wire.ANSWER.pack(wire.ADOPTED, ident, b"-"), None, b"")
+            self._answer(channel, wire.ANSWER.pack(wire.ADOPTED, ident, b"-"), None, b"", None)
             return
         reason = reason or wire.MALFORMED
         log_refusal = log.warning if reason in (wire.NO_FD, wire.MALFORMED) else log.info
         log_refusal("refused a connection from worker %d: %s", channel.peer, wire.REASONS[reason])
-        self._answer(channel, wire.ANSWER.pack(wire.REFUSED, ident, reason), sock, pending)
+        self._answer(channel, wire.ANSWER.pack(wire.REFUSED, ident, reason), sock, pending, peer)
 
-    def _answer(self, channel: Channel, message: bytes, held: socket.socket | None, pending: bytes) -> None:
-        channel.outbox.append((message, held, pending))
+    def _answer(self, channel: Channel, message: bytes, held: socket.socket | None, pending: bytes,
+                peer: tuple | None) -> None:
+        channel.outbox.append((message, held, pending, peer))
         self._flush(channel)
 
     def _flush(self, channel: Channel) -> None:
         """Send the answers queued; a refused connection's copy is closed once its refusal is out."""
         while channel.outbox:
-            message, held, pending = channel.outbox[0]
+            message, held, _pending, _peer = channel.outbox[0]
             try:
                 channel.sock.send(message)
             except OSError as e:
@@ -209,7 +212,7 @@ class HandOff:
         self.last_id = (self.last_id + 1) & 0xFFFFFFFF
         deadline = time.monotonic() + ANSWER_WITHIN
         try:
-            header = wire.HAND.pack(wire.HANDED, self.last_id, deadline, conn.last)
+            header = wire.HAND.pack(wire.HANDED, self.last_id, deadline, conn.last, *pack_address(conn.peer))
             socket.send_fds(channel.sock, [header, pending], [conn.fd])
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
@@ -340,10 +343,10 @@ class HandOff:
             for conn, _deadline in channel.flights.values():
                 self.host.resume(conn, now)
             channel.flights.clear()
-        for _message, held, pending in channel.outbox:
+        for _message, held, pending, peer in channel.outbox:
             if held is not None:  # refused, but its sender is gone: we may hold the last copy
                 log.info("the sender of a connection we refused is gone: serving it here")
-                self.host.adopt_handed(held, pending, now, now)  # its timer was not carried back: a fresh one
+                self.host.adopt_handed(held, pending, now, now, peer)  # a fresh timer: its own was not sent
                 self.taken += 1
         channel.outbox.clear()
         _unwatch(self.host.epoll, channel.fd)

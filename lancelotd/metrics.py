@@ -74,6 +74,11 @@ class ScoreboardCollector:
         for cause in ("denied", "per_client_limit", "denied_open"):
             refused.add_metric([cause], getattr(totals, cause))
         yield refused
+        proxy = CounterMetricFamily("lancelotd_proxy_protocol_connections", "PROXY protocol listeners: "
+                                    "health checks (local), connections closed by cause", labels=["outcome"])
+        for outcome in ("local", "invalid", "untrusted", "timeout"):
+            proxy.add_metric([outcome], getattr(totals, f"proxy_{outcome}"))
+        yield proxy
         yield CounterMetricFamily("lancelotd_received_bytes", "Bytes received", value=totals.bytes_in)
         yield CounterMetricFamily("lancelotd_sent_bytes", "Bytes sent", value=totals.bytes_out)
 

@@ -38,8 +38,9 @@ from .protocol import Session
 
 MAX_PENDING = 65536  # an unfinished question travels with its connection (max_question_bytes <= 65536)
 # b"H", id, deadline, the connection's last progress (its idle timer: CLOCK_MONOTONIC is one clock for
-# every process of the host); then the unfinished question; the socket as SCM_RIGHTS.
-HAND = struct.Struct("=cIdd")
+# every process of the host), the client's address (sockets.pack_address: from a PROXY header, it is
+# not the socket's peer); then the unfinished question; the socket as SCM_RIGHTS.
+HAND = struct.Struct("=cIddB16sH")
 ANSWER = struct.Struct("=cIc")  # b"A" (adopted) or b"R" (refused), id, reason
 HANDED, ADOPTED, REFUSED = b"H", b"A", b"R"
 FULL, LEAVING, LATE, NO_FD, MALFORMED = b"F", b"L", b"T", b"D", b"X"  # why a receiver refuses
@@ -152,6 +153,7 @@ class Held(Protocol):
     fd: int
     session: Session
     last: float  # its last progress: the idle timer travels with it
+    peer: tuple | None  # the client's address (a PROXY header's source), None: the socket's peer
 
 
 class Channel:
@@ -161,9 +163,9 @@ class Channel:
         self.sock, self.peer, self.outbound = sock, peer, outbound
         self.fd = sock.fileno()
         self.flights: dict[int, tuple[Held, float]] = {}  # outbound: id -> (connection, deadline)
-        # inbound: answers not sent yet, each with the copy of a refused connection and its
-        # question, kept until the refusal is out: if the sender is gone, we are the last holder.
-        self.outbox: deque[tuple[bytes, socket.socket | None, bytes]] = deque()
+        # inbound: answers not sent yet, each with the copy of a refused connection, its question
+        # and address, kept until the refusal is out: if the sender is gone, we are the last holder.
+        self.outbox: deque[tuple[bytes, socket.socket | None, bytes, tuple | None]] = deque()
         self.watching_out = False
 
 

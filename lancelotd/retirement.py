@@ -14,6 +14,7 @@ from .connections import EPOLLIN, LINGER_SECONDS, OPEN, Conn
 from .limits import CLIENT_GONE
 from .logs import log
 from .scoreboard import DRAINING, SERVING, STOPPING
+from .sockets import describe
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -34,20 +35,28 @@ class Retirement:
             return wire.FULL
         return None
 
-    def adopt_handed(self: Worker, sock: socket.socket, pending: bytes, now: float, last: float) -> None:
-        """A connection handed to us: ours from now on, with its idle timer and unfinished question.
+    def adopt_handed(self: Worker, sock: socket.socket, pending: bytes, now: float, last: float,
+                     peer: tuple | None) -> None:
+        """A connection handed to us: ours from now on, with its idle timer, unfinished question
+        and client address (None: the socket's peer; from a PROXY header, it is not).
 
         Our access rules apply (a reload may have changed them): one they deny now is closed
         here, at this question boundary, and counted.
         """
+        if peer is None:
+            try:
+                peer = sock.getpeername()
+            except OSError:  # the client is gone already: its connection will find out itself
+                pass
         client = 0
         if self.gate is not None:
-            permitted, client = self.gate.adopt(sock)
+            permitted, client = self.gate.adopt(peer)
             if not permitted:
                 self.counters.denied_open += 1
-                self._close_after_flush(self._adopt(sock, now, last))
+                log.debug("closing %s: a reload's rules deny it", describe(peer))
+                self._close_after_flush(self._adopt(sock, now, last, peer))
                 return
-        conn = self._adopt(sock, now, last)
+        conn = self._adopt(sock, now, last, peer)
         conn.session.pending = pending
         conn.client = client
 
@@ -79,8 +88,9 @@ class Retirement:
             log.info("handed %d connections over (%d left)", len(sent), len(self.conns))
 
     def _done(self: Worker, now: float) -> bool:
-        """Not serving: may we exit?  Not while we hold connections, or the hand-off does."""
-        return not self.conns and self.handoff.finished(now) and not self.conns
+        """Not serving: may we exit?  Not while we hold connections (PROXY headers on their way
+        included), or the hand-off does."""
+        return not self.conns and not self.awaiting and self.handoff.finished(now) and not self.conns
 
     def _close_listeners(self: Worker) -> None:
         self._stop_accepting()
@@ -139,7 +149,10 @@ class Retirement:
         never past max_connections.  Socket-activated listeners get the same
         sweep: systemd keeps its copy, so nothing is reset there anyway.
         """
-        for listener in self.listeners.values():
+        for fd, listener in self.listeners.items():
+            if fd in self.proxied:  # into the header state: served once the header is read
+                self._sweep_proxied(listener, now)
+                continue
             for _ in range(self.cfg.backlog):
                 if self._full():
                     return
@@ -156,10 +169,10 @@ class Retirement:
                 if self.gate is not None:
                     refused, client = self.gate.admit(addr)
                     if refused:
-                        self._refuse(sock, refused)
+                        self._refuse(sock, refused, addr)
                         continue
                 sock.setblocking(False)
-                self._adopt(sock, now).client = client
+                self._adopt(sock, now, None, addr).client = client
                 self.counters.accepted += 1
 
     def _close_open(self: Worker) -> None:

@@ -55,8 +55,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 from .runtime import open_new_file
+from .sockets import pack_address, unpack_address
 
-LAYOUT = 2  # bump on any change of the layout below; layout 1 had no sequence words
+# Bump on any change of the layout below; layout 1 had no sequence words, layout 2 no PROXY
+# counters (the header's retired counters sit before fields appended later) nor recent clients.
+LAYOUT = 3
 MAGIC_PREFIX = b"LNCLTSB"
 MAGIC = MAGIC_PREFIX + str(LAYOUT).encode()
 SLOTS = 512
@@ -87,6 +90,12 @@ class Counters:
     denied: int = 0
     per_client_limit: int = 0
     denied_open: int = 0
+    # PROXY protocol v2 listeners (proxied.py): health checks (LOCAL headers), and connections
+    # closed for a header that is invalid, a source not in proxy_protocol_from, or no header in time
+    proxy_local: int = 0
+    proxy_invalid: int = 0
+    proxy_untrusted: int = 0
+    proxy_timeout: int = 0
 
     def add(self, other: Counters) -> None:
         for f in fields(self):
@@ -107,6 +116,7 @@ class Slot:
     connections: int = 0
     rate: float = 0.0  # questions answered per second over the last tick
     counters: Counters | None = None
+    clients: tuple = ()  # the addresses of its latest connections, newest first (RECENT_CLIENTS)
 
 
 def last_progress(slot: Slot, spawned: float) -> float:
@@ -148,14 +158,19 @@ class Header:
 # The checksum covers everything from the fields to the message's end (RECORD_AT:SLOTS_AT).
 SEQ_AT, CHECKSUM_AT, RECORD_AT = 8, 16, 24
 HEADER_FMT = "<qdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES) + "qqq"
-HEADER_SIZE = 256
+HEADER_SIZE = 512
 MESSAGE_SIZE = 1024  # the last reload's result, for `lancelotd reload` to print
 SLOTS_AT = HEADER_SIZE + MESSAGE_SIZE
-# Slot: sequence, then the Slot fields in order.
+# Slot: sequence, then the Slot fields in order, counters last (room for more up to CLIENTS_WORD);
+# then from CLIENTS_WORD the recent clients, 3 words each: family << 16 | port, 16 address bytes.
 SLOT_FMT = "<qqqqqddqd" + "q" * len(COUNTER_NAMES)
-SLOT_SIZE = 256  # room to grow without a new layout
+SLOT_SIZE = 512
 STATE_WORD = 4  # the state's word in a slot
-assert RECORD_AT + struct.calcsize(HEADER_FMT) <= HEADER_SIZE and struct.calcsize(SLOT_FMT) <= SLOT_SIZE
+CLIENTS_WORD = 40
+RECENT_CLIENTS = 8
+CLIENTS_FMT = "<" + "q16s" * RECENT_CLIENTS
+assert RECORD_AT + struct.calcsize(HEADER_FMT) <= HEADER_SIZE
+assert struct.calcsize(SLOT_FMT) <= CLIENTS_WORD * 8 and (CLIENTS_WORD + 3 * RECENT_CLIENTS) * 8 <= SLOT_SIZE
 SIZE = SLOTS_AT + SLOTS * SLOT_SIZE
 READ_TRIES = 100  # header reads between naps (a write takes microseconds)
 SLOT_PATIENCE = 0.05  # seconds a slot read waits for a writer to finish its write
@@ -270,6 +285,13 @@ class Scoreboard:
         c = slot.counters or Counters()
         for i, name in enumerate(COUNTER_NAMES, base + 9):
             ints[i] = getattr(c, name)
+        at = base + CLIENTS_WORD
+        for i in range(RECENT_CLIENTS):
+            family, raw, port = pack_address(slot.clients[i] if i < len(slot.clients) else None)
+            ints[at] = family << 16 | port
+            ints[at + 1] = int.from_bytes(raw[:8], "little", signed=True)
+            ints[at + 2] = int.from_bytes(raw[8:], "little", signed=True)
+            at += 3
         ints[base + STATE_WORD] = slot.state
         ints[base] = seq + 1
 
@@ -287,6 +309,7 @@ class Scoreboard:
         while True:
             last, (before,) = after, struct.unpack_from("<q", mem, offset)
             values = struct.unpack_from(SLOT_FMT, mem, offset)
+            clients = struct.unpack_from(CLIENTS_FMT, mem, offset + CLIENTS_WORD * 8)
             (after,) = struct.unpack_from("<q", mem, offset)
             if before == after and not before & 1:
                 break
@@ -296,7 +319,10 @@ class Scoreboard:
                 break
             if after == last:  # no progress since the last try: let the writer run
                 os.sched_yield()
-        return Slot(*values[1:9], counters=Counters(*values[9:]))  # type: ignore[arg-type]
+        pairs = zip(clients[::2], clients[1::2], strict=True)
+        recent = (unpack_address(word >> 16, raw, word & 0xFFFF) for word, raw in pairs)
+        return Slot(*values[1:9], counters=Counters(*values[9:]),  # type: ignore[arg-type]
+                    clients=tuple(address for address in recent if address is not None))
 
     def _state(self, index: int) -> int:
         return struct.unpack_from("<q", self.mem, SLOTS_AT + index * SLOT_SIZE + STATE_WORD * 8)[0]

@@ -44,6 +44,33 @@ def format_address(sockaddr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def describe(sockaddr: object) -> str:
+    """A client's address for a log line ("?" when unknown)."""
+    return format_address(sockaddr) if isinstance(sockaddr, tuple) and len(sockaddr) >= 2 else "?"
+
+
+def pack_address(sockaddr: tuple | None) -> tuple[int, bytes, int]:
+    """A client's address in fixed size, for the scoreboard and the hand-off:
+    (4 or 6, 16 bytes, port), or (0, zeros, 0) for none (or not an IP address)."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2 and isinstance(sockaddr[0], str):
+        try:
+            if ":" in sockaddr[0]:
+                return 6, socket.inet_pton(socket.AF_INET6, sockaddr[0].partition("%")[0]), sockaddr[1]
+            return 4, socket.inet_pton(socket.AF_INET, sockaddr[0]).ljust(16, b"\0"), sockaddr[1]
+        except OSError:
+            pass
+    return 0, bytes(16), 0
+
+
+def unpack_address(family: int, raw: bytes, port: int) -> tuple | None:
+    """pack_address() undone: a socket-module address ((host, port), IPv6 (host, port, 0, 0)), or None."""
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4]), port
+    if family == 6:
+        return socket.inet_ntop(socket.AF_INET6, raw[:16]), port, 0, 0
+    return None
+
+
 def bind(address: str, backlog: int) -> socket.socket:
     """A listening socket for `address`, inheritable by forked workers only.
 
@@ -75,7 +102,7 @@ def bind(address: str, backlog: int) -> socket.socket:
 
 
 def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
-    """Sockets for cfg.bind: existing ones reused (their queues survive), the rest bound.
+    """Sockets for cfg.addresses (bind, [[listener]]): existing ones reused (queues survive), the rest bound.
 
     Sockets from socket activation are kept as they are: the socket unit, not
     the config, says where to listen.  On failure the sockets bound here are
@@ -84,12 +111,14 @@ def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str,
     if any(address.startswith(ACTIVATED) for address in existing):
         return dict(existing)
     listeners: dict[str, socket.socket] = {}
+    proxied = {listener.bind for listener in cfg.listeners if listener.proxy_protocol}
     try:
-        for address in cfg.bind:
+        for address in cfg.addresses:
             sock = existing.get(address)
             if sock is None:
                 sock = bind(address, cfg.backlog)
-                log.info("listening on %s", format_address(sock.getsockname()))
+                log.info("listening on %s%s", format_address(sock.getsockname()),
+                         " (PROXY protocol v2)" if address in proxied else "")
             listeners[address] = sock
     except BindError:
         for address, sock in listeners.items():

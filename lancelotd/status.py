@@ -21,11 +21,15 @@ from . import pidfile
 from .agent import AGENT_DRAIN, AGENT_READY, BALANCE_NAMES, READY
 from .scoreboard import STATE_NAMES, Counters, Scoreboard, ScoreboardError
 from .scoreboard import path_for as scoreboard_path
+from .sockets import format_address
 
 RUNNING, DEAD, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
 SCHEMA = 1
 ERROR_KINDS = ("unknown", "too_long", "not_ascii", "timeouts")
 REFUSAL_CAUSES = ("denied", "per_client_limit", "denied_open")  # access.py
+PROXY_COUNTERS = {"local": "proxy_local", "invalid": "proxy_invalid", "untrusted": "proxy_untrusted",
+                  "timeout": "proxy_timeout"}  # PROXY protocol listeners (proxied.py)
+GROUPED = (*ERROR_KINDS, *REFUSAL_CAUSES, *PROXY_COUNTERS.values())
 
 
 class StatusError(Exception):
@@ -93,7 +97,9 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
             "answered": counters.answered, "accepted": counters.accepted,
             "errors": {kind: getattr(counters, kind) for kind in ERROR_KINDS},
             "refused": {cause: getattr(counters, cause) for cause in REFUSAL_CAUSES},
+            "proxy": {name: getattr(counters, field) for name, field in PROXY_COUNTERS.items()},
             "bytes_in": counters.bytes_in, "bytes_out": counters.bytes_out,
+            "recent_clients": [format_address(address) for address in slot.clients],
         })
     workers.sort(key=lambda w: (w["generation"], w["number"]))
     totals = board.totals()
@@ -123,9 +129,10 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
         "totals": {
             "connections": sum(w["connections"] for w in workers),
             "answered_per_s": answered_per_s,
-            **{k: v for k, v in asdict(totals).items() if k not in ERROR_KINDS + REFUSAL_CAUSES},
+            **{k: v for k, v in asdict(totals).items() if k not in GROUPED},
             "errors": {kind: getattr(totals, kind) for kind in ERROR_KINDS},
             "refused": {cause: getattr(totals, cause) for cause in REFUSAL_CAUSES},
+            "proxy": {name: getattr(totals, field) for name, field in PROXY_COUNTERS.items()},
         },
     }
 
@@ -243,6 +250,10 @@ def human(snap: dict[str, Any]) -> str:
     f = t["refused"]
     lines.append(f"refused: {f['denied']} denied, {f['per_client_limit']} over max_connections_per_client; "
                  f"{f['denied_open']} open connections closed as a reload's rules deny them")
+    p = t["proxy"]
+    if any(p.values()):
+        lines.append(f"PROXY protocol: {p['local']} health checks (LOCAL); closed: {p['invalid']} invalid "
+                     f"headers, {p['untrusted']} untrusted sources, {p['timeout']} header timeouts")
     return "\n".join(lines)
 
 

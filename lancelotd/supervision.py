@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from .clients import ClientTable
 from .config import Config
 from .logs import log
+from .proxied import proxied_listeners
 from .rendezvous import remove_inbox
 from .scoreboard import DRAINING, FREE, SLOTS, STARTING, STOPPING, Scoreboard, Slot, last_progress
 from .worker import WorkerSpec, run_worker
@@ -266,7 +267,8 @@ class Supervision:
 
         def fork(slot: int) -> int:
             spec = WorkerSpec(number, generation, list(listeners.values()), cfg, self.pid, self.board, slot,
-                              self.events_w, cfg.max_requests + jitter, clients)
+                              self.events_w, cfg.max_requests + jitter, clients,
+                              proxied_listeners(cfg, listeners))
             if self.clients is not None:
                 self.clients.open_region(slot)
             # Signals stay blocked across fork, and in the child until the

@@ -27,7 +27,8 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
@@ -40,9 +41,11 @@ from .draining import Draining
 from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
 from .logs import log, set_role
 from .protocol import AnswerTable
+from .proxied import ProxyHeaders
 from .retirement import Retirement
-from .scoreboard import DRAINING, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
+from .scoreboard import DRAINING, RECENT_CLIENTS, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
+from .sockets import describe
 
 LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
@@ -68,9 +71,10 @@ class WorkerSpec:
     events_fd: int  # write end of the master's event pipe: "my state changed"
     max_requests: int  # 0 = never recycle
     clients: ClientTable | None = None  # the per-client counts, when max_connections_per_client is set
+    proxied: dict[int, tuple[str, ...]] = field(default_factory=dict)  # PROXY listeners' fd -> trusted
 
 
-class Worker(Connections, Retirement, Draining):
+class Worker(Connections, Retirement, Draining, ProxyHeaders):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.number = spec.number
@@ -106,6 +110,8 @@ class Worker(Connections, Retirement, Draining):
         self.accept_pause = AcceptPause()
         # allow/deny and the per-client limit (access.py); None when there is nothing to check
         self.gate = make_gate(cfg.allow, cfg.deny, cfg.max_connections_per_client, spec.clients, spec.slot)
+        self._init_proxy_headers(spec.proxied)  # PROXY protocol listeners (proxied.py)
+        self.recent: deque[tuple | None] = deque(maxlen=RECENT_CLIENTS)  # latest clients, for `status`
 
     # --- set-up --------------------------------------------------------
 
@@ -172,7 +178,7 @@ class Worker(Connections, Retirement, Draining):
         c.unknown = self.table.unknown_count
         self.spec.board.write_slot(self.spec.slot, Slot(
             os.getpid(), self.number, self.generation, self.state, self.started, now,
-            len(self.conns), self.rate, c,
+            len(self.conns), self.rate, c, tuple(a for a in reversed(self.recent) if a is not None),
         ))
 
     def _loop(self) -> int:
@@ -198,6 +204,8 @@ class Worker(Connections, Retirement, Draining):
                         code = self._handle_signals(now)
                         if code is not None:
                             return code
+                    elif fd in self.awaiting:  # a PROXY header on its way (proxied.py)
+                        self._header_event(fd, now)
                     else:
                         self._take_over(fd, now)
                     continue
@@ -260,6 +268,8 @@ class Worker(Connections, Retirement, Draining):
                     return code
 
     def _accept(self, listener: socket.socket, now: float) -> None:
+        if self.proxied and listener.fileno() in self.proxied:
+            return self._accept_proxied(listener, now, ACCEPTS_PER_WAKEUP)
         self.accept_wakeups += 1
         accepted = 0
         gate = self.gate
@@ -279,11 +289,12 @@ class Worker(Connections, Retirement, Draining):
             if gate is not None:
                 refused, client = gate.admit(addr)
                 if refused:
-                    self._refuse(sock, refused)
+                    self._refuse(sock, refused, addr)
                     continue
             sock.setblocking(False)
-            conn = Conn(sock, self.table, now)
+            conn = Conn(sock, self.table, now, addr)
             conn.client = client
+            self.recent.append(addr)
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
             accepted += 1
@@ -296,9 +307,10 @@ class Worker(Connections, Retirement, Draining):
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
 
-    def _refuse(self, sock: socket.socket, cause: str) -> None:
+    def _refuse(self, sock: socket.socket, cause: str, addr: object) -> None:
         """Closed at once, and counted by cause (access.py)."""
         refuse(sock)
+        log.debug("refused %s: %s", describe(addr), cause)
         setattr(self.counters, cause, getattr(self.counters, cause) + 1)
 
     def _pause_accepting(self, error: OSError, now: float) -> None:
@@ -331,6 +343,7 @@ class Worker(Connections, Retirement, Draining):
             log.warning("master %d is gone: exiting", self.master_pid)
             return 1
         self._expire(now)
+        self._expire_headers(now)  # PROXY headers not complete in time (proxied.py)
         self._shed(now)  # a drained host, max_connection_age (draining.py)
         self.accept_pause.check_over(now)
         self.handoff.tick(now)

@@ -25,25 +25,25 @@ pytestmark = pytest.mark.scaleout
 
 DROP_IN = REPO / "etc" / "haproxy" / "haproxy.service.d" / "lancelotd-state.conf"
 
-# PROXY protocol v2 (issue 12 item 5) is built elsewhere.  Once lancelotd parses it: set
-# PROXY_V2 = True and HOST_PROXY_TOML to what makes the host's service listener expect the
-# header from HAProxy (198.18.0.1) in item 5's syntax.  HAProxy then sends it (the shipped
-# config's default), every scenario runs through it, and the last test checks its effect.
-PROXY_V2 = False
-HOST_PROXY_TOML = ""
+# HAProxy sends a PROXY v2 header (the shipped config's default), and each host's service
+# listener expects one from HAProxy (198.18.0.1) alone: every scenario runs through it, and the
+# last test checks its effect.
+PROXY_V2 = True
 
 AGENT_INTER = 1.0  # etc/haproxy/lancelotd.cfg: agent-inter 1s
 DRAIN_DELAY = 2.0  # >= agent-inter + 1 s, as the README asks
 
 HOST_TOML = f"""\
 [server]
-bind = ["{{address}}:1060"]
 workers = 1
 [balancer]
 agent_bind = "{{address}}:1061"
 drain_delay = {DRAIN_DELAY}
 drain_spread = 2.0
-""" + HOST_PROXY_TOML
+[[listener]]
+bind = "{{address}}:1060"
+proxy_protocol = {str(PROXY_V2).lower()}
+""" + ('proxy_protocol_from = ["198.18.0.1/32"]\n' if PROXY_V2 else "")
 
 
 @pytest.fixture(scope="module")
@@ -269,10 +269,13 @@ def test_haproxy_reload_keeps_a_down_host_down(cluster):
     assert summary["errors"] == 0, summary
 
 
-@pytest.mark.skipif(not PROXY_V2, reason="PROXY protocol v2 (issue 12 item 5) is not wired yet: PROXY_V2")
 def test_proxy_v2_client_address_in_status(cluster):
-    """Through HAProxy's PROXY v2 header a host knows the client (198.18.0.2), not HAProxy."""
+    """Through HAProxy's PROXY v2 header a host knows the client (198.18.0.2), not HAProxy; HAProxy's
+    own health checks come as LOCAL headers, counted apart."""
     with cluster.load(persistent=6, per_request=0, think=0.2):
-        texts = [cluster.lancelotd(n, "status", "--json").stdout for n in HOSTS]
-    assert any(re.search(r'"198\.18\.0\.2(:\d+)?"', text) for text in texts), texts
-    assert not any(re.search(r'"198\.18\.0\.1(:\d+)?"', text) for text in texts), texts
+        reports = [json.loads(cluster.lancelotd(n, "status", "--json").stdout) for n in HOSTS]
+    clients = [c for r in reports for w in r["workers"] for c in w["recent_clients"]]
+    assert any(re.match(r"\[?198\.18\.0\.2\]?(:\d+)?$", c) for c in clients), clients
+    assert all(r["totals"]["proxy"]["local"] > 0 for r in reports), [r["totals"]["proxy"] for r in reports]
+    assert all(r["totals"]["proxy"]["invalid"] == 0 and r["totals"]["proxy"]["untrusted"] == 0
+               for r in reports), [r["totals"]["proxy"] for r in reports]

@@ -171,6 +171,8 @@ NUM = (int, float)
 ERRORS = {"unknown": INT, "too_long": INT, "not_ascii": INT, "timeouts": INT}
 REFUSED = {"denied": INT, "per_client_limit": INT, "denied_open": INT}
 ZERO_REFUSED = {"denied": 0, "per_client_limit": 0, "denied_open": 0}
+PROXY = {"local": INT, "invalid": INT, "untrusted": INT, "timeout": INT}
+ZERO_PROXY_COUNTERS = {"proxy_local": 0, "proxy_invalid": 0, "proxy_untrusted": 0, "proxy_timeout": 0}
 RUNNING_SCHEMA = {
     "schema": OneOf(1),
     "state": OneOf("running"),
@@ -186,12 +188,12 @@ RUNNING_SCHEMA = {
         "pid": INT, "number": INT, "generation": INT,
         "state": OneOf("starting", "serving", "draining", "stopping"),
         "uptime_s": NUM, "heartbeat_age_s": NUM, "connections": INT, "answered": INT, "answered_per_s": NUM,
-        "accepted": INT, "errors": ERRORS, "refused": REFUSED, "bytes_in": INT, "bytes_out": INT,
-        "cpu_seconds": NUM,
+        "accepted": INT, "errors": ERRORS, "refused": REFUSED, "proxy": PROXY, "bytes_in": INT,
+        "bytes_out": INT, "recent_clients": ListOf(str), "cpu_seconds": NUM,
         "cpu_percent": NUM, "rss": INT, "uss": INT,
     }),
     "totals": {"connections": INT, "answered": INT, "answered_per_s": NUM, "accepted": INT, "errors": ERRORS,
-               "refused": REFUSED, "bytes_in": INT, "bytes_out": INT},
+               "refused": REFUSED, "proxy": PROXY, "bytes_in": INT, "bytes_out": INT},
 }
 NOT_RUNNING_KEYS = {"schema", "state", "problem", "pid_file"}
 
@@ -235,8 +237,9 @@ def test_schema_checker_catches_mistakes():
     """The checker the tests rely on is not vacuous."""
     worker = {"pid": 2, "number": 1, "generation": 1, "state": "serving", "uptime_s": 1.0,
               "heartbeat_age_s": 0.1, "connections": 0, "answered": 0, "answered_per_s": 0.0, "accepted": 0,
-              "errors": dict(ZERO_ERRORS), "refused": dict(ZERO_REFUSED),
-              "bytes_in": 0, "bytes_out": 0, "cpu_seconds": 0.0, "cpu_percent": 0.0, "rss": 1, "uss": 1}
+              "errors": dict(ZERO_ERRORS), "refused": dict(ZERO_REFUSED), "proxy": dict.fromkeys(PROXY, 0),
+              "bytes_in": 0, "bytes_out": 0, "recent_clients": ["198.18.0.2:31222"], "cpu_seconds": 0.0,
+              "cpu_percent": 0.0, "rss": 1, "uss": 1}
     good = {"schema": 1, "state": "running", "time": 1.0,
             "master": {"pid": 1, "generation": 1, "workers_target": 1, "uptime_s": 1.0, "title": "t",
                        "cpu_seconds": 0.1, "cpu_percent": 0.0, "rss": 1, "uss": 1},
@@ -247,8 +250,8 @@ def test_schema_checker_catches_mistakes():
             "replaced": {"crashed": 0, "hung": 0, "recycled": 0},
             "workers": [worker],
             "totals": {"connections": 0, "answered": 0, "answered_per_s": 0.0, "accepted": 0,
-                       "errors": dict(ZERO_ERRORS), "refused": dict(ZERO_REFUSED), "bytes_in": 0,
-                       "bytes_out": 0}}
+                       "errors": dict(ZERO_ERRORS), "refused": dict(ZERO_REFUSED),
+                       "proxy": dict.fromkeys(PROXY, 0), "bytes_in": 0, "bytes_out": 0}}
     assert schema_problems(good, RUNNING_SCHEMA) == []
     broken = json.loads(json.dumps(good))
     del broken["workers"][0]["uss"]
@@ -375,7 +378,8 @@ def test_counters_agree_with_what_was_sent(start_daemon):
     assert 200 < unknowns < 300
 
     expected = {"accepted": 5, "answered": 1000, "unknown": unknowns, "too_long": 0, "not_ascii": 0,
-                "timeouts": 0, "bytes_in": bytes_in, "bytes_out": bytes_out, **ZERO_REFUSED}
+                "timeouts": 0, "bytes_in": bytes_in, "bytes_out": bytes_out, **ZERO_REFUSED,
+                **ZERO_PROXY_COUNTERS}
     with board_of(d) as board:
         wait_equal(lambda: asdict(board.totals()), expected, 10, "the workers' counters published")
 
