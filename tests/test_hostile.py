@@ -176,10 +176,13 @@ def test_a_client_that_neither_asks_nor_reads_is_closed_as_idle(start_daemon):
         started = time.monotonic()
         sock.sendall(NAME_Q * 20_000)  # and never reads
 
-        def closed() -> bool:
+        def held() -> bool:
             conns = psutil.Process(daemon.workers()[0].pid).net_connections()
-            return not any(c.raddr and c.raddr.port == sock.getsockname()[1] for c in conns)
-        wait_for(closed, scaled(idle_timeout + 5), "the server to close the connection")
+            return any(c.raddr and c.raddr.port == sock.getsockname()[1] for c in conns)
+        # Seen first: psutil's read of /proc/net/tcp can miss a socket among many TIME_WAIT lines,
+        # which would pass for "closed" at once.
+        wait_for(held, 5, "the server to hold the connection")
+        wait_for(lambda: not held(), scaled(idle_timeout + 5), "the server to close the connection")
         assert time.monotonic() - started >= idle_timeout * 0.9
 
 
