@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except BrokenPipeError:  # `lancelotd status | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def dispatch(args: argparse.Namespace) -> int:
     return {"serve": cmd_serve, "check-config": cmd_check_config, "status": cmd_status, "stop": cmd_stop,
             "reload": cmd_reload, "reopen-logs": cmd_reopen_logs, "drain": cmd_drain,
             "undrain": cmd_drain}[args.command](args)
