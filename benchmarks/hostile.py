@@ -50,7 +50,7 @@ CONFIG = "[protocol]\nmax_connections = 12000\n"  # 10,000 idle ones on one work
 # The documented worst case of one connection (README, "Bounds"): held input
 # (RECV_SIZE + max_question_bytes) + one slice of output + the objects.
 PER_CONNECTION_BOUND = 16384 + 1024 + 16384 + 2048
-WORKING_SET = 2 * MIB  # what a busy worker's own allocations add to its idle USS
+WORKING_SET = 4 * MIB  # what a busy worker's own allocations add to its idle USS (README, "Bounds")
 
 
 # --- the hostile side (a child process) ----------------------------------------
