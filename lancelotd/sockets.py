@@ -129,18 +129,25 @@ def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str,
 
 
 def refuse_new_connections(sock: socket.socket) -> None:
-    """Drop new SYNs on a listener we are about to close for good (a stop).
+    """Stop new connections from entering a listener we are about to close for good (a stop).
 
-    Between the workers' last accept sweep and the last close, the kernel
-    would still complete handshakes into the accept queue, and those
-    connections are reset when the socket closes.  With the filter a new
-    client's SYN goes unanswered; its retry (about a second later) finds the
-    port closed and is refused, which a client or balancer can act on.
-    The filter is on the socket itself, so the workers' copies have it too.
+    Between the workers' last accept sweep and the last close, the kernel would still complete
+    handshakes into the accept queue, and those connections are reset when the socket closes.
+    Two means, the second for when the first is not allowed:
+    - a socket filter that drops every new SYN (the kernel may refuse it to an unprivileged
+      process: kernel.unprivileged_bpf_disabled); a client's SYN retry, about a second later,
+      finds the port closed and is refused;
+    - the backlog down to 0: a SYN that finds a connection queued is dropped the same way, so
+      at most one connection a listener can slip in after the workers' last sweep.
+    Both act on the socket itself, so the workers' copies have them too.
     """
     program = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(_DROP_SYN_CODE))
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
-    except OSError as e:  # not fatal: only the narrow window stays open
-        log.warning("cannot filter new connections on %s before closing it: %s",
+    except OSError as e:  # not fatal: the backlog below narrows the window to one connection
+        log.debug("no SYN filter on %s before closing it: %s", format_address(sock.getsockname()), e.strerror)
+    try:
+        sock.listen(0)
+    except OSError as e:
+        log.warning("cannot shrink the backlog of %s before closing it: %s",
                     format_address(sock.getsockname()), e.strerror)
