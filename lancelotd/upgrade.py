@@ -228,7 +228,11 @@ class Upgrades:
     def let_successor_in(self: Arbiter, upgrade: Upgrade) -> None:
         """It serves: let it take the PID file and scoreboard, keeping ours for a rollback."""
         if self.board.path:
-            self.board.keep_link(scoreboard_path(self.cfg.pid_file + ".oldbin"))
+            try:
+                self.board.keep_link(scoreboard_path(self.cfg.pid_file + ".oldbin"))
+            except OSError as e:  # a full or read-only /run: no rollback possible, so no hand-over
+                self.abandon_upgrade(f"cannot keep a link to our scoreboard: {e.strerror}")
+                return
         upgrade.went = True
         if not upgrade.channel.say("go"):
             self.upgrade_failed("the new master went away")
@@ -299,7 +303,16 @@ class Upgrades:
             if word == "go":
                 if fault("before-files"):
                     os._exit(3)
-                self.take_files()
+                try:
+                    self.take_files()
+                except OSError as e:  # the old master puts back whatever we managed to take
+                    why = f"cannot take the PID file and scoreboard: {e.strerror}"
+                    channel.say(f"error {why}")
+                    self.predecessor = None
+                    channel.close()
+                    log.error("upgrade: %s: stopping", why)
+                    self.begin_stop("fast", signal.SIGQUIT, KILL_GRACE)
+                    return
                 if fault("after-go"):
                     os._exit(3)
                 channel.say("done")
