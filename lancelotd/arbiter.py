@@ -35,9 +35,10 @@ from .generations import Generations, Reload
 from .limits import nofile_advice, raise_nofile_limit
 from .logs import log
 from .reporting import Reporting
-from .scoreboard import Counters, Header, Scoreboard
+from .scoreboard import SLOTS, Counters, Header, Scoreboard
 from .scoreboard import path_for as scoreboard_path
 from .sockets import ACTIVATED, BindError, format_address, open_listeners, refuse_new_connections
+from .spread import make_loads
 from .supervision import KILL_GRACE, Pool, Supervision
 from .systemd import Notifier, listen_fds
 from .upgrade import ENV_PREDECESSOR, ENV_READY_FD, Channel, Upgrade, Upgrades, inherited_listeners
@@ -88,6 +89,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
         self.pid_file_written = False
         self.metrics: MetricsServer | None = None
         self.clients: ClientTable | None = None  # per-client counts (clients.py), made when first needed
+        self.loads = make_loads(SLOTS)  # each worker's live connections, to spread accepts (spread.py)
         self.balance = Balance()  # the agent port, the drain state, drain_delay (balancer.py)
         self.failed_turns = 0  # loop turns in a row that raised
 

@@ -73,6 +73,7 @@ class Config:
     backlog: int = 4096
     pid_file: str = field(default_factory=default_pid_file)
     metrics_bind: str = ""
+    spread_connections: bool = True  # spread.py
     unknown_answer: str = "I don't know that."
     max_question_bytes: int = 1024
     idle_timeout: float = 60.0
@@ -166,6 +167,10 @@ def _seconds_or_zero(most: float) -> Checker:
             return f"must be a number of seconds from 0 to {most:g}, not {v!r}"
         return None
     return check
+
+
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be true or false, not {v!r}"
 
 
 def _count(v: Any) -> str | None:
@@ -359,6 +364,7 @@ SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("server", "backlog"): ("backlog", _int_in(1, MAX_BACKLOG)),
     ("server", "pid_file"): ("pid_file", _string),
     ("server", "metrics_bind"): ("metrics_bind", _optional_address),
+    ("server", "spread_connections"): ("spread_connections", _flag),
     ("protocol", "unknown_answer"): ("unknown_answer", _answer_text),
     ("protocol", "max_question_bytes"): ("max_question_bytes", _int_in(1, MAX_QUESTION_BYTES)),
     ("protocol", "idle_timeout"): ("idle_timeout", _seconds()),

@@ -114,6 +114,8 @@ class ProxyHeaders:
         if self._full() and self.accepting:
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
+        elif accepted:
+            self._spread(listener)
 
     def _sweep_proxied(self: Worker, listener: socket.socket, now: float) -> None:
         """The last accept sweep at a stop (retirement.py), for a PROXY listener."""

@@ -268,9 +268,11 @@ class Supervision:
         def fork(slot: int) -> int:
             spec = WorkerSpec(number, generation, list(listeners.values()), cfg, self.pid, self.board, slot,
                               self.events_w, cfg.max_requests + jitter, clients,
-                              proxied_listeners(cfg, listeners))
+                              proxied_listeners(cfg, listeners), self.loads)
             if self.clients is not None:
                 self.clients.open_region(slot)
+            if self.loads is not None:
+                self.loads.open_slot(slot)
             # Signals stay blocked across fork, and in the child until the
             # worker's own handlers are in place (worker.py unblocks them).
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signal_table())
@@ -341,6 +343,8 @@ class Supervision:
             if found:
                 if self.clients is not None:  # its connections are gone: so are their counts
                     self.clients.clear(found[0].slot)
+                if self.loads is not None:
+                    self.loads.clear(found[0].slot)
                 self.worker_exited(*found, status)
 
     def worker_exited(self: Arbiter, worker: WorkerProc, slot: Slot, why: Exit, status: int) -> None:

@@ -46,6 +46,7 @@ from .retirement import Retirement
 from .scoreboard import DRAINING, RECENT_CLIENTS, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
 from .sockets import describe
+from .spread import NUDGE, AcceptLoads, Spreading
 
 LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
@@ -53,7 +54,8 @@ TICK = 1.0  # at most; see Worker.tick
 
 # The master forks us with its signals blocked; they stay blocked until our
 # handlers are in place, or one sent during boot would kill us (default action).
-OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+OWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+               NUDGE)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # the master's business: ignored
 BOOT_BLOCKED = frozenset({*OWN_SIGNALS, *MASTER_SIGNALS, signal.SIGCHLD})
 
@@ -72,9 +74,10 @@ class WorkerSpec:
     max_requests: int  # 0 = never recycle
     clients: ClientTable | None = None  # the per-client counts, when max_connections_per_client is set
     proxied: dict[int, tuple[str, ...]] = field(default_factory=dict)  # PROXY listeners' fd -> trusted
+    loads: AcceptLoads | None = None  # every worker's live connections, to spread accepts (spread.py)
 
 
-class Worker(Connections, Retirement, Draining, ProxyHeaders):
+class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.number = spec.number
@@ -112,6 +115,7 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
         self.gate = make_gate(cfg.allow, cfg.deny, cfg.max_connections_per_client, spec.clients, spec.slot)
         self._init_proxy_headers(spec.proxied)  # PROXY protocol listeners (proxied.py)
         self.recent: deque[tuple | None] = deque(maxlen=RECENT_CLIENTS)  # latest clients, for `status`
+        self._init_spreading(spec.loads)  # new connections spread over the workers (spread.py)
 
     # --- set-up --------------------------------------------------------
 
@@ -136,12 +140,14 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
             sock.setblocking(False)  # accept() must never block the loop
             self.epoll.register(fd, LISTEN_EVENTS)
         self.accepting = True
+        self._publish_load()
 
     def _stop_accepting(self) -> None:
         if self.accepting:
             for fd in self.listeners:
                 self.epoll.unregister(fd)
             self.accepting = False
+            self._publish_load()
 
     # --- the loop ------------------------------------------------------
 
@@ -273,6 +279,7 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
         self.accept_wakeups += 1
         accepted = 0
         gate = self.gate
+        share = self._share()
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 sock, addr = listener.accept()
@@ -299,6 +306,9 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
             self.epoll.register(conn.fd, EPOLLIN)
             accepted += 1
             if self._full():
+                break
+            if len(self.conns) > share:
+                self._yield_accepts()
                 break
         self.counters.accepted += accepted
         if not accepted:
@@ -333,7 +343,10 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
     def _alarm(self, now: float) -> None:
         if self.state == STOPPING:
             self._close_open()  # the wait for questions on their way is over
-        elif self.accept_paused:
+            return
+        if self.yielding is not None:
+            self._end_yield()
+        if self.accept_paused:
             self._resume_accepting()
 
     # --- timers and signals --------------------------------------------
@@ -354,6 +367,7 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
             log.info("served %d questions (max_requests): retiring", max_requests)
             self._drain(now)
         self._publish(now)
+        self._spread_tick()
         if self.state != SERVING:
             if self._done(now):
                 return self._exit_code()
@@ -383,6 +397,8 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
                     log.info("log file reopened")
             elif signum == signal.SIGALRM:
                 self._alarm(now)
+            elif signum == NUDGE:
+                self._nudged(now)
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
         if self.state != SERVING and self._done(now):
@@ -394,9 +410,9 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders):
         self._publish(time.monotonic())  # the master folds our last counters into its totals
         log.info(
             "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered, "
-            "%d connections handed over, %d gone before accept",
+            "%d connections handed over, %d gone before accept, %d yields to other workers",
             self.counters.accepted, self.accept_wakeups, self.empty_wakeups, self.counters.answered,
-            self.handoff.adopted, self.clients_gone,
+            self.handoff.adopted, self.clients_gone, self.yields,
         )
         return 0
 
