@@ -331,6 +331,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up seconds per run (default 1)")
     p.add_argument("--floor", type=float, default=0.75,
                    help="minimum median lancelotd/ref_epoll rps ratio per load (default 0.75)")
+    p.add_argument("--target", type=float, default=0.9,
+                   help="issue 13's target ratio, reported as met or not (default 0.9)")
+    p.add_argument("--p99-target", type=float, default=2.0,
+                   help="issue 13's target: lancelotd's p99 at most this times ref_epoll's (default 2)")
     p.add_argument("--uss-limit-mb", type=float, default=5.0,
                    help="maximum USS of an idle worker, in MiB (default 5)")
     p.add_argument("--settle", type=float, default=1.0,
@@ -414,11 +418,14 @@ def main(argv: list[str] | None = None) -> int:
                 "lancelotd_errors": errors_a,
                 "lancelotd_starved": sum(r.get("starved", 0) for r in a),
                 "ref_rps_median": median([r["rps"] for r in b]),
+                "ref_p99_us_median": median([r.get("p99_us", 0) for r in b]),
                 "ref_errors": errors_b,
                 "ratios": ratios, "ratio_median": ratio,
                 "pass": ratio >= args.floor and not errors_a and not errors_b and not broken,
                 "runs": {"lancelotd": a, "ref_epoll": b},
             }
+            summary["p99_ratio"] = summary["lancelotd_p99_us_median"] / max(summary["ref_p99_us_median"], 1)
+            summary["target_met"] = ratio >= args.target and summary["p99_ratio"] <= args.p99_target
             report["loads"].append(summary)
             if ratio < args.floor:
                 failures.append(f"{load.name}: ratio {ratio:.3f} < {args.floor}")
@@ -429,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  -> lancelotd median rps {summary['lancelotd_rps_median']:.0f}, "
                 f"p50 {summary['lancelotd_p50_us_median']:.0f} us, "
                 f"p99 {summary['lancelotd_p99_us_median']:.0f} us, "
-                f"errors {errors_a}; ref_epoll median rps {summary['ref_rps_median']:.0f}; "
+                f"errors {errors_a}; ref_epoll median rps {summary['ref_rps_median']:.0f}, "
+                f"p99 {summary['ref_p99_us_median']:.0f} us (x{summary['p99_ratio']:.2f}); "
                 f"ratios {', '.join(f'{r:.3f}' for r in ratios)}; median ratio {ratio:.3f} "
                 f"(floor {args.floor}) {'PASS' if summary['pass'] else 'FAIL'}")
         report["commands"] = {"lancelotd": shlex.join(lancelotd.cmd), "ref_epoll": shlex.join(ref.cmd),
@@ -444,12 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         # --- summary ---
         say("\n== summary")
         say(f"  {'load':<24} {'lancelotd rps':>13} {'p50_us':>7} {'p99_us':>7} {'errors':>6} "
-            f"{'ref rps':>9} {'ratio':>6}  verdict")
+            f"{'ref rps':>9} {'ref p99':>7} {'ratio':>6} {'p99 x':>6}  verdict")
         for s in report["loads"]:
+            target = "met" if s["target_met"] else "not met"
             say(f"  {s['load']:<24} {s['lancelotd_rps_median']:>13.0f} "
                 f"{s['lancelotd_p50_us_median']:>7.0f} {s['lancelotd_p99_us_median']:>7.0f} "
-                f"{s['lancelotd_errors']:>6} {s['ref_rps_median']:>9.0f} "
-                f"{s['ratio_median']:>6.3f}  {'PASS' if s['pass'] else 'FAIL'} (floor {args.floor})")
+                f"{s['lancelotd_errors']:>6} {s['ref_rps_median']:>9.0f} {s['ref_p99_us_median']:>7.0f} "
+                f"{s['ratio_median']:>6.3f} {s['p99_ratio']:>6.2f}  {'PASS' if s['pass'] else 'FAIL'} "
+                f"(floor {args.floor}); target {args.target} and p99 x{args.p99_target:g}: {target}")
         for w in workers:
             say(f"  idle worker {w['pid']} USS {w['uss_bytes'] / MIB:.2f} MiB  "
                 f"{'PASS' if w['pass'] else 'FAIL'} (limit {args.uss_limit_mb:g} MiB)")

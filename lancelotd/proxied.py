@@ -127,12 +127,13 @@ class ProxyHeaders:
                       most: int) -> tuple[int, OSError | None]:
         """(connections accepted, the error that stopped accepting: out of descriptors)."""
         trusted = self.proxied[listener.fileno()]
+        accept = self.acceptors[listener.fileno()]
         accepted = 0
         for _ in range(most):
             if self._full():
                 break
             try:
-                sock, addr = listener.accept()
+                sock, addr = accept()
             except BlockingIOError:
                 break
             except OSError as e:
@@ -147,7 +148,6 @@ class ProxyHeaders:
                 self.notices("untrusted", "closed a connection from %s to PROXY listener %s: "
                              "not in proxy_protocol_from", describe(addr), describe(listener.getsockname()))
                 continue
-            sock.setblocking(False)
             fd = sock.fileno()
             self.awaiting[fd] = Awaiting(sock, fd, addr, now + HEADER_TIMEOUT, HeaderReader())
             self.epoll.register(fd, EPOLLIN)

@@ -45,7 +45,7 @@ from .proxied import ProxyHeaders
 from .retirement import Retirement
 from .scoreboard import DRAINING, RECENT_CLIENTS, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
-from .sockets import describe
+from .sockets import acceptor, describe
 from .spread import NUDGE, AcceptLoads, Spreading
 
 LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
@@ -83,6 +83,7 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
         self.number = spec.number
         self.generation = spec.generation
         self.listeners = {s.fileno(): s for s in spec.listeners}
+        self.acceptors = {fd: acceptor(s) for fd, s in self.listeners.items()}  # the hot path's accept()
         self.cfg = cfg = spec.cfg
         self.master_pid = spec.master_pid
         self.table = AnswerTable(cfg.answers, cfg.unknown_answer, cfg.max_question_bytes)
@@ -280,9 +281,10 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
         accepted = 0
         gate = self.gate
         share = self._share()
+        accept = self.acceptors[listener.fileno()]
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                sock, addr = listener.accept()
+                sock, addr = accept()
             except BlockingIOError:
                 break
             except OSError as e:
@@ -298,7 +300,6 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
                 if refused:
                     self._refuse(sock, refused, addr)
                     continue
-            sock.setblocking(False)
             conn = Conn(sock, self.table, now, addr)
             conn.client = client
             self.recent.append(addr)
