@@ -228,12 +228,15 @@ def worker_cpu(server: bench.Server) -> float:
     return sum(sum(w.cpu_times()[:2]) for w in server.extra)
 
 
-def answered(server: bench.Server) -> int:
-    """Questions the server has answered, from its scoreboard (published once a tick)."""
+def answered(server: bench.Server, source: Path) -> int:
+    """Questions the server has answered, from its scoreboard (published once a tick).
+
+    `status` comes from the server's own source: another revision may have another scoreboard layout.
+    """
     time.sleep(1.2)
     pid_file = Path(server.cmd[server.cmd.index("--pid-file") + 1])
     out = subprocess.run([sys.executable, "-m", "lancelotd", "status", "--json", "--pid-file", str(pid_file)],
-                         capture_output=True, text=True, cwd=REPO).stdout
+                         capture_output=True, text=True, cwd=source).stdout
     return json.loads(out)["totals"]["answered"]
 
 
@@ -265,12 +268,13 @@ def run_ab(args: argparse.Namespace) -> int:
             for round_ in range(1, args.rounds + 1):
                 for name, server in running.items():
                     label = f"ab-{round_}"
-                    before = (worker_cpu(server), answered(server))
+                    before = (worker_cpu(server), answered(server, sources[name]))
                     result = bench.run_loadgen(loadgen, server.port, load, args, label, commands, procs)
                     if result.get("errors"):
                         raise BenchError(f"{name}: errors in round {round_}: {result}")
                     rps[name].append(result["rps"])
-                    cpu[name].append((worker_cpu(server) - before[0]) / (answered(server) - before[1]) * 1e6)
+                    done = answered(server, sources[name]) - before[1]
+                    cpu[name].append((worker_cpu(server) - before[0]) / done * 1e6)
                     say(f"    {name}: {cpu[name][-1]:.2f} us of worker CPU per answer")
         except BenchError as e:
             say(f"FAIL: {e}")
