@@ -106,6 +106,7 @@ class ProxyHeaders:
     def _accept_proxied(self: Worker, listener: socket.socket, now: float, most: int) -> None:
         """A PROXY listener is ready: as Worker._accept, into the header state."""
         self.accept_wakeups += 1
+        share = self._share()
         accepted, error = self._take_proxied(listener, now, most)
         if error is not None:
             self._pause_accepting(error, now)
@@ -114,8 +115,8 @@ class ProxyHeaders:
         if self._full() and self.accepting:
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
-        elif accepted:
-            self._spread(listener)
+        elif self.accepting and len(self.conns) + len(self.awaiting) > share:
+            self._yield_accepts()  # spread.py; past our share by the end of a wake-up, not within it
 
     def _sweep_proxied(self: Worker, listener: socket.socket, now: float) -> None:
         """The last accept sweep at a stop (retirement.py), for a PROXY listener."""
