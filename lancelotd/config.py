@@ -73,7 +73,7 @@ class Config:
     backlog: int = 4096
     pid_file: str = field(default_factory=default_pid_file)
     metrics_bind: str = ""
-    spread_connections: bool = True  # spread.py
+    spread_connections: bool = False  # spread.py
     unknown_answer: str = "I don't know that."
     max_question_bytes: int = 1024
     idle_timeout: float = 60.0

@@ -22,6 +22,7 @@ from conftest import Daemon
 from helpers import NAME_A, NAME_Q, recv_until, scaled, wait_for, wait_pool
 
 BURST = 40
+SPREAD = "[server]\nspread_connections = true\n"
 
 
 def open_burst(port: int, count: int) -> list[socket.socket]:
@@ -66,7 +67,7 @@ def exit_yields(d: Daemon) -> list[int]:
 
 
 def test_a_burst_of_persistent_connections_is_spread_over_the_workers(start_daemon):
-    d = start_daemon(workers=2)
+    d = start_daemon(workers=2, config=SPREAD)
     workers = list(wait_pool(d.proc.pid, 2))
     socks = open_burst(d.port, BURST)
     try:
@@ -82,8 +83,9 @@ def test_a_burst_of_persistent_connections_is_spread_over_the_workers(start_daem
     assert sum(exit_yields(d)) >= 1
 
 
-def test_with_spread_connections_off_nobody_yields(start_daemon):
-    d = start_daemon(workers=2, config="[server]\nspread_connections = false\n")
+def test_by_default_nobody_yields(start_daemon):
+    """Off by default (etc/lancelotd.toml says why): the kernel alone decides."""
+    d = start_daemon(workers=2)
     wait_pool(d.proc.pid, 2)
     socks = open_burst(d.port, BURST)
     try:
@@ -96,7 +98,7 @@ def test_with_spread_connections_off_nobody_yields(start_daemon):
 
 def test_a_stopped_worker_does_not_hold_up_new_connections(start_daemon):
     """A worker that cannot accept (SIGSTOP: as hung as it gets) is yielded to at most 3 times."""
-    d = start_daemon(workers=2)
+    d = start_daemon(workers=2, config=SPREAD)
     workers = list(wait_pool(d.proc.pid, 2))
     first = open_burst(d.port, 10)  # both workers take some, so both are in the table
     socks = list(first)
@@ -125,7 +127,7 @@ def test_a_stopped_worker_does_not_hold_up_new_connections(start_daemon):
 
 def test_short_lived_connections_are_left_to_the_kernel(start_daemon):
     """A connection per question: counts move too fast to mean anything, so nobody yields past the start."""
-    d = start_daemon(workers=2)
+    d = start_daemon(workers=2, config=SPREAD)
     wait_pool(d.proc.pid, 2)
     deadline = time.monotonic() + scaled(2)
     batches = 0
