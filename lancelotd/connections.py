@@ -213,12 +213,17 @@ class Connections:
                 pass
         self._forget(conn)
 
+    def _may_resume_accepting(self: Worker) -> bool:
+        """After a close: accept again, unless retired, stopping, full, paused or yielding (spread.py)."""
+        return (not self.accepting and self.state == SERVING and not self._full()
+                and not self.accept_paused and self.yielding is None)
+
     def _forget(self: Worker, conn: Conn) -> None:
         del self.conns[conn.fd]
         conn.sock.close()  # also leaves the epoll set
         if conn.client:
             self.gate.release(conn.client)
-        if not self.accepting and self.state == SERVING and not self._full() and not self.accept_paused:
+        if self._may_resume_accepting():
             self._start_accepting()
 
     def _expire(self: Worker, now: float) -> None:

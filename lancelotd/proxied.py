@@ -38,7 +38,7 @@ from .connections import CLOSE_AFTER_FLUSH, EPOLLIN, OPEN, READ_SLICE, RECV_SIZE
 from .limits import CLIENT_GONE
 from .logs import log
 from .proxyproto import NEED_MORE, Header, HeaderReader, Invalid
-from .scoreboard import DRAINING, SERVING, STOPPING
+from .scoreboard import DRAINING, STOPPING
 from .sockets import ACTIVATED, describe
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ class ProxyHeaders:
 
     def _accept_proxied(self: Worker, listener: socket.socket, now: float, most: int) -> None:
         """A PROXY listener is ready: as Worker._accept, into the header state."""
+        if not self.accepting:  # as Worker._accept
+            return
         self.accept_wakeups += 1
         share = self._share()
         accepted, error = self._take_proxied(listener, now, most)
@@ -117,6 +119,8 @@ class ProxyHeaders:
             self._stop_accepting()
         elif self.accepting and len(self.conns) + len(self.awaiting) > share:
             self._yield_accepts()  # spread.py; past our share by the end of a wake-up, not within it
+        elif accepted:
+            self._publish_load()
 
     def _sweep_proxied(self: Worker, listener: socket.socket, now: float) -> None:
         """The last accept sweep at a stop (retirement.py), for a PROXY listener."""
@@ -243,7 +247,7 @@ class ProxyHeaders:
     def _drop_awaiting(self: Worker, waiting: Awaiting) -> None:
         del self.awaiting[waiting.fd]
         waiting.sock.close()  # also leaves the epoll set
-        if not self.accepting and self.state == SERVING and not self._full() and not self.accept_paused:
+        if self._may_resume_accepting():
             self._start_accepting()
 
     def _header_failed(self: Worker, waiting: Awaiting, cause: str, why: str) -> None:

@@ -94,6 +94,8 @@ class Retirement:
 
     def _close_listeners(self: Worker) -> None:
         self._stop_accepting()
+        self.yielding = None  # a yield under way ends here (spread.py)
+        self._publish_load()
         for sock in self.listeners.values():
             sock.close()  # our copy only: never shutdown() a shared listener
         self.listeners.clear()  # the loop holds this very dict
@@ -131,7 +133,9 @@ class Retirement:
                     waiting = True
                 else:
                     self._answer_received(conn)
-        # (Replaces the alarm of an accept pause: stopping, we accept no more.)
+        # (Replaces the alarm of an accept pause or a yield: stopping, we accept no more.
+        # One of theirs may be queued already: _alarm ignores it before stop_wait_ends.)
+        self.stop_wait_ends = now + RECENT
         signal.setitimer(signal.ITIMER_REAL, RECENT if waiting else 0)
 
     def _last_sweep(self: Worker, now: float) -> None:

@@ -100,16 +100,16 @@ class AcceptLoads:
         return self.words[2 + 2 * slot]
 
     def least_loaded(self, me: int, deaf: dict[int, int]) -> Peer | None:
-        """The accepting worker with the fewest connections, not counting us nor the deaf."""
+        """The accepting worker with the fewest connections, not counting us nor the deaf (PID -> word)."""
         words = self.words
         best = None
         for slot in range(min(words[0], self.slots)):
             word = words[2 + 2 * slot]
-            if word and slot != me and (best is None or word < best[1]) and deaf.get(slot) != word:
-                best = (slot, word)
-        if best is None:
-            return None
-        return Peer(best[0], best[1], words[3 + 2 * best[0]])
+            if word and slot != me and (best is None or word < best.word):
+                pid = words[3 + 2 * slot]
+                if pid > 0 and deaf.get(pid) != word:  # 0: the master cleared it just now
+                    best = Peer(slot, word, pid)
+        return best
 
 
 def make_loads(slots: int) -> AcceptLoads | None:
@@ -127,8 +127,8 @@ class Spreading:
     def _init_spreading(self: Worker, loads: AcceptLoads | None) -> None:
         self.loads = loads if self.cfg.spread_connections else None
         self.yielding: Peer | None = None  # the worker we yielded to, while we pause
-        self.deaf: dict[int, int] = {}  # slot -> the count it did not move from when nudged
-        self.missed: dict[int, int] = {}  # slot -> yields in a row it did not answer
+        self.deaf: dict[int, int] = {}  # PID -> the word it did not move from when nudged
+        self.missed: dict[int, int] = {}  # PID -> yields in a row it did not answer
         self.churning = False  # connections come and go within a tick: no spreading
         self.accepted_at_tick = 0
         self.yields = 0
@@ -144,18 +144,19 @@ class Spreading:
     def _publish_load(self: Worker) -> None:
         if self.loads is not None:
             pausing = self.yielding is not None and self.state == SERVING
-            self.loads.publish(self.spec.slot, len(self.conns), self.accepting or pausing)
+            live = len(self.conns) + len(self.awaiting)
+            self.loads.publish(self.spec.slot, live, self.accepting or pausing)
 
     def _share(self: Worker) -> int:
         """How many connections we may hold before we yield (at the start of an accept wake-up)."""
         loads = self.loads
-        if loads is None or self.churning:
+        if loads is None:
             return NO_LIMIT
-        live = len(self.conns)
-        if self.counters.accepted - self.accepted_at_tick > CHURN * live + SPREAD_MARGIN:
+        live = len(self.conns) + len(self.awaiting)
+        loads.publish(self.spec.slot, live, True)
+        if self.churning or self.counters.accepted - self.accepted_at_tick > CHURN * live + SPREAD_MARGIN:
             self.churning = True  # until the next tick says otherwise
             return NO_LIMIT
-        loads.publish(self.spec.slot, live, True)
         peer = loads.least_loaded(self.spec.slot, self.deaf)
         if peer is None:
             return NO_LIMIT
@@ -174,18 +175,18 @@ class Spreading:
         try:
             os.kill(peer.pid, NUDGE)
         except OSError:  # gone: the master will zero its words
-            self.deaf[peer.slot] = peer.word
+            self.deaf[peer.pid] = peer.word
 
     def _end_yield(self: Worker) -> None:
         """The pause is over (alarm): a peer that took nothing meanwhile is deaf to nudges."""
         peer, self.yielding = self.yielding, None
         if peer is not None and self.loads is not None:
             if self.loads.word(peer.slot) != peer.word:
-                self.missed.pop(peer.slot, None)
+                self.missed.pop(peer.pid, None)
             else:
-                self.missed[peer.slot] = missed = self.missed.get(peer.slot, 0) + 1
+                self.missed[peer.pid] = missed = self.missed.get(peer.pid, 0) + 1
                 if missed >= DEAF_AFTER:
-                    self.deaf[peer.slot] = peer.word
+                    self.deaf[peer.pid] = peer.word
         if not self.accept_paused:
             self._resume_accepting()
 

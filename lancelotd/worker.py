@@ -92,6 +92,7 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
         self.accepting = False
         self.state = STARTING
         self.deadline = 0.0  # when a drain or stop gives up
+        self.stop_wait_ends = 0.0  # at TERM: the end of the wait for questions on their way (retirement.py)
         self.pending_signals: list[int] = []
         self.counters = Counters()
         self.answered = 0  # hot-path counters, folded into self.counters per tick
@@ -275,6 +276,8 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
                     return code
 
     def _accept(self, listener: socket.socket, now: float) -> None:
+        if not self.accepting:  # an event of this turn's batch from before a yield, a pause, max_connections
+            return
         if self.proxied and listener.fileno() in self.proxied:
             return self._accept_proxied(listener, now, ACCEPTS_PER_WAKEUP)
         self.accept_wakeups += 1
@@ -317,6 +320,8 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
         if self._full():
             log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
             self._stop_accepting()
+        elif accepted:
+            self._publish_load()
 
     def _refuse(self, sock: socket.socket, cause: str, addr: object) -> None:
         """Closed at once, and counted by cause (access.py)."""
@@ -343,7 +348,8 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
 
     def _alarm(self, now: float) -> None:
         if self.state == STOPPING:
-            self._close_open()  # the wait for questions on their way is over
+            if now >= self.stop_wait_ends - 0.05:  # not an alarm set before the stop, queued behind TERM
+                self._close_open()  # the wait for questions on their way is over
             return
         if self.yielding is not None:
             self._end_yield()
