@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""A/B/.../ref_epoll: several lancelotd variants and the C reference, side by side, alternating.
+
+Each variant is SOURCE[:CONFIG]: SOURCE is a git revision of this repo (its
+lancelotd/ is exported to a temporary directory) or "." for this checkout;
+CONFIG is an optional config file given with -c (e.g. one that sets
+spread_connections).  Every variant and ref_epoll run at once, idle but for
+the one being measured; for each load, each round runs every server once, in
+an order that reverses from round to round.  Printed per load and server: the
+median answers/s, p99, the median per-round ratio to ref_epoll with the
+rounds, p99 as a multiple of ref_epoll's, errors, and the workers' user and
+system CPU per answer (from /proc, over whole runs, warm-up included, divided
+by the measured rate times the run's length).
+
+    python benchmarks/ab.py 530bd5e . .:spread.toml --rounds 7
+
+Uses bench.py beside it (run it as a script).  Only ever talks to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import bench
+import psutil
+from bench import REPO, BenchError, Load, Server, median, say
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("variants", nargs="+", help="SOURCE[:CONFIG]; SOURCE a git revision or '.'")
+    p.add_argument("--loads", default="50,2000,50r",
+                   help="connection counts, comma-separated; 'r': connect-per-request (default 50,2000,50r)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--loadgen-src", type=Path, default=bench.DEFAULT_LOADGEN_SRC)
+    p.add_argument("--build-dir", type=Path, default=Path("/tmp/lancelotd-bench"))
+    return p.parse_args(argv)
+
+
+def loads_from(text: str) -> list[Load]:
+    loads = []
+    for item in text.split(","):
+        cpr = item.endswith("r")
+        conns = int(item.rstrip("r"))
+        loads.append(Load(f"{conns} {'connect-per-request' if cpr else 'persistent'}", conns, cpr))
+    return loads
+
+
+def export(source: str, into: Path) -> Path:
+    """A directory holding that revision's lancelotd/ package."""
+    if source == ".":
+        return REPO
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", source, "lancelotd"],
+                             capture_output=True, check=True).stdout
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def cpu(server: Server) -> tuple[float, float]:
+    """User and system CPU seconds of the server's workers (or of ref_epoll itself)."""
+    procs = server.extra or [psutil.Process(server.pid)]
+    times = [p.cpu_times() for p in procs]
+    return sum(t.user for t in times), sum(t.system for t in times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench.WORKERS = args.workers
+    bench.raise_nofile()
+    loadgen, ref_bin = bench.build(args.loadgen_src, args.build_dir)
+    servers: list[Server] = []
+    running: dict[str, Server] = {}
+    commands: list[str] = []
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="lancelotd-ab-") as tmp:
+        try:
+            for i, variant in enumerate(args.variants):
+                source, _, config = variant.partition(":")
+                where = export(source, Path(tmp) / f"v{i}")
+                run_dir = args.build_dir / f"ab-{i}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                # -P: import lancelotd from `where` (PYTHONPATH), not from the working directory
+                serve = ["env", f"PYTHONPATH={where}", sys.executable, "-P", "-m", "lancelotd", "serve"]
+                if config:
+                    serve += ["-c", str(Path(config).resolve())]
+                running[f"{i}:{variant}"] = bench.start_lancelotd(serve, run_dir, 30, servers)
+            (args.build_dir / "ab-ref").mkdir(parents=True, exist_ok=True)
+            running["ref_epoll"] = bench.start_ref(ref_bin, args.build_dir / "ab-ref", 30, servers)
+            results: dict[tuple[str, str], list[dict]] = {}
+            for load in loads_from(args.loads):
+                say(f"\n== {load.name}")
+                for round_ in range(args.rounds):
+                    order = list(running) if round_ % 2 == 0 else list(reversed(running))
+                    for name in order:
+                        server = running[name]
+                        before = cpu(server)
+                        result = bench.run_loadgen(loadgen, server.port, load, args, f"{name}-r{round_ + 1}",
+                                                   commands, procs)
+                        after = cpu(server)
+                        result["cpu"] = (after[0] - before[0], after[1] - before[1])
+                        results.setdefault((load.name, name), []).append(result)
+            say("")
+            for load in loads_from(args.loads):
+                refs = results[(load.name, "ref_epoll")]
+                ref_p99 = median([r.get("p99_us", 0) for r in refs])
+                for name in running:
+                    rows = results[(load.name, name)]
+                    ratios = [a["rps"] / b["rps"] if b["rps"] else 0.0
+                              for a, b in zip(rows, refs, strict=True)]
+                    p99 = median([r.get("p99_us", 0) for r in rows])
+                    # CPU covers warm-up too: count its answers at the measured rate
+                    answers = sum(r["rps"] for r in rows) * (args.duration + args.warmup) or 1
+                    user = sum(r["cpu"][0] for r in rows) / answers * 1e6
+                    system = sum(r["cpu"][1] for r in rows) / answers * 1e6
+                    say(f"  {load.name:<26} {name:<24} rps {median([r['rps'] for r in rows]):>9.0f}  "
+                        f"p99 {p99:>7.0f} us (x{p99 / max(ref_p99, 1):.2f})  "
+                        f"ratio {median(ratios):.3f} [{' '.join(f'{x:.2f}' for x in ratios)}]  "
+                        f"errors {sum(max(r['errors'], 0) for r in rows)}  "
+                        f"CPU/answer user {user:.2f} us, sys {system:.2f} us")
+        except BenchError as e:
+            say(f"FAIL: {e}")
+            return 1
+        finally:
+            for server in servers:
+                bench.stop_process(server.proc, server.name, 10)
+            bench.reap_leftovers([], 5)
+    return 0
+
+
+if __name__ == "__main__":
+    os.chdir(REPO)
+    sys.exit(main())
