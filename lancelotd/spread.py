@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 SPREAD_MARGIN = 4  # connections a worker may be ahead of the least loaded one (at least)
 CHURN = 2  # accepted in a tick past CHURN x live connections: short-lived connections, left to the kernel
 DEAF_AFTER = 3  # yields in a row that a peer did not answer by accepting
+FORGET_AFTER = 64  # deaf and missed records kept (by PID) before starting afresh
 YIELD_SECONDS = 0.01  # how long a worker that yielded leaves the listeners to the others
 NUDGE = signal.SIGURG  # "accept now": ignored by default, so a stale PID does no harm
 NO_LIMIT = 1 << 62
@@ -127,6 +128,7 @@ class Spreading:
     def _init_spreading(self: Worker, loads: AcceptLoads | None) -> None:
         self.loads = loads if self.cfg.spread_connections else None
         self.yielding: Peer | None = None  # the worker we yielded to, while we pause
+        self.yield_to: Peer | None = None  # the least loaded worker, found by _share
         self.deaf: dict[int, int] = {}  # PID -> the word it did not move from when nudged
         self.missed: dict[int, int] = {}  # PID -> yields in a row it did not answer
         self.churning = False  # connections come and go within a tick: no spreading
@@ -136,9 +138,12 @@ class Spreading:
     def _spread_tick(self: Worker) -> None:
         """Once per tick: are connections short-lived (then the kernel spreads them well enough)?"""
         accepted = self.counters.accepted
-        live = len(self.conns)
+        live = len(self.conns) + len(self.awaiting)
         self.churning = accepted - self.accepted_at_tick > CHURN * live + SPREAD_MARGIN
         self.accepted_at_tick = accepted
+        if len(self.deaf) + len(self.missed) > FORGET_AFTER:  # workers come and go (max_requests)
+            self.deaf.clear()
+            self.missed.clear()
         self._publish_load()
 
     def _publish_load(self: Worker) -> None:
@@ -167,6 +172,8 @@ class Spreading:
     def _yield_accepts(self: Worker) -> None:
         """Past our share: leave the listeners to the least loaded worker for a moment, and nudge it."""
         peer = self.yield_to
+        if peer is None:  # _share found none: nobody to yield to
+            return
         self._stop_accepting()
         self.yielding = peer
         self.yields += 1
