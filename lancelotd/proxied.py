@@ -104,8 +104,8 @@ class ProxyHeaders:
     # --- accepting -----------------------------------------------------------
 
     def _accept_proxied(self: Worker, listener: socket.socket, now: float, most: int) -> None:
-        """A PROXY listener is ready: as Worker._accept, into the header state."""
-        if not self.accepting:  # as Worker._accept
+        """A PROXY listener is ready: as Accepting._accept, into the header state."""
+        if not self.accepting:  # as Accepting._accept
             return
         self.accept_wakeups += 1
         share = self._share()

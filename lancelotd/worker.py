@@ -4,20 +4,18 @@ The loop is written for the hot path: a request is one recv(), one dict
 lookup and one send().  Everything that is not per-request (idle timeouts,
 the master-alive check) runs on a one-second tick.
 
-Accepting: every worker watches the shared listening sockets with
-EPOLLEXCLUSIVE, so the kernel wakes one worker per new connection instead of
-all of them (the thundering herd).
-
 Signals from the master: TERM = stop (answer what was received, close),
 INT/QUIT = exit now, USR2 = retire (stop accepting, hand the connections
 held to current workers - see handoff.py - and serve those it cannot hand
 over until they close or graceful_timeout passes), USR1 = reopen the log.
-SIGALRM is the worker's one timer (the end of an accept pause, of the wait
-for questions on their way at stop), so the loop needs no timer check.
+SIGALRM is the worker's one timer (the end of an accept pause or a yield, of
+the wait for questions on their way at stop), so the loop needs no timer
+check.  SIGURG is another worker's nudge: accept now (spread.py).
 
-Rooms: this module is the loop, accepting, signals and the tick;
-connections.py writing and closing a connection; retirement.py how a worker
-leaves (hand-off, last accept sweep, stop).
+Rooms: this module is the loop, signals and the tick; accepting.py the
+listeners; connections.py writing and closing a connection; retirement.py
+how a worker leaves (hand-off, last accept sweep, stop); spread.py sharing
+new connections with the other workers.
 """
 
 from __future__ import annotations
@@ -33,23 +31,22 @@ from dataclasses import dataclass, field
 from setproctitle import setproctitle
 
 from . import handoff, logs
-from .access import make_gate, refuse
+from .accepting import Accepting
+from .access import make_gate
 from .clients import ClientTable
 from .config import Config
 from .connections import EPOLLIN, LINGERING, READ_SLICE, RECV_SIZE, Conn, Connections, bound_send_buffers
 from .draining import Draining
-from .limits import ACCEPT_PAUSE, CLIENT_GONE, AcceptPause
+from .limits import AcceptPause
 from .logs import log, set_role
 from .protocol import AnswerTable
 from .proxied import ProxyHeaders
 from .retirement import Retirement
 from .scoreboard import DRAINING, RECENT_CLIENTS, SERVING, STARTING, STOPPING, Counters, Scoreboard, Slot
 from .scoreboard import path_for as scoreboard_path
-from .sockets import acceptor, describe
+from .sockets import acceptor
 from .spread import NUDGE, AcceptLoads, Spreading
 
-LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
-ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
 TICK = 1.0  # at most; see Worker.tick
 
 # The master forks us with its signals blocked; they stay blocked until our
@@ -77,7 +74,7 @@ class WorkerSpec:
     loads: AcceptLoads | None = None  # every worker's live connections, to spread accepts (spread.py)
 
 
-class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
+class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreading):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.number = spec.number
@@ -136,20 +133,6 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
 
     def _record_signal(self, signum: int, frame: object) -> None:
         self.pending_signals.append(signum)
-
-    def _start_accepting(self) -> None:
-        for fd, sock in self.listeners.items():
-            sock.setblocking(False)  # accept() must never block the loop
-            self.epoll.register(fd, LISTEN_EVENTS)
-        self.accepting = True
-        self._publish_load()
-
-    def _stop_accepting(self) -> None:
-        if self.accepting:
-            for fd in self.listeners:
-                self.epoll.unregister(fd)
-            self.accepting = False
-            self._publish_load()
 
     # --- the loop ------------------------------------------------------
 
@@ -274,77 +257,6 @@ class Worker(Connections, Retirement, Draining, ProxyHeaders, Spreading):
                 code = self._tick(now)
                 if code is not None:
                     return code
-
-    def _accept(self, listener: socket.socket, now: float) -> None:
-        if not self.accepting:  # an event of this turn's batch from before a yield, a pause, max_connections
-            return
-        if self.proxied and listener.fileno() in self.proxied:
-            return self._accept_proxied(listener, now, ACCEPTS_PER_WAKEUP)
-        self.accept_wakeups += 1
-        accepted = 0
-        gate = self.gate
-        share = self._share()
-        accept = self.acceptors[listener.fileno()]
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                sock, addr = accept()
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno in CLIENT_GONE:  # that client is gone, not the next one
-                    self.clients_gone += 1
-                    log.debug("accept: %s", e.strerror)
-                    continue
-                self._pause_accepting(e, now)  # EMFILE...: trying again at once would spin
-                break
-            client = 0
-            if gate is not None:
-                refused, client = gate.admit(addr)
-                if refused:
-                    self._refuse(sock, refused, addr)
-                    continue
-            conn = Conn(sock, self.table, now, addr)
-            conn.client = client
-            self.recent.append(addr)
-            self.conns[conn.fd] = conn
-            self.epoll.register(conn.fd, EPOLLIN)
-            accepted += 1
-            if self._full():
-                break
-            if len(self.conns) > share:
-                self._yield_accepts()
-                break
-        self.counters.accepted += accepted
-        if not accepted:
-            self.empty_wakeups += 1
-        if self._full():
-            log.warning("at max_connections (%d): not accepting until one closes", self.cfg.max_connections)
-            self._stop_accepting()
-        elif accepted:
-            self._publish_load()
-
-    def _refuse(self, sock: socket.socket, cause: str, addr: object) -> None:
-        """Closed at once, and counted by cause (access.py)."""
-        refuse(sock)
-        log.debug("refused %s: %s", describe(addr), cause)
-        setattr(self.counters, cause, getattr(self.counters, cause) + 1)
-
-    def _pause_accepting(self, error: OSError, now: float) -> None:
-        """Stop watching the listeners for ACCEPT_PAUSE: level-triggered, they would wake us in a loop."""
-        self.accept_pause.failure(error, now, len(self.conns))
-        self._stop_accepting()
-        self.accept_paused = True
-        signal.setitimer(signal.ITIMER_REAL, ACCEPT_PAUSE)
-
-    def _resume_accepting(self) -> None:
-        """The pause is over: watch the listeners again, unless we retired, stop or are full.
-
-        A listener with a queue wakes us at once (epoll reports a ready file
-        when it is added); the tick says when the episode is over.
-        """
-        self.accept_paused = False
-        if not self.accepting and self.state == SERVING and not self._full():
-            self._start_accepting()
 
     def _alarm(self, now: float) -> None:
         if self.state == STOPPING:
