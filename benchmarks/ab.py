@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"FAIL: {e}")
             return 1
         finally:
-            for server in servers:
-                bench.stop_process(server.proc, server.name, 10)
-            bench.reap_leftovers([], 5)
+            bench.stop_servers(servers)
     return 0
 
 

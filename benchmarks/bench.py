@@ -229,6 +229,13 @@ def stop_process(proc: subprocess.Popen | psutil.Process, name: str, grace: floa
         pass
 
 
+def stop_servers(servers: list[Server], grace: float = 10) -> None:
+    """Stop (TERM, then KILL) every server started, then reap whatever is left below us."""
+    for server in servers:
+        stop_process(server.proc, server.name, grace)
+    reap_leftovers([], 5)
+
+
 def reap_leftovers(known: list[psutil.Process], grace: float) -> None:
     """Anything we or our servers started that is still alive: stop it and reap it."""
     leftovers = {p.pid: p for p in known}

@@ -280,9 +280,7 @@ def run_ab(args: argparse.Namespace) -> int:
             say(f"FAIL: {e}")
             return 1
         finally:
-            for server in servers:
-                bench.stop_process(server.proc, server.name, 10)
-            bench.reap_leftovers([], 5)
+            bench.stop_servers(servers)
     a, b = (median(v) for v in rps.values())
     say("")
     for name, values in rps.items():

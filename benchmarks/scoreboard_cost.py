@@ -27,11 +27,10 @@ from bench import (
     build,
     median,
     raise_nofile,
-    reap_leftovers,
     run_loadgen,
     say,
     start_lancelotd,
-    stop_process,
+    stop_servers,
 )
 
 # The lines of worker.py's hot loop that feed the scoreboard (and their per-batch folds).
@@ -99,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"FAIL: {e}")
             return 1
         finally:
-            for server in servers:
-                stop_process(server.proc, server.name, 10)
-            reap_leftovers([], 5)
+            stop_servers(servers)
     with_, without = median(rps["counting"]), median(rps["not counting"])
     say("")
     for name, values in rps.items():
