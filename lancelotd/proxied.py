@@ -223,16 +223,9 @@ class ProxyHeaders:
         if conn.session.held:
             self._want_output(conn)
         conn.last = now
-        self.bytes_out += len(out)
-        try:
-            sent = conn.sock.send(out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._close(conn)
+        if not self._send(conn, out):
             return
-        if sent != len(out):
-            conn.out = out[sent:]
+        if conn.out:
             self._want_output(conn)
         if must_close:
             self._protocol_error(conn, out)
