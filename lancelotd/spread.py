@@ -87,14 +87,13 @@ class AcceptLoads:
         self.words[2 + 2 * slot] = 0
         self.words[3 + 2 * slot] = 0
 
-    def close(self) -> None:
-        self.words.release()
-        self.mem.close()
-
     # --- a worker's part -----------------------------------------------------
 
+    def claim(self, slot: int, pid: int) -> None:
+        """Once, when a worker starts: who to nudge (the master zeroes it at the reap)."""
+        self.words[3 + 2 * slot] = pid
+
     def publish(self, slot: int, live: int, accepting: bool) -> None:
-        self.words[3 + 2 * slot] = os.getpid()
         self.words[2 + 2 * slot] = live + 1 if accepting else 0
 
     def word(self, slot: int) -> int:
@@ -127,6 +126,8 @@ class Spreading:
 
     def _init_spreading(self: Worker, loads: AcceptLoads | None) -> None:
         self.loads = loads if self.cfg.spread_connections else None
+        if self.loads is not None:
+            self.loads.claim(self.spec.slot, os.getpid())
         self.yielding: Peer | None = None  # the worker we yielded to, while we pause
         self.yield_to: Peer | None = None  # the least loaded worker, found by _share
         self.deaf: dict[int, int] = {}  # PID -> the word it did not move from when nudged
