@@ -104,10 +104,6 @@ class ClientTable:
         except (AttributeError, OSError):  # no hole punching here: write the zeros
             self.mem[start:start + length] = bytes(length)
 
-    def close(self) -> None:
-        self.words.release()
-        self.mem.close()
-
 
 class ClientCounts:
     """A worker's own region: the only writer of it, with its own dict as the truth."""
