@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _socket
 import ctypes
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -39,8 +40,16 @@ def acceptor(listener: socket.socket) -> Callable[[], tuple[_socket.socket, Any]
 
     def accept() -> tuple[_socket.socket, Any]:
         fd, address = take()
-        sock = make(family, socket.SOCK_STREAM, 0, fd)
-        sock.setblocking(False)
+        try:
+            sock = make(family, socket.SOCK_STREAM, 0, fd)
+        except OSError:  # the descriptor is ours until a socket object owns it
+            os.close(fd)
+            raise
+        try:
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         return sock, address
     return accept
 
