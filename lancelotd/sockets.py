@@ -164,7 +164,7 @@ def refuse_new_connections(sock: socket.socket) -> None:
 
     Between the workers' last accept sweep and the last close, the kernel would still complete
     handshakes into the accept queue, and those connections are reset when the socket closes.
-    Two means, the second for when the first is not allowed:
+    Two means, the second only when the first is not allowed:
     - a socket filter that drops every new SYN (the kernel may refuse it to an unprivileged
       process: kernel.unprivileged_bpf_disabled); a client's SYN retry, about a second later,
       finds the port closed and is refused;
@@ -175,6 +175,10 @@ def refuse_new_connections(sock: socket.socket) -> None:
     program = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(_DROP_SYN_CODE))
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+        # With the filter on, the backlog stays: at 0, a handshake already under way (its SYN
+        # came before the filter) would find the queue "full", its ACK would be dropped, and the
+        # client, established on its side, would be reset when the socket closes.
+        return
     except OSError as e:  # not fatal: the backlog below narrows the window to one connection
         log.debug("no SYN filter on %s before closing it: %s", format_address(sock.getsockname()), e.strerror)
     try:
