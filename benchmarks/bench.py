@@ -5,6 +5,11 @@ Runs lancelotd (2 workers) and ref_epoll (1 process) side by side on 127.0.0.1, 
 runs (A B A B ...) for three loads, and judges lancelotd by the median per-round ratio of its
 answers per second to ref_epoll's.  Also measures the USS of each idle worker.  See README.md.
 
+The control (on unless --no-control): ref_epoll with as many processes as lancelotd has workers,
+run in the same rounds.  Its ratio to the 1-process ref_epoll is what that shape (N processes
+sharing the machine with the load generator) costs a C server here, so the figures tell the cost
+of the shape from the cost of Python.
+
 Standalone: Python stdlib + psutil.  Only ever talks to 127.0.0.1.
 """
 
@@ -187,11 +192,13 @@ def start_lancelotd(base_cmd: list[str], run_dir: Path, timeout: float, servers:
     return server
 
 
-def start_ref(ref_bin: Path, run_dir: Path, timeout: float, servers: list[Server]) -> Server:
+def start_ref(ref_bin: Path, run_dir: Path, timeout: float, servers: list[Server], procs: int = 1) -> Server:
+    """ref_epoll with `procs` processes: named ref_epoll for 1, ref_epoll-N (the control) otherwise."""
     port = free_port()
-    log = run_dir / "ref_epoll.log"
-    cmd = [str(ref_bin), str(port), "1", HOST]
-    server = Server("ref_epoll", port, start_process(cmd, log), log, cmd)
+    name = "ref_epoll" if procs == 1 else f"ref_epoll-{procs}"
+    log = run_dir / f"{name}.log"
+    cmd = [str(ref_bin), str(port), str(procs), HOST]
+    server = Server(name, port, start_process(cmd, log), log, cmd)
     servers.append(server)
 
     def ready() -> bool:
@@ -321,6 +328,92 @@ def measure_workers(lancelotd: Server, limit: int) -> tuple[list[dict], dict, bo
     return workers, master, ok and len(workers) == WORKERS
 
 
+# --- figures ------------------------------------------------------------------
+
+
+def ratios_of(a: list[dict], b: list[dict]) -> list[float]:
+    """Per-round answers/s of a over b."""
+    return [x["rps"] / y["rps"] if y["rps"] > 0 else 0.0 for x, y in zip(a, b, strict=True)]
+
+
+def summarize(load: Load, runs: dict[str, list[dict]], control: str, args: argparse.Namespace) -> dict:
+    """One load's medians, ratios, verdicts and failures (control: the control's name, or '')."""
+    a, b = runs["lancelotd"], runs["ref_epoll"]
+    ratios = ratios_of(a, b)
+    ratio = median(ratios)
+    errors = {name: sum(r["errors"] for r in rs if r["errors"] > 0) for name, rs in runs.items()}
+    broken = [r["failed"] for rs in runs.values() for r in rs if "failed" in r]
+    summary = {
+        "load": load.name, "conns": load.conns, "connect_per_request": load.cpr,
+        "lancelotd_rps_median": median([r["rps"] for r in a]),
+        "lancelotd_p50_us_median": median([r.get("p50_us", 0) for r in a]),
+        "lancelotd_p99_us_median": median([r.get("p99_us", 0) for r in a]),
+        "lancelotd_errors": errors["lancelotd"],
+        "lancelotd_starved": sum(r.get("starved", 0) for r in a),
+        "ref_rps_median": median([r["rps"] for r in b]),
+        "ref_p99_us_median": median([r.get("p99_us", 0) for r in b]),
+        "ref_errors": errors["ref_epoll"],
+        "ratios": ratios, "ratio_median": ratio,
+        "pass": ratio >= args.floor and not any(errors.values()) and not broken,
+        "runs": runs,
+    }
+    summary["p99_ratio"] = summary["lancelotd_p99_us_median"] / max(summary["ref_p99_us_median"], 1)
+    summary["target_met"] = ratio >= args.target and summary["p99_ratio"] <= args.p99_target
+    if control:
+        c = runs[control]
+        summary["control"] = {
+            "name": control,
+            "rps_median": median([r["rps"] for r in c]),
+            "p99_us_median": median([r.get("p99_us", 0) for r in c]),
+            "errors": errors[control],
+            "vs_ref": median(ratios_of(c, b)),  # what the shape costs C
+            "lancelotd_vs_control": median(ratios_of(a, c)),  # what Python costs in that shape
+        }
+        c = summary["control"]
+        c["p99_vs_ref"] = c["p99_us_median"] / max(summary["ref_p99_us_median"], 1)
+    failures = [f"ratio {ratio:.3f} < {args.floor}"] if ratio < args.floor else []
+    if any(errors.values()):
+        failures.append("errors (" + ", ".join(f"{name} {n}" for name, n in errors.items()) + ")")
+    summary["failures"] = failures + broken
+    return summary
+
+
+def say_load(s: dict, args: argparse.Namespace) -> None:
+    say(f"  -> lancelotd median rps {s['lancelotd_rps_median']:.0f}, "
+        f"p50 {s['lancelotd_p50_us_median']:.0f} us, p99 {s['lancelotd_p99_us_median']:.0f} us, "
+        f"errors {s['lancelotd_errors']}; ref_epoll median rps "
+        f"{s['ref_rps_median']:.0f}, p99 {s['ref_p99_us_median']:.0f} us (x{s['p99_ratio']:.2f}); "
+        f"ratios {', '.join(f'{r:.3f}' for r in s['ratios'])}; median ratio {s['ratio_median']:.3f} "
+        f"(floor {args.floor}) {'PASS' if s['pass'] else 'FAIL'}")
+    if "control" in s:
+        c = s["control"]
+        say(f"  -> control {c['name']}: median rps {c['rps_median']:.0f}, p99 {c['p99_us_median']:.0f} us; "
+            f"{c['vs_ref']:.3f} of ref_epoll's rate with a p99 x{c['p99_vs_ref']:.2f}; "
+            f"lancelotd / {c['name']} {c['lancelotd_vs_control']:.3f}")
+
+
+def say_summary(loads: list[dict], args: argparse.Namespace) -> None:
+    control = "control" in loads[0] if loads else False
+    say(f"  {'load':<24} {'lancelotd rps':>13} {'p50_us':>7} {'p99_us':>7} {'errors':>6} "
+        f"{'ref rps':>9} {'ref p99':>7} {'ratio':>6} {'p99 x':>6}  verdict")
+    for s in loads:
+        target = "met" if s["target_met"] else "not met"
+        say(f"  {s['load']:<24} {s['lancelotd_rps_median']:>13.0f} "
+            f"{s['lancelotd_p50_us_median']:>7.0f} {s['lancelotd_p99_us_median']:>7.0f} "
+            f"{s['lancelotd_errors']:>6} {s['ref_rps_median']:>9.0f} {s['ref_p99_us_median']:>7.0f} "
+            f"{s['ratio_median']:>6.3f} {s['p99_ratio']:>6.2f}  {'PASS' if s['pass'] else 'FAIL'} "
+            f"(floor {args.floor}); target {args.target} and p99 x{args.p99_target:g}: {target}")
+    if control:
+        name = loads[0]["control"]["name"]
+        say(f"\n  the control, {name} (C in lancelotd's shape), against ref_epoll and lancelotd:")
+        say(f"  {'load':<24} {name + ' rps':>15} {'p99_us':>7} {'/ ref':>6} {'p99 x':>6} "
+            f"{'lancelotd / it':>15}")
+        for s in loads:
+            c = s["control"]
+            say(f"  {s['load']:<24} {c['rps_median']:>15.0f} {c['p99_us_median']:>7.0f} {c['vs_ref']:>6.3f} "
+                f"{c['p99_vs_ref']:>6.2f} {c['lancelotd_vs_control']:>15.3f}")
+
+
 # --- main ---------------------------------------------------------------------
 
 
@@ -348,6 +441,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds to let idle workers settle before measuring USS (default 1)")
     p.add_argument("--start-timeout", type=float, default=20.0, help="seconds to wait for readiness")
     p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at the end")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help=f"do not run the control, ref_epoll with {WORKERS} processes, in the same rounds")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as JSON")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.duration < 1 or args.warmup < 0:
@@ -379,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
 
         lancelotd = start_lancelotd(shlex.split(args.lancelotd_cmd), run_dir, args.start_timeout, servers)
         ref = start_ref(ref_bin, run_dir, args.start_timeout, servers)
+        control = start_ref(ref_bin, run_dir, args.start_timeout, servers, WORKERS) if args.control else None
         say(f"# lancelotd master PID {lancelotd.pid} on {HOST}:{lancelotd.port}, workers "
-            f"{[p.pid for p in lancelotd.extra]}; ref_epoll PID {ref.pid} on {HOST}:{ref.port}")
+            f"{[p.pid for p in lancelotd.extra]}; ref_epoll PID {ref.pid} on {HOST}:{ref.port}"
+            + (f"; the control {control.name} PID {control.pid} on {HOST}:{control.port}" if control else ""))
 
         # --- idle memory ---
         time.sleep(args.settle)
@@ -397,58 +494,27 @@ def main(argv: list[str] | None = None) -> int:
         if not uss_ok:
             failures.append("idle worker USS")
 
-        # --- loads: A B A B ... ---
+        # --- loads: A B A B ... (with the control: A B C, C B A, ...) ---
         report["loads"] = []
         commands: list[str] = []
+        in_rounds = [lancelotd, ref, *([control] if control else [])]
         for load in LOADS:
             say(f"\n== load: {load.name} ({args.rounds} rounds, {args.duration} s + {args.warmup} s warm-up)")
-            runs: dict[str, list[dict]] = {"lancelotd": [], "ref_epoll": []}
+            runs: dict[str, list[dict]] = {server.name: [] for server in in_rounds}
             for rnd in range(1, args.rounds + 1):
-                for server in (lancelotd, ref):
+                for server in in_rounds if rnd % 2 else reversed(in_rounds):  # no server always goes first
                     label = f"{server.name}-c{load.conns}{'-cpr' if load.cpr else ''}-round{rnd}"
                     runs[server.name].append(
                         run_loadgen(loadgen, server.port, load, args, label, commands, loadgens))
-                if lancelotd.proc.poll() is not None or ref.proc.poll() is not None:
-                    raise BenchError("a server died during the load; see "
-                                     f"{lancelotd.log} and {ref.log}")
-            a, b = runs["lancelotd"], runs["ref_epoll"]
-            ratios = [x["rps"] / y["rps"] if y["rps"] > 0 else 0.0 for x, y in zip(a, b, strict=True)]
-            errors_a = sum(r["errors"] for r in a if r["errors"] > 0)
-            errors_b = sum(r["errors"] for r in b if r["errors"] > 0)
-            broken = [r["failed"] for r in a + b if "failed" in r]
-            ratio = median(ratios)
-            summary = {
-                "load": load.name, "conns": load.conns, "connect_per_request": load.cpr,
-                "lancelotd_rps_median": median([r["rps"] for r in a]),
-                "lancelotd_p50_us_median": median([r.get("p50_us", 0) for r in a]),
-                "lancelotd_p99_us_median": median([r.get("p99_us", 0) for r in a]),
-                "lancelotd_errors": errors_a,
-                "lancelotd_starved": sum(r.get("starved", 0) for r in a),
-                "ref_rps_median": median([r["rps"] for r in b]),
-                "ref_p99_us_median": median([r.get("p99_us", 0) for r in b]),
-                "ref_errors": errors_b,
-                "ratios": ratios, "ratio_median": ratio,
-                "pass": ratio >= args.floor and not errors_a and not errors_b and not broken,
-                "runs": {"lancelotd": a, "ref_epoll": b},
-            }
-            summary["p99_ratio"] = summary["lancelotd_p99_us_median"] / max(summary["ref_p99_us_median"], 1)
-            summary["target_met"] = ratio >= args.target and summary["p99_ratio"] <= args.p99_target
+                dead = [server for server in in_rounds if server.proc.poll() is not None]
+                if dead:
+                    raise BenchError(f"{dead[0].name} died during the load; see {dead[0].log}")
+            summary = summarize(load, runs, control.name if control else "", args)
             report["loads"].append(summary)
-            if ratio < args.floor:
-                failures.append(f"{load.name}: ratio {ratio:.3f} < {args.floor}")
-            if errors_a or errors_b:
-                failures.append(f"{load.name}: errors (lancelotd {errors_a}, ref_epoll {errors_b})")
-            for msg in broken:
-                failures.append(f"{load.name}: {msg}")
-            say(f"  -> lancelotd median rps {summary['lancelotd_rps_median']:.0f}, "
-                f"p50 {summary['lancelotd_p50_us_median']:.0f} us, "
-                f"p99 {summary['lancelotd_p99_us_median']:.0f} us, "
-                f"errors {errors_a}; ref_epoll median rps {summary['ref_rps_median']:.0f}, "
-                f"p99 {summary['ref_p99_us_median']:.0f} us (x{summary['p99_ratio']:.2f}); "
-                f"ratios {', '.join(f'{r:.3f}' for r in ratios)}; median ratio {ratio:.3f} "
-                f"(floor {args.floor}) {'PASS' if summary['pass'] else 'FAIL'}")
-        report["commands"] = {"lancelotd": shlex.join(lancelotd.cmd), "ref_epoll": shlex.join(ref.cmd),
-                              "loadgen": commands}
+            failures.extend(f"{load.name}: {msg}" for msg in summary["failures"])
+            say_load(summary, args)
+        report["commands"] = {server.name: shlex.join(server.cmd) for server in in_rounds}
+        report["commands"]["loadgen"] = commands
 
         now = sorted(p.pid for p in psutil.Process(lancelotd.pid).children())
         before = sorted(p.pid for p in lancelotd.extra)
@@ -458,22 +524,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # --- summary ---
         say("\n== summary")
-        say(f"  {'load':<24} {'lancelotd rps':>13} {'p50_us':>7} {'p99_us':>7} {'errors':>6} "
-            f"{'ref rps':>9} {'ref p99':>7} {'ratio':>6} {'p99 x':>6}  verdict")
-        for s in report["loads"]:
-            target = "met" if s["target_met"] else "not met"
-            say(f"  {s['load']:<24} {s['lancelotd_rps_median']:>13.0f} "
-                f"{s['lancelotd_p50_us_median']:>7.0f} {s['lancelotd_p99_us_median']:>7.0f} "
-                f"{s['lancelotd_errors']:>6} {s['ref_rps_median']:>9.0f} {s['ref_p99_us_median']:>7.0f} "
-                f"{s['ratio_median']:>6.3f} {s['p99_ratio']:>6.2f}  {'PASS' if s['pass'] else 'FAIL'} "
-                f"(floor {args.floor}); target {args.target} and p99 x{args.p99_target:g}: {target}")
+        say_summary(report["loads"], args)
         for w in workers:
             say(f"  idle worker {w['pid']} USS {w['uss_bytes'] / MIB:.2f} MiB  "
                 f"{'PASS' if w['pass'] else 'FAIL'} (limit {args.uss_limit_mb:g} MiB)")
         say(f"  master {master['pid']} USS {master['uss_bytes'] / MIB:.2f} MiB")
         say("\n== commands run (servers, then loadgen in the order run)")
-        say("  " + shlex.join(lancelotd.cmd))
-        say("  " + shlex.join(ref.cmd))
+        for server in in_rounds:
+            say("  " + shlex.join(server.cmd))
         for line in commands:
             say("  " + line)
     except BenchError as e:

@@ -5,7 +5,8 @@ For each connection count and client kind (persistent, connect-per-request) it a
 runs against lancelotd (2 workers) and ref_epoll (1 process), as bench.py does, and writes
 `report.md` with the medians and PNG plots of answers/s and p99 latency against connections (one
 line per server) into --out.  Also samples each lancelotd worker's USS in the middle of every
-persistent run.  See README.md.
+persistent run.  The control (unless --no-control), ref_epoll with 2 processes, runs in the same
+rounds: C in lancelotd's shape, see bench.py.  See README.md.
 
 Needs psutil, cc, and matplotlib (the `bench` extra: pip install -e '.[bench]'); run it as a script
 with lancelotd importable.  Only ever talks to 127.0.0.1.
@@ -48,7 +49,7 @@ FULL_CONNS = [1, 10, 50, 200, 1000, 2000, 10000]
 QUICK_CONNS = [1, 50, 2000, 10000]
 FULL_CPR = [1, 10, 50, 200]
 QUICK_CPR = [1, 50]
-SERVERS = ("lancelotd", "ref_epoll")
+SERVERS = ["lancelotd", "ref_epoll", "ref_epoll-2"]  # without the last one under --no-control
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loadgen-src", type=Path, default=DEFAULT_LOADGEN_SRC)
     p.add_argument("--build-dir", type=Path, default=Path("/tmp/lancelotd-bench"))
     p.add_argument("--lancelotd-cmd", default=shlex.join([sys.executable, "-m", "lancelotd", "serve"]))
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="do not run the control, ref_epoll with 2 processes, in the same rounds")
     p.add_argument("--start-timeout", type=float, default=20.0)
     p.add_argument("--grace", type=float, default=10.0)
     args = p.parse_args(argv)
@@ -116,7 +119,7 @@ def run_point(loadgen: Path, servers: dict[str, Server], load: Load, args: argpa
               commands: list[str], procs: list[subprocess.Popen]) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in SERVERS}
     for rnd in range(1, args.rounds + 1):
-        for name in SERVERS:
+        for name in SERVERS if rnd % 2 else reversed(SERVERS):  # no server always goes first
             label = f"{name}-c{load.conns}{'-cpr' if load.cpr else ''}-round{rnd}"
             runs[name].append(measure(loadgen, servers[name], load, args, label, commands, procs))
         for s in servers.values():
@@ -134,9 +137,8 @@ def run_point(loadgen: Path, servers: dict[str, Server], load: Load, args: argpa
     ratios = [a["rps"] / b["rps"] for a, b in zip(runs["lancelotd"], runs["ref_epoll"], strict=True)
               if b["rps"] > 0]
     point["ratio"] = statistics.median(ratios) if ratios else 0.0
-    say(f"  -> c={load.conns}{' cpr' if load.cpr else ''}: ratio {point['ratio']:.3f}, lancelotd "
-        f"{point['lancelotd']['rps']:.0f}/s p99 {point['lancelotd']['p99_us']} us, ref_epoll "
-        f"{point['ref_epoll']['rps']:.0f}/s p99 {point['ref_epoll']['p99_us']} us")
+    say(f"  -> c={load.conns}{' cpr' if load.cpr else ''}: ratio {point['ratio']:.3f}, "
+        + ", ".join(f"{name} {point[name]['rps']:.0f}/s p99 {point[name]['p99_us']} us" for name in SERVERS))
     return point
 
 
@@ -147,7 +149,7 @@ def plot(points: list[dict], key: str, ylabel: str, title: str, path: Path) -> N
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     xs = [p["conns"] for p in points]
-    for name, style in zip(SERVERS, ("o-", "s--"), strict=True):
+    for name, style in zip(SERVERS, ("o-", "s--", "^:"), strict=False):
         ax.plot(xs, [p[name][key] / (1000 if key == "p99_us" else 1) for p in points], style, label=name)
     ax.set_xscale("log")
     if key == "p99_us":
@@ -162,17 +164,29 @@ def plot(points: list[dict], key: str, ylabel: str, title: str, path: Path) -> N
     plt.close(fig)
 
 
+CONTROL_TEXT = (" and the control, ref_epoll-2, 2 processes: C in lancelotd's shape, whose ratio to "
+                "ref_epoll is what that shape costs here (2 busy server processes sharing the cores "
+                "with the load generator)")
+
+
+def _over(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
 def write_report(out: Path, points: list[dict], args: argparse.Namespace, meta: dict,
                  commands: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    control = "ref_epoll-2" in SERVERS
+    control_text = CONTROL_TEXT if control else ""
     lines = [
         "# lancelotd against the C reference",
         "",
         f"Generated {meta['date']} by `benchmarks/report.py {shlex.join(meta['argv'])}` at commit "
         f"`{meta['commit']}`: {meta['cpus']} CPUs, Python {meta['python']}, {meta['kernel']}; load "
         f"average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after. lancelotd runs 2 "
-        f"workers, ref_epoll 1 process; each point is the median of {args.rounds} alternating run(s) of "
-        f"{args.duration} s (after {args.warmup} s warm-up). The machine may be shared: the ratio of two "
+        f"workers, ref_epoll 1 process{control_text}; each point is the median of {args.rounds} "
+        f"alternating run(s) of {args.duration} s (after {args.warmup} s warm-up). The machine may be "
+        "shared: the ratio of two "
         "runs side by side is the figure to trust, not the absolute numbers. Worker USS: sampled halfway "
         "through each persistent run (the largest round); in brackets the worker's open descriptors, "
         "about its share of the connections + 10.",
@@ -189,18 +203,23 @@ def write_report(out: Path, points: list[dict], args: argparse.Namespace, meta: 
             f"## {title.capitalize()}", "",
             f"![answers/s]({stem}-rps.png) ![p99]({stem}-p99.png)", "",
             "| connections | lancelotd answers/s | ref_epoll answers/s | ratio | lancelotd p99 (us) "
-            "| ref_epoll p99 (us) | p99 ratio | errors (lancelotd/ref) | worker USS MiB (fds) | load avg |",
-            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+            "| ref_epoll p99 (us) | p99 ratio | errors (lancelotd/ref) | worker USS MiB (fds) | load avg |"
+            + (" ref_epoll-2 answers/s (/ ref) | ref_epoll-2 p99 (us) (/ ref) |" if control else ""),
+            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|" + ("---:|---:|" if control else ""),
         ]
         for p in pts:
             a, b = p["lancelotd"], p["ref_epoll"]
             uss = ", ".join(f"{u / MIB:.1f} ({fds})" for u, fds in a["uss"]) or "-"
-            p99_ratio = a["p99_us"] / b["p99_us"] if b["p99_us"] else 0.0
-            lines.append(f"| {p['conns']} | {a['rps']:.0f} | {b['rps']:.0f} | {p['ratio']:.3f} | "
-                         f"{a['p99_us']:.0f} | {b['p99_us']:.0f} | {p99_ratio:.2f} | "
-                         f"{a['errors']}/{b['errors']} | {uss} | {p['loadavg']:.1f} |")
+            line = (f"| {p['conns']} | {a['rps']:.0f} | {b['rps']:.0f} | {p['ratio']:.3f} | "
+                    f"{a['p99_us']:.0f} | {b['p99_us']:.0f} | {_over(a['p99_us'], b['p99_us'])} | "
+                    f"{a['errors']}/{b['errors']} | {uss} | {p['loadavg']:.1f} |")
+            if "ref_epoll-2" in p:
+                c = p["ref_epoll-2"]
+                line += (f" {c['rps']:.0f} ({_over(c['rps'], b['rps'])}) | "
+                         f"{c['p99_us']:.0f} ({_over(c['p99_us'], b['p99_us'])}) |")
+            lines.append(line)
         lines.append("")
-    lines += ["## Commands", "", "```", meta["lancelotd_cmd"], meta["ref_cmd"], *commands, "```", ""]
+    lines += ["## Commands", "", "```", *meta["server_cmds"], *commands, "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -236,13 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         lancelotd = start_lancelotd(shlex.split(args.lancelotd_cmd), run_dir, args.start_timeout, servers)
         ref = start_ref(ref_bin, run_dir, args.start_timeout, servers)
         by_name = {"lancelotd": lancelotd, "ref_epoll": ref}
+        if args.control:
+            by_name["ref_epoll-2"] = start_ref(ref_bin, run_dir, args.start_timeout, servers, 2)
+        else:
+            SERVERS.remove("ref_epoll-2")
         loads = [Load(f"{c} persistent", c, False) for c in args.conns]
         loads += [Load(f"{c} connect-per-request", c, True) for c in args.cpr_conns]
         for load in loads:
             say(f"\n== {load.name} ({args.rounds} round(s) of {args.duration} s)")
             points.append(run_point(loadgen, by_name, load, args, commands, loadgens))
-        meta["lancelotd_cmd"] = shlex.join(lancelotd.cmd)
-        meta["ref_cmd"] = shlex.join(ref.cmd)
+        meta["server_cmds"] = [shlex.join(by_name[name].cmd) for name in SERVERS]
     except BenchError as e:
         say(f"\nERROR: {e}")
         return 1
