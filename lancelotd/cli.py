@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, agent, config, logs, pidfile, status
+from . import __version__, agent, checks, config, logs, pidfile, status
 from .logs import log
 from .logs import setup as setup_logging
 from .scoreboard import Scoreboard, ScoreboardError
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-w", "--workers", type=_positive, metavar="N", help="number of worker processes")
     serve.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
     serve.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")
-    serve.add_argument("--log-level", choices=config.LOG_LEVELS, help="log level")
+    serve.add_argument("--log-level", choices=checks.LOG_LEVELS, help="log level")
     serve.add_argument("--daemon", action="store_true",
                        help="detach into the background (returns once the master is listening)")
 

@@ -2,37 +2,35 @@
 
 Every setting is declared once in SETTINGS (table, key, default, checker);
 validation walks the whole file and reports every problem with its key, so
-`check-config`, start-up and reload all give the same verdict.
+`check-config`, start-up and reload all give the same verdict.  The checkers
+of single values and the bounds they enforce are in checks.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .scoreboard import SLOTS
+from . import checks
+from .checks import (
+    MAX_BACKLOG,
+    MAX_CONNECTIONS,
+    MAX_DRAIN_DELAY,
+    MAX_DRAIN_SPREAD,
+    MAX_QUESTION_BYTES,
+    MAX_SECONDS,
+    MAX_WORKERS,
+    MIN_WORKER_TIMEOUT,
+    Checker,
+)
 
 DEFAULT_ANSWERS = {
     "What is your name?": "My name is Sir Lancelot of Camelot.",
     "What is your quest?": "To seek the Holy Grail.",
     "What is your favorite color?": "Blue.",
 }
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-# Bounds; etc/lancelotd.toml gives the reason for each next to its setting.
-MAX_WORKERS = SLOTS // 2  # a reload runs the old and the new generation side by side
-MAX_BACKLOG = 65535  # listen() overflows past a C int; the kernel caps it at somaxconn anyway
-MAX_QUESTION_BYTES = 65536
-MAX_ANSWER_BYTES = 1024  # a read can hold a question per byte ("?"): bounds what it makes a worker send
-MAX_CONNECTIONS = 1_000_000
-MAX_SECONDS = 86400.0  # every timeout: finite, so deadlines stay sane numbers
-MIN_WORKER_TIMEOUT = 1.0  # a worker's loop heartbeats once a second
-MAX_DRAIN_DELAY = 300.0  # a stop that waits longer is a mistake; systemd must wait that long too
-MAX_DRAIN_SPREAD = 3600.0
 
 
 def default_pid_file() -> str:
@@ -109,9 +107,9 @@ class Config:
         option (--workers), as the file's name their keys.
         """
         given = {k: v for k, v in changes.items() if v is not None}
-        checks = {name: check for name, check in SETTINGS.values()}
+        checkers = {name: check for name, check in SETTINGS.values()}
         problems = [f"--{name.replace('_', '-')}: {reason}"
-                    for name, value in given.items() if (reason := checks[name](value))]
+                    for name, value in given.items() if (reason := checkers[name](value))]
         if problems:
             raise ConfigError("command line", problems)
         if "bind" in given:
@@ -131,174 +129,13 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-# --- checkers: each returns None or a reason ------------------------------
-
-Checker = Callable[[Any], str | None]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int_in(low: int, high: int) -> Checker:
-    def check(v: Any) -> str | None:
-        if not _is_int(v) or not low <= v <= high:
-            return f"must be an integer from {low} to {high}, not {v!r}"
-        return None
-    return check
-
-
-def _seconds(at_least: float = 0.0) -> Checker:
-    """More than 0 (and at least `at_least`), at most a day; nan and inf fail both tests."""
-    def check(v: Any) -> str | None:
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not number or not (v > 0 and at_least <= v <= MAX_SECONDS):
-            low = f"at least {at_least:g}" if at_least else "more than 0"
-            return f"must be a number of seconds, {low} and at most {MAX_SECONDS:g} (a day), not {v!r}"
-        return None
-    return check
-
-
-def _seconds_or_zero(most: float) -> Checker:
-    """0 (off) up to `most` seconds."""
-    def check(v: Any) -> str | None:
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not number or not 0 <= v <= most:
-            return f"must be a number of seconds from 0 to {most:g}, not {v!r}"
-        return None
-    return check
-
-
-def _flag(v: Any) -> str | None:
-    return None if isinstance(v, bool) else f"must be true or false, not {v!r}"
-
-
-def _count(v: Any) -> str | None:
-    if not _is_int(v) or v < 0:
-        return f"must be an integer >= 0, not {v!r}"
-    return None
-
-
-def _workers(v: Any) -> str | None:
-    if v == "auto" or (_is_int(v) and 1 <= v <= MAX_WORKERS):
-        return None
-    return (f"must be \"auto\" or an integer from 1 to {MAX_WORKERS} (the scoreboard holds {SLOTS} "
-            f"processes, two generations during a reload), not {v!r}")
-
-
-def _string(v: Any) -> str | None:
-    return None if isinstance(v, str) else f"must be a string, not {v!r}"
-
-
-def _log_level(v: Any) -> str | None:
-    return None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}, not {v!r}"
-
-
-def _binds(v: Any) -> str | None:
-    from .sockets import parse_address  # local: sockets imports nothing from here
-
-    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(a, str) for a in v):
-        return f"must be a non-empty list of \"HOST:PORT\" strings, not {v!r}"
-    for address in v:
-        try:
-            parse_address(address)
-        except ValueError as e:
-            return str(e)
-    for i, address in enumerate(v):
-        for earlier in v[:i]:
-            clash = bind_clash(earlier, address)
-            if clash:
-                return clash
-    return None
-
-
-def _normal_address(address: str) -> tuple[str, str, int]:
-    """(family, host, port) with the host's spelling made canonical ("::1" for "0:0::1")."""
-    from .sockets import parse_address
-
-    host, port = parse_address(address)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return "name", host.lower(), port  # a host name: only the same name is known to clash
-    return f"ipv{ip.version}", str(ip), port
-
-
-def bind_clash(first: str, second: str) -> str | None:
-    """Why two listening addresses cannot both be bound, or None.
-
-    The same address twice is refused even with port 0: listeners are kept
-    by address, so the second socket would be lost.  A wildcard and a
-    specific address of one family on one port clash too: Linux refuses
-    the second bind (EADDRINUSE) even with SO_REUSEADDR.
-    """
-    family, host, port = _normal_address(first)
-    family2, host2, port2 = _normal_address(second)
-    if (family, host, port) == (family2, host2, port2):
-        return f"{second!r} is the same address as {first!r}"
-    wildcards = ("0.0.0.0", "::")
-    if family == family2 and port == port2 != 0 and (host in wildcards or host2 in wildcards):
-        return f"{second!r} overlaps {first!r}: the wildcard address already holds port {port}"
-    return None
-
-
-def _optional_address(v: Any) -> str | None:
-    if v == "":
-        return None
-    return _binds([v]) if isinstance(v, str) else f"must be \"HOST:PORT\" or \"\", not {v!r}"
-
-
-def _answer_text(v: Any) -> str | None:
-    if not isinstance(v, str):
-        return f"must be a string, not {v!r}"
-    if not v.isascii():
-        return "must be ASCII"
-    if not v.endswith(".") or v.count(".") != 1:
-        return "must end with '.' and contain no other '.'"
-    if len(v) > MAX_ANSWER_BYTES:
-        return f"is {len(v)} bytes long, more than {MAX_ANSWER_BYTES}"
-    return None
-
-
-def check_log_file(path: str, base_dir: str) -> str | None:
-    """Can a log file be created at `path` (relative to base_dir)?  Its directory must exist.
-
-    Whether this process may write there is left to start-up, which opens
-    it: check-config may run as another user than the service.
-    """
-    if not path:
-        return None
-    full = os.path.join(base_dir, path)
-    if os.path.isdir(full):
-        return f"{full} is a directory"
-    directory = os.path.dirname(full)
-    if not os.path.exists(directory):
-        return f"directory {directory} does not exist"
-    if not os.path.isdir(directory):
-        return f"{directory} is not a directory"
-    return None
-
-
 # --- access: allow / deny / max_connections_per_client (access.py) ----------
 
-def _access_list(v: Any) -> str | None:
-    """A list of "all", addresses and CIDR blocks, each of which parses (the bad one is named)."""
-    from .access import parse_rule  # local: access imports the shared-memory counts
-
-    if not isinstance(v, list) or not all(isinstance(entry, str) for entry in v):
-        return f"must be a list of addresses and CIDR blocks (strings), not {v!r}"
-    for entry in v:
-        try:
-            parse_rule(entry)
-        except ValueError as e:
-            return str(e)
-    return None
-
-
 ACCESS_SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
-    ("access", "allow"): ("allow", _access_list),
-    ("access", "deny"): ("deny", _access_list),
-    ("access", "max_connections_per_client"): ("max_connections_per_client", _int_in(0, MAX_CONNECTIONS)),
+    ("access", "allow"): ("allow", checks.access_list),
+    ("access", "deny"): ("deny", checks.access_list),
+    ("access", "max_connections_per_client"):
+        ("max_connections_per_client", checks.int_in(0, MAX_CONNECTIONS)),
 }
 ACCESS_LISTS = ("allow", "deny")
 
@@ -325,7 +162,7 @@ def check_listeners(tables: Any) -> tuple[tuple[Listener, ...], list[str]]:
                      for name in table if name not in LISTENER_KEYS]
         bind, proxied = table.get("bind", ""), table.get("proxy_protocol", False)
         trusted = table.get("proxy_protocol_from")
-        if reason := (_optional_address(bind) if bind else "is required (\"HOST:PORT\")"):
+        if reason := (checks.optional_address(bind) if bind else "is required (\"HOST:PORT\")"):
             problems.append(f"{key}.bind: {reason}")
             bind = ""  # kept in its place, so the clash checks name the others by their index
         if not isinstance(proxied, bool):
@@ -333,7 +170,7 @@ def check_listeners(tables: Any) -> tuple[tuple[Listener, ...], list[str]]:
         if trusted is None and proxied is True:
             problems.append(f"{key}.proxy_protocol_from: required with proxy_protocol = true: the "
                             "balancers' addresses or CIDR blocks (\"all\" trusts every source)")
-        elif trusted is not None and (reason := _access_list(trusted) or ("" if trusted else NO_EMPTY)):
+        elif trusted is not None and (reason := checks.access_list(trusted) or ("" if trusted else NO_EMPTY)):
             problems.append(f"{key}.proxy_protocol_from: {reason}")
         elif trusted is not None and proxied is False:
             problems.append(f"{key}.proxy_protocol_from: has no effect without proxy_protocol = true")
@@ -353,34 +190,35 @@ def listener_clashes(bind: tuple[str, ...], listeners: tuple[Listener, ...], bin
     named = service_addresses(bind, listeners, bind_key)
     return [f"{key}: {clash} in {earlier_key}"
             for i, (address, key) in enumerate(named) if key.startswith("listener")
-            for earlier, earlier_key in named[:i] if (clash := bind_clash(earlier, address))]
+            for earlier, earlier_key in named[:i] if (clash := checks.bind_clash(earlier, address))]
 
 
 # (table, key) -> (Config field, checker); the shipped etc/lancelotd.toml
 # documents each of them.
 SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
-    ("server", "bind"): ("bind", _binds),
-    ("server", "workers"): ("workers", _workers),
-    ("server", "backlog"): ("backlog", _int_in(1, MAX_BACKLOG)),
-    ("server", "pid_file"): ("pid_file", _string),
-    ("server", "metrics_bind"): ("metrics_bind", _optional_address),
-    ("server", "spread_connections"): ("spread_connections", _flag),
-    ("protocol", "unknown_answer"): ("unknown_answer", _answer_text),
-    ("protocol", "max_question_bytes"): ("max_question_bytes", _int_in(1, MAX_QUESTION_BYTES)),
-    ("protocol", "idle_timeout"): ("idle_timeout", _seconds()),
-    ("protocol", "max_connections"): ("max_connections", _int_in(1, MAX_CONNECTIONS)),
-    ("lifecycle", "graceful_timeout"): ("graceful_timeout", _seconds()),
-    ("lifecycle", "worker_timeout"): ("worker_timeout", _seconds(MIN_WORKER_TIMEOUT)),
-    ("lifecycle", "max_requests"): ("max_requests", _count),
-    ("lifecycle", "max_requests_jitter"): ("max_requests_jitter", _count),
-    ("balancer", "agent_bind"): ("agent_bind", _optional_address),
-    ("balancer", "drain_file"): ("drain_file", _string),
-    ("balancer", "drain_delay"): ("drain_delay", _seconds_or_zero(MAX_DRAIN_DELAY)),
-    ("balancer", "drain_spread"): ("drain_spread", _seconds_or_zero(MAX_DRAIN_SPREAD)),
-    ("balancer", "max_connection_age"): ("max_connection_age", _seconds_or_zero(MAX_SECONDS)),
-    ("balancer", "max_connection_age_jitter"): ("max_connection_age_jitter", _seconds_or_zero(MAX_SECONDS)),
-    ("log", "file"): ("log_file", _string),
-    ("log", "level"): ("log_level", _log_level),
+    ("server", "bind"): ("bind", checks.binds),
+    ("server", "workers"): ("workers", checks.workers),
+    ("server", "backlog"): ("backlog", checks.int_in(1, MAX_BACKLOG)),
+    ("server", "pid_file"): ("pid_file", checks.string),
+    ("server", "metrics_bind"): ("metrics_bind", checks.optional_address),
+    ("server", "spread_connections"): ("spread_connections", checks.flag),
+    ("protocol", "unknown_answer"): ("unknown_answer", checks.answer_text),
+    ("protocol", "max_question_bytes"): ("max_question_bytes", checks.int_in(1, MAX_QUESTION_BYTES)),
+    ("protocol", "idle_timeout"): ("idle_timeout", checks.seconds()),
+    ("protocol", "max_connections"): ("max_connections", checks.int_in(1, MAX_CONNECTIONS)),
+    ("lifecycle", "graceful_timeout"): ("graceful_timeout", checks.seconds()),
+    ("lifecycle", "worker_timeout"): ("worker_timeout", checks.seconds(MIN_WORKER_TIMEOUT)),
+    ("lifecycle", "max_requests"): ("max_requests", checks.count),
+    ("lifecycle", "max_requests_jitter"): ("max_requests_jitter", checks.count),
+    ("balancer", "agent_bind"): ("agent_bind", checks.optional_address),
+    ("balancer", "drain_file"): ("drain_file", checks.string),
+    ("balancer", "drain_delay"): ("drain_delay", checks.seconds_or_zero(MAX_DRAIN_DELAY)),
+    ("balancer", "drain_spread"): ("drain_spread", checks.seconds_or_zero(MAX_DRAIN_SPREAD)),
+    ("balancer", "max_connection_age"): ("max_connection_age", checks.seconds_or_zero(MAX_SECONDS)),
+    ("balancer", "max_connection_age_jitter"):
+        ("max_connection_age_jitter", checks.seconds_or_zero(MAX_SECONDS)),
+    ("log", "file"): ("log_file", checks.string),
+    ("log", "level"): ("log_level", checks.log_level),
     **ACCESS_SETTINGS,
 }
 TABLES = {table for table, _ in SETTINGS} | {"answers", "listener"}
@@ -398,7 +236,7 @@ def check_answers(answers: Any, max_question_bytes: int) -> list[str]:
             problems.append(f"{key}: question must end with '?' and contain no other '?'")
         elif len(question.strip()) > max_question_bytes:
             problems.append(f"{key}: question is longer than max_question_bytes ({max_question_bytes})")
-        reason = _answer_text(answer)
+        reason = checks.answer_text(answer)
         if reason:
             problems.append(f"{key}: answer {reason}")
     return problems
@@ -407,13 +245,13 @@ def check_answers(answers: Any, max_question_bytes: int) -> list[str]:
 def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
     """Problems of settings that are each valid alone: combinations, and the file system."""
     problems = []
-    log_problem = check_log_file(values.get("log_file", ""), base_dir)
+    log_problem = checks.check_log_file(values.get("log_file", ""), base_dir)
     if log_problem:
         problems.append(f"log.file: {log_problem}")
     metrics = values.get("metrics_bind", "")
     service = service_addresses(values.get("bind", Config.bind), values.get("listeners", ()))
     for address, key in service if metrics else ():
-        clash = bind_clash(address, metrics)
+        clash = checks.bind_clash(address, metrics)
         if clash:
             problems.append(f"server.metrics_bind: {clash} in {key}")
     agent = values.get("agent_bind", "")
@@ -421,7 +259,7 @@ def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
     problems += listener_clashes(values.get("bind", Config.bind), values.get("listeners", ()), "server.bind")
     others.append((metrics, "server.metrics_bind"))
     for address, key in others if agent and not agent.endswith(":0") else ():  # port 0: a port of its own
-        clash = address and bind_clash(address, agent)
+        clash = address and checks.bind_clash(address, agent)
         if clash:
             problems.append(f"balancer.agent_bind: {clash} in {key}")
     if values.get("max_connection_age_jitter", 0) and not values.get("max_connection_age", 0):

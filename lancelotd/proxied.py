@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .access import NetSet, client_of, refuse
-from .config import Config, _normal_address
+from .checks import normal_address
+from .config import Config
 from .connections import CLOSE_AFTER_FLUSH, EPOLLIN, OPEN, READ_SLICE, RECV_SIZE, Conn
 from .limits import CLIENT_GONE
 from .logs import log
@@ -53,11 +54,11 @@ def proxied_listeners(cfg: Config, listeners: dict[str, socket.socket]) -> dict[
 
     Matched by address; a socket-activated listener, by the address it is bound to.
     """
-    wanted = {_normal_address(x.bind): x.proxy_protocol_from for x in cfg.listeners if x.proxy_protocol}
+    wanted = {normal_address(x.bind): x.proxy_protocol_from for x in cfg.listeners if x.proxy_protocol}
     found = {}
     for address, sock in listeners.items():
         try:
-            trusted = wanted.get(_normal_address(address.removeprefix(ACTIVATED)))
+            trusted = wanted.get(normal_address(address.removeprefix(ACTIVATED)))
         except ValueError:
             continue
         if trusted is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from lancelotd import config
+from lancelotd import checks, config
 from lancelotd.config import Config, ConfigError, from_dict
 from lancelotd.scoreboard import SLOTS
 
@@ -134,13 +134,13 @@ def test_max_question_bytes_bounded() -> None:
 
 
 def test_answer_length_bounded() -> None:
-    longest = "A" * (config.MAX_ANSWER_BYTES - 1) + "."
+    longest = "A" * (checks.MAX_ANSWER_BYTES - 1) + "."
     too_long = "A" + longest
     cfg = from_dict({"protocol": {"unknown_answer": longest}, "answers": {"Q?": longest}})
     assert cfg.unknown_answer == longest
     assert keys_of({"protocol": {"unknown_answer": too_long}}) == ["protocol.unknown_answer"]
     assert keys_of({"answers": {"Q?": too_long}}) == ["answers.'Q?'"]
-    assert str(config.MAX_ANSWER_BYTES) in problems({"answers": {"Q?": too_long}})[0]
+    assert str(checks.MAX_ANSWER_BYTES) in problems({"answers": {"Q?": too_long}})[0]
 
 
 @pytest.mark.parametrize("bind", [

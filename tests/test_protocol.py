@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lancelotd.config import DEFAULT_ANSWERS, MAX_ANSWER_BYTES
+from lancelotd.checks import MAX_ANSWER_BYTES
+from lancelotd.config import DEFAULT_ANSWERS
 from lancelotd.protocol import NOT_ASCII, SLICE_BYTES, TOO_LONG, AnswerTable, Session
 
 UNKNOWN = b"I don't know that."
