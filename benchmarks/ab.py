@@ -4,15 +4,18 @@
 Each variant is SOURCE[:CONFIG]: SOURCE is a git revision of this repo (its
 lancelotd/ is exported to a temporary directory) or "." for this checkout;
 CONFIG is an optional config file given with -c (e.g. one that sets
-spread_connections).  Every variant and ref_epoll run at once, idle but for
-the one being measured; for each load, each round runs every server once, in
-an order that reverses from round to round.  Printed per load and server: the
+spread_connections).  The variant "floor" is floor_server.py: the least a
+Python prefork server can do per answer, with as many workers.  Every variant
+and ref_epoll run at once, idle but for the one being measured; for each load,
+each round runs every server once, in an order that reverses from round to
+round.  Printed per load and server: the
 median answers/s, p99, the median per-round ratio to ref_epoll with the
 rounds, p99 as a multiple of ref_epoll's, errors, and the workers' user and
 system CPU per answer (from /proc, over whole runs, warm-up included, divided
 by the measured rate times the run's length).
 
     python benchmarks/ab.py 530bd5e . .:spread.toml --rounds 7
+    python benchmarks/ab.py . floor --rounds 7
 
 Uses bench.py beside it (run it as a script).  Only ever talks to 127.0.0.1.
 """
@@ -33,7 +36,7 @@ from bench import REPO, BenchError, Load, Server, median, say
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("variants", nargs="+", help="SOURCE[:CONFIG]; SOURCE a git revision or '.'")
+    p.add_argument("variants", nargs="+", help="SOURCE[:CONFIG]; SOURCE a git revision or '.'; or 'floor'")
     p.add_argument("--loads", default="50,2000,50r",
                    help="connection counts, comma-separated; 'r': connect-per-request (default 50,2000,50r)")
     p.add_argument("--rounds", type=int, default=5)
@@ -65,6 +68,25 @@ def export(source: str, into: Path) -> Path:
     return into
 
 
+def start_floor(run_dir: Path, servers: list[Server]) -> Server:
+    """floor_server.py with bench.WORKERS workers, ready once it says so; its workers are its children."""
+    port = bench.free_port()
+    cmd = [sys.executable, str(REPO / "benchmarks" / "floor_server.py"), str(port), str(bench.WORKERS)]
+    log = run_dir / "floor.log"
+    server = Server("floor", port, bench.start_process(cmd, log), log, cmd)
+    servers.append(server)
+
+    def ready() -> bool:
+        if "READY" not in bench.tail(log, 5):
+            return False
+        server.pid = server.proc.pid
+        server.extra = psutil.Process(server.pid).children()
+        return len(server.extra) == bench.WORKERS
+
+    bench.wait_until(server, ready, 30)
+    return server
+
+
 def cpu(server: Server) -> tuple[float, float]:
     """User and system CPU seconds of the server's workers (or of ref_epoll itself)."""
     procs = server.extra or [psutil.Process(server.pid)]
@@ -84,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lancelotd-ab-") as tmp:
         try:
             for i, variant in enumerate(args.variants):
-                source, _, config = variant.partition(":")
-                where = export(source, Path(tmp) / f"v{i}")
                 run_dir = args.build_dir / f"ab-{i}"
                 run_dir.mkdir(parents=True, exist_ok=True)
+                if variant == "floor":
+                    running[f"{i}:floor"] = start_floor(run_dir, servers)
+                    continue
+                source, _, config = variant.partition(":")
+                where = export(source, Path(tmp) / f"v{i}")
                 # -P: import lancelotd from `where` (PYTHONPATH), not from the working directory
                 serve = ["env", f"PYTHONPATH={where}", sys.executable, "-P", "-m", "lancelotd", "serve"]
                 if config:
