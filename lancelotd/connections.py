@@ -42,7 +42,7 @@ OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "client", "peer")
+    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "looked", "client", "peer")
 
     def __init__(self, sock: socket.socket, table: AnswerTable, now: float,
                  peer: tuple | None = None) -> None:
@@ -54,6 +54,7 @@ class Conn:
         self.state = OPEN
         self.writing = False  # watched for EPOLLOUT: output owed, input held back, or finishing
         self.unsent = -1  # bytes in the kernel's send queue when _taking_answers last looked
+        self.looked = now  # .last when it looked: if .last moved since, that look is stale
         self.client = 0  # its fingerprint in the per-client counts (access.py), 0 = not counted
         self.peer = peer  # the client's address: the socket's peer, or a PROXY header's source
 
@@ -260,12 +261,17 @@ class Connections:
         a client reading a large backlog slowly drains it long before.  So a
         connection due to expire with answers still queued gets one more tick,
         and is kept if the queue shrinks meanwhile (or since the last look).
+        A look from before progress the loop saw (the queue refilled, say) is
+        no yardstick: the queue may have grown since.  That counts as a first
+        look too.
         """
         seen, conn.unsent = conn.unsent, _unsent(conn)
-        if conn.unsent and seen < 0:
+        stale = conn.looked != conn.last
+        conn.looked = conn.last
+        if conn.unsent and (seen < 0 or stale):
             return True  # first look: judge at the next tick
         if conn.unsent < seen:
-            conn.last = now
+            conn.last = conn.looked = now
             return True
         return False
 

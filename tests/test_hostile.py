@@ -8,6 +8,8 @@ never sends what the server would answer twice.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import select
 import socket
 import threading
@@ -18,6 +20,8 @@ import pytest
 from helpers import NAME_A, NAME_Q, ask_on, scaled, wait_for
 
 from lancelotd.client import main as lancelot
+from lancelotd.connections import Conn, Connections, _unsent
+from lancelotd.protocol import AnswerTable
 
 MIB = 1 << 20
 # README, "Bounds": one connection holds at most this much (held input, one
@@ -165,6 +169,39 @@ idle_timeout = {idle_timeout}
             assert chunk, f"closed after {len(received)} of {len(expected)} bytes"
             received += chunk
         assert received == expected
+
+
+def test_a_look_at_the_send_queue_from_before_a_refill_is_no_yardstick():
+    """The idle check's own logic, on a real loopback connection whose client does not read.
+
+    The worker refilled the queue after the last look (progress, so .last
+    moved): the queue is longer than at that look, and that must not read as
+    "nothing taken".  Found by the test above, which failed about one run in
+    two on a machine where the refill fell just after a tick.
+    """
+    def fill(sock: socket.socket) -> None:
+        """Send until the kernel takes no more: the client reads nothing."""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sock.send(b"a" * 4096)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+        with server:
+            server.setblocking(False)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            conn = Conn(server, AnswerTable({}, "?.", 64), now=0.0)
+            looks = functools.partial(Connections._taking_answers, None, conn)
+            fill(server)
+            assert looks(10.0)  # answers queued, first look: judged at the next tick
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            fill(server)  # the refill the loop saw...
+            conn.last = 10.5  # ...as progress
+            assert _unsent(conn) > conn.unsent  # the queue grew since the look
+            assert looks(12.0), "the queue grew after a refill: the look from before it is stale"
+            assert not looks(13.0)  # nothing taken since the last look: idle
 
 
 def test_a_client_that_neither_asks_nor_reads_is_closed_as_idle(start_daemon):
