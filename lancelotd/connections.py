@@ -42,7 +42,8 @@ OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "looked", "client", "peer")
+    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "looked", "client",
+                 "peer")
 
     def __init__(self, sock: socket.socket, table: AnswerTable, now: float,
                  peer: tuple | None = None) -> None:
