@@ -18,7 +18,6 @@ import socket
 from typing import TYPE_CHECKING
 
 from .access import refuse
-from .connections import EPOLLIN, Conn
 from .limits import ACCEPT_PAUSE, CLIENT_GONE
 from .logs import log
 from .scoreboard import SERVING
@@ -76,11 +75,11 @@ class Accepting:
                 if refused:
                     self._refuse(sock, refused, addr)
                     continue
-            conn = Conn(sock, self.table, now, addr)
-            conn.client = client
-            self.recent.append(addr)
-            self.conns[conn.fd] = conn
-            self.epoll.register(conn.fd, EPOLLIN)
+            try:
+                self._adopt(sock, now, None, addr, client)
+            except OSError as e:  # epoll cannot watch it: a want of kernel resources, as EMFILE is
+                self._pause_accepting(e, now)
+                break
             accepted += 1
             if self._full():
                 break

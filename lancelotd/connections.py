@@ -73,14 +73,27 @@ class Connections:
     """Per-connection mechanics of the Worker."""
 
     def _adopt(self: Worker, sock: socket.socket, now: float, last: float | None = None,
-               peer: tuple | None = None) -> Conn:
-        """Serve a connection accepted elsewhere; `last` keeps its idle timer (a hand-off)."""
+               peer: tuple | None = None, client: int = 0) -> Conn:
+        """Serve a connection accepted here or handed over; `last` keeps its idle timer (a hand-off),
+        `client` is its count in the per-client limit.
+
+        Raises OSError when epoll cannot watch it (ENOMEM; ENOSPC: fs.epoll.max_user_watches):
+        then the socket is closed and uncounted, and the caller decides the rest (an accept
+        pauses, as it does out of descriptors).
+        """
+        try:
+            self.epoll.register(sock.fileno(), EPOLLIN)
+        except OSError:
+            if client:
+                self.gate.release(client)
+            sock.close()
+            raise
         conn = Conn(sock, self.table, now, peer)
+        conn.client = client
         self.recent.append(peer)
         if last is not None:
             conn.last = min(last, now)
         self.conns[conn.fd] = conn
-        self.epoll.register(conn.fd, EPOLLIN)
         return conn
 
     def _full(self: Worker) -> bool:

@@ -51,7 +51,7 @@ class Host(Protocol):
 
     def refusal(self) -> bytes | None: ...  # why we cannot adopt a connection now, or None
     def adopt_handed(self, sock: socket.socket, pending: bytes, now: float, last: float,
-                     peer: tuple | None) -> None: ...
+                     peer: tuple | None) -> bool: ...  # False: it cannot be watched (our copy is closed)
     def handed(self, conn: Held) -> None: ...  # one we sent was adopted (before we close our copy)
     def resume(self, conn: Held, now: float) -> None: ...  # serve again one sent but not adopted
 
@@ -141,10 +141,11 @@ class HandOff:
         else:
             reason = self.host.refusal()
         if reason is None and sock is not None:
-            self.host.adopt_handed(sock, pending, time.monotonic(), last, peer)
-            self.taken += 1
-            self._answer(channel, wire.ANSWER.pack(wire.ADOPTED, ident, b"-"), None, b"", None)
-            return
+            if self.host.adopt_handed(sock, pending, time.monotonic(), last, peer):
+                self.taken += 1
+                self._answer(channel, wire.ANSWER.pack(wire.ADOPTED, ident, b"-"), None, b"", None)
+                return
+            reason, sock = wire.FULL, None  # unwatchable here (and closed): its sender serves it again
         reason = reason or wire.MALFORMED
         log_refusal = log.warning if reason in (wire.NO_FD, wire.MALFORMED) else log.info
         log_refusal("refused a connection from worker %d: %s", channel.peer, wire.REASONS[reason])
@@ -346,8 +347,9 @@ class HandOff:
         for _message, held, pending, peer in channel.outbox:
             if held is not None:  # refused, but its sender is gone: we may hold the last copy
                 log.info("the sender of a connection we refused is gone: serving it here")
-                self.host.adopt_handed(held, pending, now, now, peer)  # a fresh timer: its own was not sent
-                self.taken += 1
+                # a fresh timer: its own was not sent
+                if self.host.adopt_handed(held, pending, now, now, peer):
+                    self.taken += 1
         channel.outbox.clear()
         _unwatch(self.host.epoll, channel.fd)
         channel.sock.close()

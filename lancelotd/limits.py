@@ -22,13 +22,14 @@ CLIENT_GONE = frozenset({
     errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
     errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.ETIMEDOUT,
 })
-# Every other error pauses accepting: these four are expected, anything else
+# Every other error pauses accepting: these are expected, anything else
 # would be a bug, which must not make a worker spin either.
 WHY = {
     errno.EMFILE: "descriptor limit reached",
     errno.ENFILE: "system-wide descriptor limit reached",
     errno.ENOBUFS: "out of kernel memory",
     errno.ENOMEM: "out of kernel memory",
+    errno.ENOSPC: "epoll watch limit reached (fs.epoll.max_user_watches)",  # epoll_ctl, after accept
 }
 
 # Descriptors a worker holds besides its clients: stdio, log file, epoll,

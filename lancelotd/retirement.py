@@ -36,29 +36,32 @@ class Retirement:
         return None
 
     def adopt_handed(self: Worker, sock: socket.socket, pending: bytes, now: float, last: float,
-                     peer: tuple | None) -> None:
+                     peer: tuple | None) -> bool:
         """A connection handed to us: ours from now on, with its idle timer, unfinished question
         and client address (None: the socket's peer; from a PROXY header, it is not).
 
         Our access rules apply (a reload may have changed them): one they deny now is closed
-        here, at this question boundary, and counted.
+        here, at this question boundary, and counted.  False: epoll cannot watch it (out of
+        kernel memory); our copy of the socket is closed, and the sender may serve it again.
         """
         if peer is None:
             try:
                 peer = sock.getpeername()
             except OSError:  # the client is gone already: its connection will find out itself
                 pass
-        client = 0
-        if self.gate is not None:
-            permitted, client = self.gate.adopt(peer)
-            if not permitted:
-                self.counters.denied_open += 1
-                log.debug("closing %s: a reload's rules deny it", describe(peer))
-                self._close_after_flush(self._adopt(sock, now, last, peer))
-                return
-        conn = self._adopt(sock, now, last, peer)
-        conn.session.pending = pending
-        conn.client = client
+        permitted, client = self.gate.adopt(peer) if self.gate is not None else (True, 0)
+        try:
+            conn = self._adopt(sock, now, last, peer, client)
+        except OSError as e:
+            log.warning("cannot watch a connection handed over from %s: %s", describe(peer), e.strerror)
+            return False
+        if permitted:
+            conn.session.pending = pending
+        else:
+            self.counters.denied_open += 1
+            log.debug("closing %s: a reload's rules deny it", describe(peer))
+            self._close_after_flush(conn)
+        return True
 
     def handed(self: Worker, conn: Conn) -> None:
         """A connection we sent was adopted: it no longer counts against its client here."""
@@ -176,7 +179,11 @@ class Retirement:
                         self._refuse(sock, refused, addr)
                         continue
                 sock.setblocking(False)
-                self._adopt(sock, now, None, addr).client = client
+                try:
+                    self._adopt(sock, now, None, addr, client)
+                except OSError as e:
+                    log.warning("last accept sweep stopped: %s", e.strerror)
+                    return
                 self.counters.accepted += 1
 
     def _close_open(self: Worker) -> None:

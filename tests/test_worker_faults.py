@@ -14,21 +14,25 @@ import errno
 import os
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 from conftest import Daemon, recv_until, wait_for
 from helpers import NAME_A, NAME_Q, read, ready_from, wait_log
 
+from lancelotd.connections import Connections
 from lancelotd.limits import nofile_advice
+from lancelotd.protocol import AnswerTable
 from lancelotd.sockets import _DROP_SYN, _DROP_SYN_CODE, SO_ATTACH_FILTER
 
 
@@ -150,6 +154,28 @@ def connections(pid: int, port: int, status: str) -> int:
     except psutil.NoSuchProcess:
         return 0
     return sum(c.status == status and c.laddr.port == port for c in conns)
+
+
+def test_a_connection_epoll_cannot_watch_is_closed_and_uncounted():
+    """Connections._adopt when epoll_ctl fails: out of kernel memory (ENOMEM) or at
+    fs.epoll.max_user_watches (ENOSPC), neither of which a test may cause on a shared machine;
+    here EEXIST, by registering the descriptor first.  The socket is closed, its client count
+    released, and nothing kept: the caller pauses accepting (or refuses a hand-over)."""
+    released: list[int] = []
+    host = SimpleNamespace(epoll=select.epoll(), gate=SimpleNamespace(release=released.append), conns={},
+                           recent=deque(), table=AnswerTable({}, "?.", 64))
+    ours, theirs = socket.socketpair()
+    try:
+        host.epoll.register(ours.fileno(), select.EPOLLIN)
+        with pytest.raises(OSError):
+            Connections._adopt(host, ours, 0.0, None, ("127.0.0.1", 5555), 7)
+        assert ours.fileno() == -1, "the socket epoll cannot watch is closed"
+        assert released == [7], "its client no longer counts"
+        assert host.conns == {} and not host.recent
+    finally:
+        ours.close()
+        theirs.close()
+        host.epoll.close()
 
 
 def test_connections_queued_at_term_are_served(start_daemon):
