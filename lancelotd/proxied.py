@@ -155,8 +155,12 @@ class ProxyHeaders:
                              "not in proxy_protocol_from", describe(addr), describe(listener.getsockname()))
                 continue
             fd = sock.fileno()
+            try:
+                self.epoll.register(fd, EPOLLIN)
+            except OSError as e:  # ENOMEM, ENOSPC: a want of kernel resources, as EMFILE is
+                sock.close()
+                return accepted, e
             self.awaiting[fd] = Awaiting(sock, fd, addr, now + HEADER_TIMEOUT, HeaderReader())
-            self.epoll.register(fd, EPOLLIN)
             accepted += 1
         self.counters.accepted += accepted
         return accepted, None

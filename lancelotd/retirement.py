@@ -71,7 +71,11 @@ class Retirement:
     def resume(self: Worker, conn: Conn, now: float) -> None:
         """A connection we sent was not adopted: serve it again (with what it sent meanwhile)."""
         self.conns[conn.fd] = conn
-        self.epoll.register(conn.fd, EPOLLIN)
+        try:
+            self.epoll.register(conn.fd, EPOLLIN)
+        except OSError as e:  # ENOMEM, ENOSPC: it cannot be served here either
+            log.warning("cannot watch %s again: %s; closing it", describe(conn.peer), e.strerror)
+            self._forget(conn)
 
     def _take_over(self: Worker, fd: int, now: float) -> None:
         """Our hand-off inbox or a channel is ready."""
