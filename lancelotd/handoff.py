@@ -52,6 +52,7 @@ class Host(Protocol):
     def refusal(self) -> bytes | None: ...  # why we cannot adopt a connection now, or None
     def adopt_handed(self, sock: socket.socket, pending: bytes, now: float, last: float,
                      peer: tuple | None) -> bool: ...  # False: it cannot be watched (our copy is closed)
+    def lend(self, conn: Held) -> None: ...  # one we just sent: out of our table and epoll set
     def handed(self, conn: Held) -> None: ...  # one we sent was adopted (before we close our copy)
     def resume(self, conn: Held, now: float) -> None: ...  # serve again one sent but not adopted
 
@@ -87,7 +88,12 @@ class HandOff:
             log.warning("no hand-off inbox (%s): retiring workers will not hand connections to this one",
                         e.strerror or e)
             return
-        self.host.epoll.register(self.inbox.fileno(), select.EPOLLIN)
+        try:
+            self.host.epoll.register(self.inbox.fileno(), select.EPOLLIN)
+        except OSError as e:  # ENOMEM, ENOSPC: the same, and nobody may find an inbox we never read
+            log.warning("cannot watch the hand-off inbox (%s): retiring workers will not hand "
+                        "connections to this one", e.strerror)
+            self.stop_receiving()
 
     def stop_receiving(self) -> None:
         """We no longer serve: close the inbox (a channel still queued there is reset, and its
@@ -121,7 +127,7 @@ class HandOff:
                 sock.close()
                 continue
             sock.setblocking(False)
-            self._watch(Channel(sock, pid, outbound=False))
+            self._watch(Channel(sock, pid, outbound=False))  # if not: closed, its sender serves on
 
     def _received(self, channel: Channel, data: bytes, fds: list[int], flags: int) -> None:
         """A connection handed to us: adopt it, or refuse it (the sender still has its own copy)."""
@@ -178,10 +184,12 @@ class HandOff:
     def offer(self, conns: list[Held], now: float) -> list[Held]:
         """Send each connection to the least loaded target that takes it; the ones sent.
 
-        Those are in flight: the caller takes them out of its epoll set and its
-        table, and touches them no more (resume() gives them back).  A
-        connection that cannot go (no target, too large) stays; the others
-        still go.
+        Those are in flight: the moment a connection is sent, the host lends it to
+        us (host.lend: out of its table and its epoll set) and touches it no more,
+        until resume() gives it back.  So each connection has one owner at a
+        time: a channel lost in the middle of this very offer gives back only
+        what was lent already.  A connection that cannot go (no target, too
+        large) stays; the others still go.
         """
         targets = self._targets(now)
         sent: list[Held] = []
@@ -221,6 +229,7 @@ class HandOff:
             if e.errno in PEER_GONE:
                 self._lost(channel)
             return "busy"  # EAGAIN, ENOBUFS, ETOOMANYREFS: next round
+        self.host.lend(conn)  # at once: from now on only this flight may give it back
         channel.flights[self.last_id] = (conn, deadline)
         return "sent"
 
@@ -283,8 +292,10 @@ class HandOff:
             self.resting[pid] = now + REST_FOR
             return None
         channel = Channel(sock, pid, outbound=True)
+        if not self._watch(channel):  # nothing in flight on it yet: the connections stay with us
+            self.resting[pid] = now + REST_FOR
+            return None
         self.to[pid] = channel
-        self._watch(channel)
         return channel
 
     # --- both ------------------------------------------------------------
@@ -357,8 +368,11 @@ class HandOff:
     def tick(self, now: float) -> None:
         """Once a loop tick: take back what was not answered in time, retry queued answers."""
         if self.inbox_paused and self.inbox is not None:
-            self.inbox_paused = False
-            self.host.epoll.register(self.inbox.fileno(), select.EPOLLIN)
+            try:
+                self.host.epoll.register(self.inbox.fileno(), select.EPOLLIN)
+                self.inbox_paused = False
+            except OSError:  # still short of kernel memory: next tick
+                pass
         for channel in list(self.channels.values()):
             if channel.outbox:
                 self._flush(channel)
@@ -397,9 +411,18 @@ class HandOff:
         """Still ours (a closed channel's descriptor number may already name a new one)."""
         return self.channels.get(channel.fd) is channel
 
-    def _watch(self, channel: Channel) -> None:
+    def _watch(self, channel: Channel) -> bool:
+        """Watch a new channel; False when epoll cannot (ENOMEM, ENOSPC): then it is closed, and
+        its other end sees EOF (a sender serves what it sent again, as for any lost channel)."""
+        try:
+            self.host.epoll.register(channel.fd, select.EPOLLIN)
+        except OSError as e:
+            log.warning("cannot watch a hand-off channel with worker %d: %s; closing it",
+                        channel.peer, e.strerror)
+            channel.sock.close()
+            return False
         self.channels[channel.fd] = channel
-        self.host.epoll.register(channel.fd, select.EPOLLIN)
+        return True
 
     def _watch_out(self, channel: Channel, on: bool) -> None:
         if channel.watching_out != on and self._open(channel):

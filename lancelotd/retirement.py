@@ -68,14 +68,29 @@ class Retirement:
         if conn.client:
             self.gate.release(conn.client)
 
+    def lend(self: Worker, conn: Conn) -> None:
+        """The hand-off has sent `conn`: it leaves our table and epoll set until it comes back."""
+        del self.conns[conn.fd]
+        self.epoll.unregister(conn.fd)
+
     def resume(self: Worker, conn: Conn, now: float) -> None:
-        """A connection we sent was not adopted: serve it again (with what it sent meanwhile)."""
-        self.conns[conn.fd] = conn
+        """A connection we sent was not adopted: serve it again (with what it sent meanwhile).
+
+        The hand-off gives back only what it holds in flight, and holds each connection on one
+        channel once (handoff.HandOff.offer): a connection we serve is never given back.
+        """
+        if self.conns.get(conn.fd) is conn:
+            log.error("a connection to %s came back while we serve it: ignored", describe(conn.peer))
+            return
         try:
             self.epoll.register(conn.fd, EPOLLIN)
         except OSError as e:  # ENOMEM, ENOSPC: it cannot be served here either
             log.warning("cannot watch %s again: %s; closing it", describe(conn.peer), e.strerror)
-            self._forget(conn)
+            conn.sock.close()
+            if conn.client:
+                self.gate.release(conn.client)
+            return
+        self.conns[conn.fd] = conn
 
     def _take_over(self: Worker, fd: int, now: float) -> None:
         """Our hand-off inbox or a channel is ready."""
@@ -87,10 +102,7 @@ class Retirement:
         ready = [c for c in self.conns.values() if c.state == OPEN and not c.writing]  # nothing owed or held
         if not ready:
             return
-        sent = self.handoff.offer(ready, time.monotonic())
-        for conn in sent:  # in flight: the hand-off holds our copy until the target answers
-            self.epoll.unregister(conn.fd)
-            del self.conns[conn.fd]
+        sent = self.handoff.offer(ready, time.monotonic())  # each lent to it as it went (lend)
         if sent:
             log.info("handed %d connections over (%d left)", len(sent), len(self.conns))
 
