@@ -31,14 +31,32 @@ ACCEPTS_PER_WAKEUP = 16  # leave the rest of a burst to the other workers
 
 
 class Accepting:
-    """The Worker's listeners."""
+    """The Worker's listeners.  Owns accepting, held and accept_paused (the others read them)."""
 
     def _start_accepting(self: Worker) -> None:
+        if self.held:  # a USR2 successor's worker before the old master let it in: not yet
+            return
         for fd, sock in self.listeners.items():
             sock.setblocking(False)  # accept() must never block the loop
             self.epoll.register(fd, LISTEN_EVENTS)
         self.accepting = True
         self._publish_load()
+
+    def _let_in(self: Worker) -> None:
+        """Held (a USR2 successor's worker): accept from now on if our master's header says so.
+
+        Until then the old master's workers take every new connection, so a successor that
+        gives up or is stopped before it was let in holds no client (docs/DESIGN.md).
+        """
+        try:
+            held = self.spec.board.read_header().accepts_held
+        except (OSError, ValueError):  # a header that never checks out: ask again next tick
+            return
+        if not held:
+            self.held = False
+            log.debug("let in: accepting")
+            if self.state == SERVING and not self._full() and not self.accept_paused:
+                self._start_accepting()
 
     def _stop_accepting(self: Worker) -> None:
         if self.accepting:

@@ -39,9 +39,10 @@ from .scoreboard import SLOTS, Counters, Header, Scoreboard
 from .scoreboard import path_for as scoreboard_path
 from .sockets import ACTIVATED, BindError, format_address, open_listeners, refuse_new_connections
 from .spread import make_loads
+from .strays import StrayLog
 from .supervision import KILL_GRACE, Pool, Supervision
 from .systemd import Notifier, listen_fds
-from .upgrade import ENV_PREDECESSOR, ENV_READY_FD, Channel, Upgrade, Upgrades, inherited_listeners
+from .upgrade import ENV_PREDECESSOR, ENV_READY_FD, Channel, Upgrade, Upgrades, alive, inherited_listeners
 
 if TYPE_CHECKING:
     from .clients import ClientTable
@@ -82,6 +83,10 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
         self.ready_fd: int | None = None  # whoever waits for us to serve: --daemon's launcher, an old master
         self.predecessor: Channel | None = None  # the old master, while we are its USR2 successor
         self.predecessor_pid = 0
+        # The other master of a USR2 upgrade that holds our listening sockets too: the predecessor
+        # we inherited them from until it confirms, a successor that failed until it is gone.
+        # Sockets another master holds are closed at a stop, never filtered (begin_stop).
+        self.shared_with = 0
         self.last_upgrade = ""
         self.announced_ready = False
         self.stopping: str | None = None  # None, "graceful", "fast" or "upgraded"
@@ -92,6 +97,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
         self.loads = make_loads(SLOTS)  # each worker's live connections, to spread accepts (spread.py)
         self.balance = Balance()  # the agent port, the drain state, drain_delay (balancer.py)
         self.failed_turns = 0  # loop turns in a row that raised
+        self.strays = StrayLog()  # signals with no meaning here: logged and ignored (strays.py)
 
     # --- start ---------------------------------------------------------
 
@@ -126,6 +132,8 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
             self.predecessor = Channel(self.ready_fd)
             os.set_blocking(self.ready_fd, False)
             self.notifier.muted = True  # until the old master has handed us the service
+            self.shared_with = self.predecessor_pid
+            self.header.accepts_held = 1  # until it lets us in (upgrade.py)
         self.next_status = 0.0
         self.set_title()  # before the PID file names us: readers check the title
         try:
@@ -156,6 +164,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
             self.cleanup()
             raise StartError(f"agent: {e}") from None
         self._install_signals()
+        self.publish()  # before the first fork: a held worker reads accepts_held here
         log.info("master started: %d workers, config %s", self.cfg.workers, self.config_name())
 
     def board_path(self) -> str | None:
@@ -171,6 +180,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
         signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
         for sig in SIGNALS:
             signal.signal(sig, _record_only)
+        self.strays.block()  # read once a turn and logged: no stray signal ends the master
 
     def signal_table(self) -> list[int]:
         return list(SIGNALS)
@@ -206,6 +216,7 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
         """One turn of the loop; True once a stop is complete."""
         for signum in self.wait():
             self.guarded(self.dispatch, SIGNALS[signum].upper())
+        self.strays.collect()
         self.reap()
         self.check_balance()
         if self.stopping:
@@ -335,22 +346,35 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing):
         """
         if self.stopping == "fast" or self.stopping == how:
             return
+        if self.stopping == "upgraded" and how != "fast":  # retiring hands every client over already
+            log.info("%s stop: already handing over to the new master", how)
+            return
         if how != "upgraded":
             self.notifier.stopping()
         log.info("%s stop: signalling %d workers", how, len(self.pool.workers))
         self.stopping = how  # first: nothing below may start a queued reload
         self.reload_queued = False
+        # Sockets shared with the other master of an upgrade are closed, never filtered: after a
+        # hand-over they are the successor's; a successor shares its predecessor's until that one
+        # confirms; a successor we start, or one that failed, holds ours until it is gone.
+        shared = how == "upgraded" or self.listeners_shared()
         if self.upgrade:
             self.abandon_upgrade("stopping")
         self.stop_deadline = time.monotonic() + grace
-        # Sockets shared with the other master of an upgrade are closed, never filtered: after a
-        # hand-over they are the successor's, and a successor not yet let in shares the old master's.
-        self.release_listeners(shared=how == "upgraded" or self.predecessor is not None)
+        self.release_listeners(shared)
         if how == "upgraded":
             for worker in list(self.pool.workers.values()):
                 self.retire(worker)
         else:
             self.pool.signal_all(worker_signal)
+
+    def listeners_shared(self) -> bool:
+        """Does another master hold our listening sockets now?  (See shared_with.)"""
+        if self.upgrade is not None:
+            return True
+        if self.shared_with and not alive(self.shared_with):
+            self.shared_with = 0
+        return bool(self.shared_with)
 
     def release_listeners(self, shared: bool) -> None:
         """Close our copies: all of them when another master shares them, else those that are not

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 RELOAD_TIMEOUT = 30.0  # a new generation not serving by then is abandoned
 
 
+FIXED_AT_START = ("pid_file", "drain_file")  # a reload that changes them is refused
+
+
 @dataclass
 class Reload:
     cfg: Config
@@ -47,6 +50,12 @@ class Generations:
             self.reload_done(False, "config refused: " + "; ".join(e.problems))
             for problem in e.problems:
                 log.error("reload refused: %s: %s", e.path, problem)
+            return
+        fixed = [name for name in FIXED_AT_START if getattr(cfg, name) != getattr(self.cfg, name)]
+        if fixed:  # where the files are is every other process's way to us: half a move loses them
+            why = f"{' and '.join(fixed)} changed: restart to apply"
+            self.reload_done(False, why)
+            log.error("reload refused: %s", why)
             return
         try:
             listeners = open_listeners(cfg, self.listeners)

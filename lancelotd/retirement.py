@@ -140,7 +140,8 @@ class Retirement:
             return
         # From serving: graceful_timeout to finish; from an expired drain: time to flush.
         self.deadline = now + (self.cfg.graceful_timeout if self.state == SERVING else LINGER_SECONDS)
-        self._last_sweep(now)
+        if not self.held:  # a held worker's queue is the old master's, whose workers serve it
+            self._last_sweep(now)
         self._close_listeners()
         self.handoff.stop_receiving()
         self._set_state(STOPPING, now)

@@ -151,13 +151,16 @@ class Header:
     agent_port: int = 0  # so `status` can tell the agent listener from the service's
     balance: int = 0  # balancer.READY, DRAINED, STOPPING or NOT_SERVING: what the agent answers
     drained: int = 0  # 1 while the operator's drain file exists (also while stopping)
+    # 1 in a USR2 successor until the old master lets it in: its workers boot and serve hand-offs, but
+    # accept nothing, so a successor that gives up holds no client (upgrade.py)
+    accepts_held: int = 0
 
 
 # q = 8-byte words throughout, d for times.
 # Header: magic, sequence, checksum, then the fields; the message follows at HEADER_SIZE.
 # The checksum covers everything from the fields to the message's end (RECORD_AT:SLOTS_AT).
 SEQ_AT, CHECKSUM_AT, RECORD_AT = 8, 16, 24
-HEADER_FMT = "<qdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES) + "qqq"
+HEADER_FMT = "<qdqqqqdqqqqqq" + "q" * len(COUNTER_NAMES) + "qqqq"
 HEADER_SIZE = 512
 MESSAGE_SIZE = 1024  # the last reload's result, for `lancelotd reload` to print
 SLOTS_AT = HEADER_SIZE + MESSAGE_SIZE
@@ -362,7 +365,8 @@ class Scoreboard:
                          h.master_pid, h.started, h.generation, h.workers_target,
                          h.reloads, h.reload_failures, h.last_reload, h.last_reload_ok, h.replaced_crashed,
                          h.replaced_hung, h.recycled, h.reload_pending, h.metrics_port,
-                         *(getattr(c, name) for name in COUNTER_NAMES), h.agent_port, h.balance, h.drained)
+                         *(getattr(c, name) for name in COUNTER_NAMES), h.agent_port, h.balance, h.drained,
+                         h.accepts_held)
         self.mem[HEADER_SIZE:SLOTS_AT] = data + bytes(MESSAGE_SIZE - len(data))
         self.mem[CHECKSUM_AT:RECORD_AT] = checksum(self.mem[RECORD_AT:SLOTS_AT])
         ints[SEQ_AT // 8] = seq + 1

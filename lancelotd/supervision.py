@@ -268,7 +268,8 @@ class Supervision:
         def fork(slot: int) -> int:
             spec = WorkerSpec(number, generation, list(listeners.values()), cfg, self.pid, self.board, slot,
                               self.events_w, cfg.max_requests + jitter, clients,
-                              proxied_listeners(cfg, listeners), self.loads)
+                              proxied_listeners(cfg, listeners), self.loads,
+                              held=bool(self.header.accepts_held))
             if self.clients is not None:
                 self.clients.open_region(slot)
             if self.loads is not None:

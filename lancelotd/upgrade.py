@@ -29,6 +29,7 @@ its metrics port again and serves on, with the same MainPID.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -42,12 +43,14 @@ from . import pidfile
 from .config import Config
 from .logs import log
 from .scoreboard import path_for as scoreboard_path
+from .spread import NUDGE
 from .supervision import KILL_GRACE, kill
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter
 
 UPGRADE_TIMEOUT = 30.0  # a new master not ready by then is abandoned
+KILL_WAIT = 1.0  # how long an abandon waits for a SIGKILLed new master to be gone
 # After a hand-over our workers drain for graceful_timeout, then flush and
 # linger (connections.LINGER_SECONDS each) before they exit: room for both.
 DRAIN_GRACE = 2 * 2.0 + KILL_GRACE
@@ -147,6 +150,8 @@ def _launcher(argv: list[str], cwd: str, env: dict[str, str], fds: list[int], re
                     os.set_inheritable(fd, True)
                 os.chdir(cwd)
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                if fault("exec"):
+                    raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC))
                 os.execve(argv[0], argv, env)
             except OSError as e:
                 os.write(ready_w, f"error cannot start {argv[0]}: {e.strerror}\n".encode())
@@ -234,11 +239,17 @@ class Upgrades:
                 self.abandon_upgrade(f"cannot keep a link to our scoreboard: {e.strerror}")
                 return
         upgrade.went = True
+        log.info("upgrade: new master %s serves: letting it take over", upgrade.pid)
         if not upgrade.channel.say("go"):
             self.upgrade_failed("the new master went away")
 
     def hand_over(self: Arbiter, upgrade: Upgrade) -> None:
         """The new master has the files: systemd follows it, and we drain."""
+        if fault("after-done"):  # the tests: let the new master's death happen before our look
+            time.sleep(0.3)
+        if upgrade.pid and not alive(upgrade.pid):  # died in the instant after "done": nobody to follow
+            self.upgrade_failed(f"the new master {upgrade.pid} died right after it took the files")
+            return
         self.upgrade = None
         if self.cfg.pid_file:
             try:
@@ -255,13 +266,26 @@ class Upgrades:
         self.set_title(" (old)")
 
     def check_upgrade(self: Arbiter) -> None:
-        if self.upgrade and time.monotonic() - self.upgrade.started > UPGRADE_TIMEOUT:
-            self.abandon_upgrade(f"the new master was not ready within {UPGRADE_TIMEOUT:.0f}s")
+        timeout = upgrade_timeout()
+        if self.upgrade and time.monotonic() - self.upgrade.started > timeout:
+            self.abandon_upgrade(f"the new master was not ready within {timeout:g}s")
 
     def abandon_upgrade(self: Arbiter, why: str) -> None:
-        """Stop a new master that has not taken over, and keep serving."""
-        if self.upgrade and self.upgrade.pid:
-            kill(self.upgrade.pid, signal.SIGTERM)
+        """Stop a new master that has not taken over, and keep serving.
+
+        Before "go" it has touched nothing shared and its workers accept nothing: TERM.  After
+        "go" it may be taking the files at this very moment, and nothing it does may come after
+        our rollback: SIGKILL, and the rollback once it is gone.  Its workers, orphaned, retire
+        and hand whatever they hold to the scoreboard's current generation: ours, by then.
+        """
+        upgrade = self.upgrade
+        if upgrade and upgrade.pid:
+            if upgrade.went:
+                kill(upgrade.pid, signal.SIGKILL)
+                if not wait_gone(upgrade.pid, KILL_WAIT):
+                    log.error("upgrade: the new master %d outlived SIGKILL for %gs", upgrade.pid, KILL_WAIT)
+            else:
+                kill(upgrade.pid, signal.SIGTERM)
         self.upgrade_failed(why)
 
     def upgrade_failed(self: Arbiter, why: str) -> None:
@@ -269,11 +293,16 @@ class Upgrades:
         upgrade = self.upgrade
         assert upgrade is not None
         self.upgrade = None
+        self.shared_with = upgrade.pid  # it may still hold our sockets while it stops
         upgrade.channel.close()
         if upgrade.went:
             self.restore_files()
-        if upgrade.pid and self.cfg.pid_file:  # a successor killed before its cleanup leaves it
-            remove_quietly(scoreboard_path(f"{self.cfg.pid_file}.new-{upgrade.pid}"))
+        if upgrade.pid and self.cfg.pid_file:  # what a successor killed before its cleanup leaves
+            pid_file = self.cfg.pid_file
+            record = pidfile.record_path(pid_file, upgrade.pid)
+            for path in (scoreboard_path(f"{pid_file}.new-{upgrade.pid}"), record,
+                         f"{record}.{upgrade.pid}.tmp", f"{pid_file}.{upgrade.pid}.tmp"):
+                remove_quietly(path)
         self.move_metrics(self.cfg)
         self.move_agent(self.cfg)
         self.set_title()
@@ -303,7 +332,11 @@ class Upgrades:
             if word == "go":
                 if fault("before-files"):
                     os._exit(3)
+                if fault("slow-go"):
+                    time.sleep(float(os.environ.get("LANCELOTD_TEST_SLOW_GO", "3")))
                 try:
+                    if fault("files-error"):
+                        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
                     self.take_files()
                 except OSError as e:  # the old master puts back whatever we managed to take
                     why = f"cannot take the PID file and scoreboard: {e.strerror}"
@@ -315,7 +348,10 @@ class Upgrades:
                     return
                 if fault("after-go"):
                     os._exit(3)
+                self.let_workers_in()
                 channel.say("done")
+                if fault("after-done"):
+                    os._exit(3)
             elif word == "confirmed" or (word == "eof" and self.pid_file_written):
                 self.become_the_master()
                 return
@@ -328,7 +364,11 @@ class Upgrades:
                 else:
                     log.warning("upgrade: the old master %d died before the hand-over: taking over",
                                 self.predecessor_pid)
-                    self.take_files()
+                    try:
+                        self.take_files()
+                    except OSError as e:  # serve all the same: nobody else will
+                        log.error("cannot take the PID file and scoreboard: %s; serving without them",
+                                  e.strerror)
                     self.become_the_master()
                 return
 
@@ -337,10 +377,20 @@ class Upgrades:
         assert self.predecessor is not None
         self.predecessor.close()
         self.predecessor = None
+        self.shared_with = 0  # the old master has released our sockets (or is gone)
+        self.let_workers_in()
         self.notifier.muted = False
         self.notifier.main_pid(self.pid)  # already said by the old master, unless it died
         self.notifier.ready(self.status_line())
         log.info("upgrade: this is the master now")
+
+    def let_workers_in(self: Arbiter) -> None:
+        """Let in by the old master (or its successor now): our workers accept from now on."""
+        if self.header.accepts_held:
+            self.header.accepts_held = 0
+            self.publish()  # the header first: a worker checks it when nudged
+            self.pool.signal_all(NUDGE)
+            log.info("upgrade: let in: our workers accept new connections")
 
     def take_files(self: Arbiter) -> None:
         """Our scoreboard into its public place, then our PID in the PID file."""
@@ -351,6 +401,24 @@ class Upgrades:
         self.pid_file_written = True
 
 
+def upgrade_timeout() -> float:
+    """UPGRADE_TIMEOUT, or the tests' shorter LANCELOTD_TEST_UPGRADE_TIMEOUT."""
+    try:
+        return float(os.environ.get("LANCELOTD_TEST_UPGRADE_TIMEOUT", UPGRADE_TIMEOUT))
+    except ValueError:
+        return UPGRADE_TIMEOUT
+
+
+def wait_gone(pid: int, patience: float) -> bool:
+    """Wait (blocking, briefly) until `pid` has exited; False if it is still there after `patience`."""
+    deadline = time.monotonic() + patience
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def remove_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -359,13 +427,19 @@ def remove_quietly(path: str) -> None:
 
 
 def alive(pid: int) -> bool:
+    """Running, not a zombie (an orphaned master's reaper may not have reaped it yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # no /proc: kill()'s word stands
+        return True
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def fault(name: str) -> bool:

@@ -46,6 +46,7 @@ from .scoreboard import DRAINING, RECENT_CLIENTS, SERVING, STARTING, STOPPING, C
 from .scoreboard import path_for as scoreboard_path
 from .sockets import acceptor
 from .spread import NUDGE, AcceptLoads, Spreading
+from .strays import ignore_in_worker
 
 TICK = 1.0  # at most; see Worker.tick
 
@@ -72,6 +73,7 @@ class WorkerSpec:
     clients: ClientTable | None = None  # the per-client counts, when max_connections_per_client is set
     proxied: dict[int, tuple[str, ...]] = field(default_factory=dict)  # PROXY listeners' fd -> trusted
     loads: AcceptLoads | None = None  # every worker's live connections, to spread accepts (spread.py)
+    held: bool = False  # a USR2 successor's, not let in yet: no accept until the master says (upgrade.py)
 
 
 class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreading):
@@ -87,6 +89,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         self.conns: dict[int, Conn] = {}
         self.epoll = select.epoll()
         self.accepting = False
+        self.held = spec.held  # accepting.py: until our master's header says accepts_held = 0
         self.state = STARTING
         self.deadline = 0.0  # when a drain or stop gives up
         self.stop_wait_ends = 0.0  # at TERM: the end of the wait for questions on their way (retirement.py)
@@ -127,6 +130,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         for sig in MASTER_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        ignore_in_worker()  # stray signals (strays.py): SIG_IGN, and unblocked (the master blocks them)
         self.epoll.register(self.sig_r, EPOLLIN)
         # Only now: what came during boot reaches our handlers, and the loop.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BOOT_BLOCKED)
@@ -271,13 +275,18 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
     # --- timers and signals --------------------------------------------
 
     def _tick(self, now: float) -> int | None:
-        if os.getppid() != self.master_pid:
-            log.warning("master %d is gone: exiting", self.master_pid)
-            return 1
+        if os.getppid() != self.master_pid and self.state == SERVING:
+            # Retire the normal way: our clients go to whoever the public scoreboard names (after a
+            # USR2 successor died, the old master's workers again), the inbox is removed at exit.
+            log.warning("master %d is gone: retiring", self.master_pid)
+            self.held = False
+            self._drain(now)
         self._expire(now)
         self._expire_headers(now)  # PROXY headers not complete in time (proxied.py)
         self._shed(now)  # a drained host, max_connection_age (draining.py)
         self.accept_pause.check_over(now)
+        if self.held:
+            self._let_in()  # a nudge lost (or sent before our handlers): the header says it too
         self.handoff.tick(now)
         if self.state == DRAINING:
             self._hand_off()  # again, for those a target could not take before
@@ -317,6 +326,8 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
             elif signum == signal.SIGALRM:
                 self._alarm(now)
             elif signum == NUDGE:
+                if self.held:
+                    self._let_in()  # the master's word, unless it is a stray nudge
                 self._nudged(now)
             else:  # INT, QUIT: fast stop
                 return self._exit_code()
@@ -344,12 +355,20 @@ def run_worker(spec: WorkerSpec) -> int:
     # failing late), then a failure (boot back-off, failed reloads and upgrades).
     # LANCELOTD_TEST_BOOT_DELAY=SECONDS[@GEN:NUMBER], LANCELOTD_TEST_FAIL_BOOT=GEN[:NUMBER].
     who_am_i = f"{spec.generation}:{spec.number}"
+    # Each may be made conditional on a file's presence (..._IF=PATH): a test then touches it
+    # once the first master serves, and only a USR2 successor's workers are affected.
     delay, _, who = os.environ.get("LANCELOTD_TEST_BOOT_DELAY", "").partition("@")
-    if delay and who in ("", who_am_i):
+    delay_if = os.environ.get("LANCELOTD_TEST_BOOT_DELAY_IF", "")
+    if delay and who in ("", who_am_i) and (not delay_if or os.path.exists(delay_if)):
         time.sleep(float(delay))
     fail_if = os.environ.get("LANCELOTD_TEST_FAIL_BOOT_IF", "")
-    failing = os.environ.get("LANCELOTD_TEST_FAIL_BOOT") in (str(spec.generation), who_am_i)
-    if failing or (fail_if and os.path.exists(fail_if)):
+    fail_who = os.environ.get("LANCELOTD_TEST_FAIL_BOOT")
+    failing = fail_who in (str(spec.generation), who_am_i)
+    if fail_if and fail_who:  # both: that worker, once the file exists
+        failing = failing and os.path.exists(fail_if)
+    elif fail_if:
+        failing = os.path.exists(fail_if)
+    if failing:
         log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT*)")
         return 3
     return Worker(spec).run()

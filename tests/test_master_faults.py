@@ -22,6 +22,8 @@ from conftest import Daemon
 from helpers import NAME_A, NAME_Q, lancelotd_cli, recv_until, wait_for, wait_log
 
 from lancelotd.scoreboard import SERVING, Scoreboard
+from lancelotd.strays import STRAY
+from lancelotd.strays import name as stray_name
 
 
 def worker_pids(d: Daemon) -> set[int]:
@@ -48,16 +50,59 @@ def stops_cleanly(d: Daemon) -> None:
     assert "master stopped" in d.log()
 
 
-@pytest.mark.parametrize("signum", [35, 40, 63])
-def test_worker_killed_by_a_real_time_signal_is_replaced(start_daemon, signum):
+class Askers:
+    """Persistent clients asking in a loop on their own connections; every failure is recorded."""
+
+    def __init__(self, port: int, count: int = 4) -> None:
+        self.port, self.count = port, count
+        self.failures: list[str] = []
+        self.answered = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._ask, daemon=True) for _ in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def _ask(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                while not self.stop.is_set():
+                    sock.sendall(NAME_Q)
+                    answer = recv_until(sock, b".")
+                    if answer != NAME_A:
+                        self.failures.append(f"answer {answer!r}")
+                        return
+                    self.answered += 1
+        except BaseException as e:  # noqa: BLE001 - every kind of failure counts
+            self.failures.append(repr(e))
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+        assert not self.failures, self.failures
+
+
+def test_no_stray_signal_ends_the_master_or_a_worker(start_daemon):
+    """Every catchable signal whose default action would end a process, and that lancelotd gives no
+    meaning (strays.py), sent to the master and to every worker under load: the master logs each
+    once with its sender and goes on; the workers ignore them; no client notices."""
     d = start_daemon("-w", "2", workers=2)
-    victim = min(wait_serving(d, 2))
-    os.kill(victim, signum)
-    name = f"SIGRTMIN+{signum - signal.SIGRTMIN}" if signum != signal.SIGRTMIN else "SIGRTMIN"
-    wait_log(d.log_file, rf"\(pid {victim}, gen 1\) was killed by {re.escape(name)} unexpectedly: replacing")
-    wait_for(lambda: len(worker_pids(d) - {victim}) == 2, 5, "a replacement")
+    workers = wait_serving(d, 2)
+    askers = Askers(d.port)
+    wait_for(lambda: askers.answered > 100, 10, "the clients to be asking")
+    for signum in sorted(STRAY):
+        for pid in (d.proc.pid, *workers):
+            os.kill(pid, signum)
+    for signum in sorted(STRAY):
+        wait_log(d.log_file, rf"ignored signal {re.escape(stray_name(signum))} from pid {os.getpid()}\b")
+    before = askers.answered
+    wait_for(lambda: askers.answered > before + 100, 10, "the clients to go on being answered")
+    os.kill(d.proc.pid, signal.SIGALRM)  # again, within the minute: counted, not logged again
+    os.kill(d.proc.pid, signal.SIGALRM)
+    askers.finish()
     assert d.proc.poll() is None
-    assert d.ask(NAME_Q) == NAME_A
+    assert worker_pids(d) == workers, "a worker was replaced"
+    assert len(re.findall(r"ignored signal SIGALRM ", d.log())) == 1
     assert "Traceback" not in d.log()
     stops_cleanly(d)
 
