@@ -133,11 +133,13 @@ class HandOff:
         """A connection handed to us: adopt it, or refuse it (the sender still has its own copy)."""
         for extra in fds[1:]:
             wire.close_fd(extra)
+        if data[:1] != wire.HANDED or len(data) < 2 or data[1] != wire.VERSION:
+            return self._other_version(channel, data, fds)
         if len(data) < wire.HAND.size or flags & socket.MSG_TRUNC:
             for fd in fds[:1]:
                 wire.close_fd(fd)
             return  # no id to answer by: the sender takes it back at the deadline
-        _, ident, deadline, last, family, address, port = wire.HAND.unpack_from(data)
+        _, _, ident, deadline, last, family, address, port = wire.HAND.unpack_from(data)
         pending, peer = data[wire.HAND.size:], unpack_address(family, address, port)
         sock = wire.socket_of(fds[0]) if fds else None
         if sock is None:
@@ -156,6 +158,21 @@ class HandOff:
         log_refusal = log.warning if reason in (wire.NO_FD, wire.MALFORMED) else log.info
         log_refusal("refused a connection from worker %d: %s", channel.peer, wire.REASONS[reason])
         self._answer(channel, wire.ANSWER.pack(wire.REFUSED, ident, reason), sock, pending, peer)
+
+    def _other_version(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        """A hand message we cannot read (another release, across a USR2): refused by its id, so its
+        sender serves the connection again at once instead of after the deadline."""
+        for fd in fds:
+            wire.close_fd(fd)  # the sender keeps its own copy
+        at = 1 if data[:1] == wire.UNVERSIONED else 2
+        version = "none" if at == 1 else str(data[1])
+        if len(data) < at + wire.IDENT.size:
+            log.warning("hand-off message from worker %d too short to answer: ignored", channel.peer)
+            return
+        (ident,) = wire.IDENT.unpack_from(data, at)
+        log.warning("refused a connection from worker %d: hand-off format version %s, ours is %d",
+                    channel.peer, version, wire.VERSION)
+        self._answer(channel, wire.ANSWER.pack(wire.REFUSED, ident, wire.MALFORMED), None, b"", None)
 
     def _answer(self, channel: Channel, message: bytes, held: socket.socket | None, pending: bytes,
                 peer: tuple | None) -> None:
@@ -221,7 +238,8 @@ class HandOff:
         self.last_id = (self.last_id + 1) & 0xFFFFFFFF
         deadline = time.monotonic() + ANSWER_WITHIN
         try:
-            header = wire.HAND.pack(wire.HANDED, self.last_id, deadline, conn.last, *pack_address(conn.peer))
+            header = wire.HAND.pack(wire.HANDED, wire.VERSION, self.last_id, deadline, conn.last,
+                                    *pack_address(conn.peer))
             socket.send_fds(channel.sock, [header, pending], [conn.fd])
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
@@ -330,7 +348,7 @@ class HandOff:
                 answered = answered or bool(channel.flights)
                 self._lost(channel)
                 break
-            if data[:1] == wire.HANDED:
+            if data[:1] in (wire.HANDED, wire.UNVERSIONED):
                 self._received(channel, data, fds, flags)
                 continue
             for fd in fds:  # an answer carries no descriptor: we kept our own copy

@@ -70,14 +70,39 @@ class Session:
         self.held = False
 
     def feed(self, data: bytes, cap: int = SLICE_BYTES) -> tuple[bytes, bool]:
-        if not self.pending:
+        pending = self.pending
+        if not pending:
             answer = self.table.exact.get(data)
             if answer is not None:  # the hot path: one whole, known question
                 return answer, False
+        elif b"?" not in data and not self.held:
+            return self._extend(pending, data)
         else:
-            data = self.pending + data
+            data = bytes(pending) + data
             self.pending = b""
         return self._feed_slow(data, cap)
+
+    def _extend(self, pending: bytes | bytearray, data: bytes) -> tuple[bytes, bool]:
+        """More of an unfinished question: judge only the new bytes, and keep them in place.
+
+        A client that sends a long question a byte at a time costs time in proportion to
+        what it sends, not to the question so far (which is known to be valid: ASCII, not too
+        long, no leading white space).
+        """
+        max_len = self.table.max_bytes - 1  # max_question_bytes counts the '?'
+        size = len(pending) + len(data)
+        if not data.isascii():
+            first = len(pending) + next(i for i, byte in enumerate(data) if byte > 127)
+            self.pending = b""
+            return (NOT_ASCII if first <= max_len else TOO_LONG), True
+        if size > max_len:
+            self.pending = b""
+            return TOO_LONG, True
+        if isinstance(pending, bytearray):
+            pending += data  # in place: no copy of what came before
+        else:
+            self.pending = bytearray(pending) + data
+        return b"", False
 
     def resume(self, cap: int = SLICE_BYTES) -> tuple[bytes, bool]:
         """The next slice of the input a capped feed() left unparsed."""

@@ -37,12 +37,19 @@ from .config import default_pid_file
 from .protocol import Session
 
 MAX_PENDING = 65536  # an unfinished question travels with its connection (max_question_bytes <= 65536)
-# b"H", id, deadline, the connection's last progress (its idle timer: CLOCK_MONOTONIC is one clock for
-# every process of the host), the client's address (sockets.pack_address: from a PROXY header, it is
-# not the socket's peer); then the unfinished question; the socket as SCM_RIGHTS.
-HAND = struct.Struct("=cIddB16sH")
+# b"V", the format's version, id, deadline, the connection's last progress (its idle timer:
+# CLOCK_MONOTONIC is one clock for every process of the host), the client's address
+# (sockets.pack_address: from a PROXY header, it is not the socket's peer); then the unfinished
+# question; the socket as SCM_RIGHTS.  Across a USR2 upgrade the two ends may be two releases: a
+# message of another version (or the unversioned b"H" of releases before 1) is refused with
+# MALFORMED by its id, which every version keeps right after the kind (and version) byte, so its
+# sender serves the connection again at once.
+HAND = struct.Struct("=cBIddB16sH")
+VERSION = 1
 ANSWER = struct.Struct("=cIc")  # b"A" (adopted) or b"R" (refused), id, reason
-HANDED, ADOPTED, REFUSED = b"H", b"A", b"R"
+HANDED, ADOPTED, REFUSED = b"V", b"A", b"R"
+UNVERSIONED = b"H"  # the hand message of releases before VERSION 1: id at offset 1
+IDENT = struct.Struct("=I")
 FULL, LEAVING, LATE, NO_FD, MALFORMED = b"F", b"L", b"T", b"D", b"X"  # why a receiver refuses
 REASONS = {FULL: "full", LEAVING: "not serving", LATE: "too late", NO_FD: "out of descriptors",
            MALFORMED: "malformed message"}

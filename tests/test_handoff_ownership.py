@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import select
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def received_ids(theirs: socket.socket) -> list[int]:
             return ids
         for fd in wire.fds_of(ancdata):
             wire.close_fd(fd)
-        ids.append(wire.HAND.unpack_from(data)[1])
+        ids.append(wire.HAND.unpack_from(data)[2])
 
 
 EVENTS = ("refused", "eof", "deadline", "adopted")
@@ -241,4 +242,26 @@ def test_a_channel_epoll_cannot_watch_is_closed_and_nothing_is_lent(tmp_path, cl
     assert not ho._watch(Channel(ours, TARGET, outbound=True))
     assert ours.fileno() == -1 and not ho.channels
     assert theirs.recv(1) == b""  # EOF on the other side
+    theirs.close()
+
+
+@pytest.mark.parametrize("message", ["unversioned", "version 99"])
+def test_a_hand_message_of_another_version_is_refused_at_once_by_its_id(tmp_path, clients, message):
+    """Across a USR2 upgrade the sender may be another release: its message is refused (X) by its
+    id, so the sender serves the connection again at once rather than after the deadline."""
+    host = Host()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    receiver = handoff.HandOff(host, str(tmp_path / "l.pid"), "", None, 100)  # type: ignore[arg-type]
+    assert receiver._watch(Channel(ours, TARGET, outbound=False))
+    client, server = clients()
+    if message == "unversioned":  # the format of releases before the version byte
+        data = struct.pack("=cIddB16sH", b"H", 77, time.monotonic() + 2, time.monotonic(), 0, b"", 0)
+    else:
+        data = wire.HAND.pack(wire.HANDED, 99, 77, time.monotonic() + 2, time.monotonic(), 0, b"", 0)
+    socket.send_fds(theirs, [data], [server.fileno()])
+    receiver.on_event(ours.fileno(), time.monotonic())
+    answer = theirs.recv(64)
+    assert wire.ANSWER.unpack(answer) == (wire.REFUSED, 77, wire.MALFORMED)
+    assert not host.conns  # nothing adopted: the sender's copy is the one that lives on
     theirs.close()
