@@ -132,7 +132,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .arbiter import Arbiter, StartError
     from .daemonize import detach
-    from .upgrade import ENV_READY_FD
+    from .launcher import ENV_READY_FD
 
     configure = config_loader(args)
     try:

@@ -15,7 +15,7 @@ import time
 
 import daemon
 
-from .upgrade import ENV_READY_FD
+from .launcher import ENV_READY_FD
 
 READY_TIMEOUT = 60.0  # a master not serving by then has failed (its log says why)
 

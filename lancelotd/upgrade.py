@@ -14,17 +14,19 @@ two masters talk over a socketpair (LANCELOTD_READY_FD; --daemon's launcher
 uses the same variable for a pipe that only hears "ready" or "error"):
 
     launcher -> old   pid N
-    new -> old        ready            its workers serve; it has touched no shared file yet
+    new -> old        ready            its workers run, held (they accept nothing); no shared file touched
     old -> new        go               old has kept a link to its scoreboard (for a rollback)
-    new -> old        done             new moved its scoreboard into place and wrote the PID file
+    new -> old        done             new moved its scoreboard into place, wrote the PID file, let its
+                                       workers in (they accept from now on)
     old -> new        confirmed        old sent MAINPID=new and wrote PIDFILE.oldbin; it now drains
     new -> old        error REASON     (any time before "done"): it gives up
 
 Until "confirmed" the new master says nothing to systemd: a successor that
 fails and stops must not send STOPPING=1 for a service that keeps running.
-Anything short of "done" - an error, an exit, UPGRADE_TIMEOUT - and the old
-master puts back whatever the new one touched (PID file, scoreboard), binds
-its metrics port again and serves on, with the same MainPID.
+Anything short of "done" - an error, an exit, UPGRADE_TIMEOUT, or a new master
+found dead at "done" - and the old master puts back whatever the new one touched
+(PID file, scoreboard), binds its metrics port again and serves on, with the
+same MainPID.  Launching is launcher.py; docs/DESIGN.md has the failure matrix.
 """
 
 from __future__ import annotations
@@ -32,15 +34,14 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import pidfile
 from .config import Config
+from .launcher import Channel, fault, launch_successor
 from .logs import log
 from .scoreboard import path_for as scoreboard_path
 from .spread import NUDGE
@@ -54,9 +55,6 @@ KILL_WAIT = 1.0  # how long an abandon waits for a SIGKILLed new master to be go
 # After a hand-over our workers drain for graceful_timeout, then flush and
 # linger (connections.LINGER_SECONDS each) before they exit: room for both.
 DRAIN_GRACE = 2 * 2.0 + KILL_GRACE
-ENV_INHERIT = "LANCELOTD_INHERIT_FDS"
-ENV_READY_FD = "LANCELOTD_READY_FD"
-ENV_PREDECESSOR = "LANCELOTD_UPGRADE_FROM"  # the old master's PID, in the new master
 
 
 @dataclass
@@ -67,113 +65,6 @@ class Upgrade:
     pid: int = 0  # the new master's, once the launcher has said it
     went: bool = False  # "go" sent: the new master may have touched the PID file and scoreboard
     started: float = field(default_factory=time.monotonic)
-
-
-class Channel:
-    """One end of the masters' socketpair: lines out, lines in."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.news = b""
-
-    def read(self) -> list[tuple[str, str]]:
-        """The lines that arrived, as (word, rest); ("eof", "") once the other side is gone."""
-        try:
-            data = os.read(self.fd, 4096)
-        except BlockingIOError:
-            return []
-        except OSError:
-            data = b""
-        if not data:
-            return [("eof", "")]
-        self.news += data
-        lines = []
-        while b"\n" in self.news:
-            line, _, self.news = self.news.partition(b"\n")
-            word, _, rest = line.decode("utf-8", "replace").partition(" ")
-            lines.append((word, rest))
-        return lines
-
-    def say(self, line: str) -> bool:
-        """Send one line; False when the other side is gone."""
-        try:
-            os.write(self.fd, (line + "\n").encode("utf-8", "replace"))
-        except OSError:
-            return False
-        return True
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def launch_successor(argv: list[str], cwd: str, listeners: dict[str, socket.socket],
-                     blocked: Iterable[int]) -> Upgrade:
-    """Start `argv` as a new master that inherits `listeners`; returns what to watch.
-
-    `blocked` are the signals the master handles: they stay blocked across
-    the forks, so none reaches a child that still has the master's handlers.
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)  # OSError goes to the caller
-    ready_r, ready_w = ours.detach(), theirs.detach()
-    os.set_blocking(ready_r, False)
-    fds = {sock.fileno(): address for address, sock in listeners.items()}
-    env = dict(os.environ)
-    env[ENV_INHERIT] = ",".join(f"{fd}={address}" for fd, address in fds.items())
-    env[ENV_READY_FD] = str(ready_w)
-    env[ENV_PREDECESSOR] = str(os.getpid())
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        if os.fork() == 0:
-            _launcher(argv, cwd, env, [*fds, ready_w], ready_w, blocked)
-    except OSError:
-        os.close(ready_r)
-        raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        os.close(ready_w)
-    return Upgrade(Channel(ready_r))
-
-
-def _launcher(argv: list[str], cwd: str, env: dict[str, str], fds: list[int], ready_w: int,
-              blocked: Iterable[int]) -> None:
-    """In the short-lived child: fork and exec the new master, report its PID, exit."""
-    try:
-        signal.set_wakeup_fd(-1)
-        for sig in blocked:
-            signal.signal(sig, signal.SIG_DFL)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                for fd in fds:
-                    os.set_inheritable(fd, True)
-                os.chdir(cwd)
-                signal.pthread_sigmask(signal.SIG_SETMASK, set())
-                if fault("exec"):
-                    raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC))
-                os.execve(argv[0], argv, env)
-            except OSError as e:
-                os.write(ready_w, f"error cannot start {argv[0]}: {e.strerror}\n".encode())
-            finally:
-                os._exit(1)
-        os.write(ready_w, f"pid {pid}\n".encode())
-    finally:
-        os._exit(0)
-
-
-def inherited_listeners() -> dict[str, socket.socket]:
-    """In the new master: the sockets the old one handed us, by the address they were bound for."""
-    spec = os.environ.pop(ENV_INHERIT, "")
-    inherited = {}
-    for item in filter(None, spec.split(",")):
-        fd, _, address = item.partition("=")
-        sock = socket.socket(fileno=int(fd))
-        sock.set_inheritable(False)
-        inherited[address] = sock
-    return inherited
-
-
 
 
 class Upgrades:
@@ -201,7 +92,7 @@ class Upgrades:
         self.move_metrics(Config(metrics_bind=""))  # the new master binds it again
         self.move_agent(Config(agent_bind=""))  # the same
         try:
-            self.upgrade = launch_successor(argv, self.cwd, self.listeners, self.signal_table())
+            self.upgrade = Upgrade(launch_successor(argv, self.cwd, self.listeners, self.signal_table()))
         except OSError as e:
             self.move_metrics(self.cfg)
             self.move_agent(self.cfg)
@@ -440,8 +331,3 @@ def alive(pid: int) -> bool:
     except OSError:  # no /proc: kill()'s word stands
         return True
     return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
-
-
-def fault(name: str) -> bool:
-    """Fault injection for the upgrade tests (LANCELOTD_TEST_UPGRADE_FAULT)."""
-    return os.environ.get("LANCELOTD_TEST_UPGRADE_FAULT") == name
