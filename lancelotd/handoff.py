@@ -16,9 +16,10 @@ the deadline written in the message (CLOCK_MONOTONIC, one clock for every
 process), and the sender takes a connection back only PATIENCE after it: so the
 two never both serve one.  The wire protocol is in docs/DESIGN.md.
 
-The receiving half is receiving.py; the rendezvous and the wire format are in rendezvous.py (inboxes in the PID
-file's directory, peer credentials checked both ways); targets come from the scoreboard beside the PID
-file, which after a USR2 upgrade is the new master's.
+The receiving half is receiving.py; the rendezvous and the wire format are in
+rendezvous.py (inboxes in the PID file's directory, peer credentials checked both
+ways); targets come from the scoreboard beside the PID file, which after a USR2
+upgrade is the new master's.
 """
 
 from __future__ import annotations

@@ -124,5 +124,16 @@ def inherited_listeners() -> dict[str, socket.socket]:
 
 
 def fault(name: str) -> bool:
-    """Fault injection for the upgrade tests (LANCELOTD_TEST_UPGRADE_FAULT)."""
-    return os.environ.get("LANCELOTD_TEST_UPGRADE_FAULT") == name
+    """Fault injection for the upgrade tests: LANCELOTD_TEST_UPGRADE_FAULT names the fault, or
+    LANCELOTD_TEST_UPGRADE_FAULT_FILE names a file that does (read at each check, so a soak test
+    can break one upgrade in ten and let the others through)."""
+    if os.environ.get("LANCELOTD_TEST_UPGRADE_FAULT") == name:
+        return True
+    path = os.environ.get("LANCELOTD_TEST_UPGRADE_FAULT_FILE")
+    if not path:
+        return False
+    try:
+        with open(path) as f:
+            return f.read().strip() == name
+    except OSError:
+        return False
