@@ -282,6 +282,10 @@ class Arbiter(Supervision, Generations, Upgrades, Reporting, Balancing, Stopping
         pass  # reap() runs after every wake-up anyway
 
     def handle_term(self) -> None:
+        if self.header.accepts_held:  # a USR2 successor not let in: its workers hold no client
+            log.info("TERM before the old master let us in: nothing to finish")
+            self.begin_stop("fast", signal.SIGQUIT, KILL_GRACE)
+            return
         if self.delay_stop():  # drain_delay: the balancer is told first, the stop comes later
             return
         self.begin_stop("graceful", signal.SIGTERM, self.cfg.graceful_timeout + KILL_GRACE)

@@ -251,7 +251,7 @@ class Upgrades:
                     log.warning("upgrade: the old master gave up on us before the hand-over: stopping")
                     self.predecessor = None
                     channel.close()
-                    self.begin_stop("graceful", signal.SIGTERM, self.cfg.graceful_timeout + KILL_GRACE)
+                    self.begin_stop("fast", signal.SIGQUIT, KILL_GRACE)  # held workers: no client
                 else:
                     log.warning("upgrade: the old master %d died before the hand-over: taking over",
                                 self.predecessor_pid)
