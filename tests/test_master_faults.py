@@ -213,3 +213,37 @@ def test_a_killed_workers_handoff_inbox_is_removed(start_daemon):
     wait_for(lambda: not inbox.exists(), 5, "the dead worker's inbox to be removed")
     stops_cleanly(d)
     assert not list(d.pid_file.parent.glob("*.handoff-*")), "every worker removed its own at exit"
+
+
+def test_a_reload_that_moves_the_drain_file_is_refused(start_daemon, tmp_path):
+    """Every other process finds the daemon through its files: half a move would lose them.
+    (pid_file takes the same path in generations.FIXED_AT_START; the harness fixes it with
+    --pid-file, which overrides the file.)"""
+    d = start_daemon(config="[server]\nworkers = 1\n", workers=1)
+    (first,) = worker_pids(d)
+    d.config_file.write_text(f'[server]\nworkers = 1\n[balancer]\ndrain_file = "{tmp_path / "elsewhere"}"\n')
+    result = lancelotd_cli("reload", "--pid-file", str(d.pid_file), "-c", str(d.config_file))
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "drain_file changed: restart to apply" in result.stdout + result.stderr
+    wait_log(d.log_file, r"reload refused: drain_file changed: restart to apply")
+    assert worker_pids(d) == {first}
+    assert d.ask(NAME_Q) == NAME_A
+    stops_cleanly(d)
+
+
+def test_a_worker_whose_master_is_gone_retires_and_removes_its_inbox(start_daemon):
+    d = start_daemon("-w", "1", workers=1)
+    (worker,) = worker_pids(d)
+    inbox = Path(f"{d.pid_file}.handoff-{worker}")
+    assert inbox.exists()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as held:
+        held.sendall(NAME_Q)
+        assert recv_until(held, b".") == NAME_A
+        d.signal(signal.SIGKILL)
+        d.wait_exit(5)
+        wait_log(d.log_file, rf"\[{worker}\] worker 1: master {d.proc.pid} is gone: retiring")
+        assert not inbox.exists(), "the inbox of a retiring worker is removed"
+        held.sendall(NAME_Q)  # still served while it drains (graceful_timeout)
+        assert recv_until(held, b".") == NAME_A
+    wait_for(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE,
+             10, "the worker to exit once its client has left")
