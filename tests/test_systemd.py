@@ -212,7 +212,11 @@ class Load:
 def test_start_answers_on_1060(sandbox):
     sb = sandbox
     installed = (sb.root / "etc/systemd/system" / UNIT).read_text()
-    assert installed == (REPO / "systemd" / UNIT).read_text()
+    # The repository's unit names the Debian package's /usr/bin/lancelotd; install.sh its venv's.
+    shipped = (REPO / "systemd" / UNIT).read_text()
+    assert installed == shipped.replace("/usr/bin/lancelotd", "/opt/lancelotd/bin/lancelotd")
+    assert ok(sb.run("sh", "-c", "command -v lancelotd; command -v lancelot")).split() == [
+        "/usr/local/bin/lancelotd", "/usr/local/bin/lancelot"], "install.sh: the commands are not on PATH"
     start(sb)
     # Type=notify: `systemctl start` came back after READY=1, so it serves now.
     assert ask(sb, NAME_Q, "What is your quest?") == f"{NAME_A}\nTo seek the Holy Grail.\n"
