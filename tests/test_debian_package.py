@@ -12,7 +12,8 @@ port 1060 answers, `systemctl reload`, `lancelotd status`, `man lancelotd`); the
 `apt-get install` of the newer .deb while persistent clients ask questions on open connections
 (the package hands the service over with USR2, as nginx's does: no question fails, no connection
 closes, the unit stays active, its MainPID changes); `apt-get remove` (stopped, config kept) and
-`apt-get purge` (config and state gone).  The figures are printed (`pytest -s`).
+`apt-get purge` (config and state gone).  A hand-over that fails (an invalid config) leaves the
+old master serving.  The figures are printed (`pytest -s`).
 
 Root, dpkg-buildpackage (with the build dependencies: `apt-get build-dep ./`) and mmdebstrap
 needed; skipped otherwise, with the reason.  .ci/run installs them.
@@ -281,6 +282,27 @@ def test_package_upgrade_hands_over_like_usr2(sandbox: Sandbox) -> None:
     assert "# kept: the admin changed this file" in ok(sb.run("cat", CONFIG)), \
         "the changed conffile was replaced"
     assert "My name is" in ok(sb.run("lancelot", "ask", "What is your name?"))
+
+
+@needs_root
+def test_failed_hand_over_with_an_invalid_config_keeps_the_old_master(sandbox: Sandbox) -> None:
+    """A new master that cannot start (here: the admin's config is invalid) changes nothing: the
+    postinst says so at once, and neither restarts the service (which would not come back)."""
+    sb = sandbox
+    good = ok(sb.run("cat", CONFIG))
+    sb.write(CONFIG, good + "\n[no_such_table]\n")
+    pid = main_pid(sb)
+    started = time.monotonic()
+    out = apt_get(sb, "install", "--reinstall", "./lancelotd_*.deb", cwd="/root/debs/newer")
+    took = time.monotonic() - started
+    print(f"[debian] reinstall with an invalid config took {took:.1f}s")
+    assert "upgrade FAILED" in out and "the old version keeps serving" in out, out
+    assert main_pid(sb) == pid
+    assert sb.systemctl("is-active", "lancelotd.service").stdout.strip() == "active"
+    assert sb.show("lancelotd.service", "NRestarts")["NRestarts"] == "0"
+    assert "My name is" in ok(sb.run("lancelot", "ask", "What is your name?"))
+    assert took < 30, "the postinst waited for a hand-over that had failed"
+    sb.write(CONFIG, good)
 
 
 @needs_root
