@@ -218,7 +218,7 @@ def test_install_enables_starts_and_serves(sandbox: Sandbox) -> None:
                                           "/usr/lib/systemd/system/lancelotd.service"), exec_start
     conffiles = ok(sb.run("dpkg-query", "--showformat=${Conffiles}", "--show", "lancelotd"))
     assert CONFIG in conffiles
-    # Port 1060 answers the protocol: the packaged client, and raw bytes from the host's side.
+    # Port 1060 answers the protocol: the packaged client, and raw bytes (the sandbox's python3).
     out = ok(sb.run("lancelot", "ask", "What is your name?", "What is your quest?"))
     assert out == "My name is Sir Lancelot of Camelot.\nTo seek the Holy Grail.\n"
     raw = ok(sb.run("python3", "-c", "import socket; s = socket.create_connection(('127.0.0.1', 1060), 5); "
