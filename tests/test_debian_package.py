@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -256,8 +257,16 @@ def test_package_upgrade_hands_over_like_usr2(sandbox: Sandbox) -> None:
     clients = 8
     with Load(sb, persistent=clients, per_request=0) as load:  # every client has had an answer
         before = load.mark()
+        states: list[str] = []
+        done = threading.Event()
+        watcher = threading.Thread(target=watch_state, args=(sb, states, done), daemon=True)
+        watcher.start()
         started = time.monotonic()
-        out = apt_get(sb, "install", "./lancelotd_*.deb", cwd="/root/debs/newer")
+        try:
+            out = apt_get(sb, "install", "./lancelotd_*.deb", cwd="/root/debs/newer")
+        finally:
+            done.set()
+            watcher.join(30)
         took = time.monotonic() - started
         after = load.mark()
         time.sleep(1)  # a second more of questions to the new master's workers
@@ -266,9 +275,11 @@ def test_package_upgrade_hands_over_like_usr2(sandbox: Sandbox) -> None:
     figures = {"questions_during_upgrade": asked, "failed": summary["errors"],
                "connections_opened": summary["connections"], "clients": clients,
                "connections_closed": summary["connections"] - clients,  # each one closed is reopened
-               "upgrade_seconds": round(took, 2), "answers_total": summary["answers"]}
+               "upgrade_seconds": round(took, 2), "answers_total": summary["answers"],
+               "unit_state_samples": len(states)}
     print(f"[debian] package upgrade under load: {json.dumps(figures)}")
     assert "upgraded in place" in out, out
+    assert states and set(states) == {"active"}, f"the unit was not active throughout: {states}"
     assert summary["errors"] == 0, summary["samples"]
     assert summary["connections"] == clients, f"connections were reopened: {summary}"
     assert asked > 0, "no question was asked during the upgrade"
@@ -282,6 +293,13 @@ def test_package_upgrade_hands_over_like_usr2(sandbox: Sandbox) -> None:
     assert "# kept: the admin changed this file" in ok(sb.run("cat", CONFIG)), \
         "the changed conffile was replaced"
     assert "My name is" in ok(sb.run("lancelot", "ask", "What is your name?"))
+
+
+def watch_state(sb: Sandbox, states: list[str], done: threading.Event) -> None:
+    """The unit's ActiveState, sampled until done (each sample a systemctl call inside)."""
+    while not done.is_set():
+        states.append(sb.systemctl("is-active", "lancelotd.service").stdout.strip())
+        done.wait(0.1)
 
 
 @needs_root
