@@ -28,6 +28,11 @@ import psutil
 if TYPE_CHECKING:
     from conftest import Daemon
 
+# The tests use psutil 6's name; Debian 12's python3-psutil (5.9.4, the package's floor) has the
+# same call as connections().  The daemon itself uses neither.
+if not hasattr(psutil.Process, "net_connections"):
+    psutil.Process.net_connections = psutil.Process.connections  # type: ignore[attr-defined]
+
 
 def _time_factor() -> float:
     raw = os.environ.get("LANCELOTD_TEST_TIME_FACTOR", "1")

@@ -1,6 +1,7 @@
 """A real systemd for the tests: PID 1 of private namespaces on a throw-away root.
 
-The machine's own /lib/systemd/systemd boots as PID 1 of new pid, mount, uts,
+The machine's own /lib/systemd/systemd (or, with `lower=DIR`, that of the OS tree in DIR, such
+as a Debian 12 root made by mmdebstrap) boots as PID 1 of new pid, mount, uts,
 ipc, cgroup and (by default) network namespaces, on an overlay whose lower
 layer is the host's / and whose every write lands in a tmpfs.  It reaches
 `running` in well under a second; powering it off (SIGRTMIN+4) takes about
@@ -72,7 +73,7 @@ def unavailable() -> str | None:
 
 class Sandbox:
     def __init__(self, state_dir: Path | None = None, private_net: bool = True,
-                 boot_timeout: float = 60.0) -> None:
+                 boot_timeout: float = 60.0, lower: Path | None = None) -> None:
         self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.cgroup = CGROUP_PREFIX + self.name
         parent = Path(state_dir) if state_dir else Path(tempfile.gettempdir())
@@ -80,6 +81,7 @@ class Sandbox:
         self.state = Path(tempfile.mkdtemp(prefix=f"sdsb-{self.name}-", dir=parent))
         (self.state / MARKER).touch()
         self.private_net = private_net
+        self.lower = Path(lower) if lower else None  # another OS tree as the root, else the host's
         self.boot_timeout = boot_timeout
         self.pid: int | None = None  # host PID of the sandbox's systemd
         self.launcher: subprocess.Popen[bytes] | None = None
@@ -94,7 +96,8 @@ class Sandbox:
     def env(self) -> dict[str, str]:
         return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "SDSB_STATE_DIR": str(self.state), "SDSB_CGROUP": self.cgroup,
-                "SDSB_PRIVATE_NET": "1" if self.private_net else "0", "SDSB_SYSTEMD": SYSTEMD}
+                "SDSB_PRIVATE_NET": "1" if self.private_net else "0", "SDSB_SYSTEMD": SYSTEMD,
+                "SDSB_LOWER": str(self.lower or "/")}
 
     def boot(self) -> Sandbox:
         """Start systemd and wait until it is `running` (or `degraded`); SandboxError if not."""
@@ -267,9 +270,9 @@ def _kill(pid: int, sig: int) -> None:
 
 @contextmanager
 def booted(state_dir: Path | None = None, private_net: bool = True,
-           journal_to: Path | None = None) -> Iterator[Sandbox]:
+           journal_to: Path | None = None, lower: Path | None = None) -> Iterator[Sandbox]:
     """A running sandbox for the block; powered off and removed afterwards, whatever happens."""
-    sandbox = Sandbox(state_dir, private_net)
+    sandbox = Sandbox(state_dir, private_net, lower=lower)
     try:
         yield sandbox.boot()
     finally:

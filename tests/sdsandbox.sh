@@ -10,6 +10,8 @@
 #   SDSB_CGROUP       name of the sandbox's cgroup at the root of the cgroup2 hierarchy
 #   SDSB_PRIVATE_NET  1 when the sandbox has its own network namespace
 #   SDSB_SYSTEMD      the systemd binary (/lib/systemd/systemd)
+#   SDSB_LOWER        the root's read-only lower layer (default /, the host's own; another
+#                     directory holding a whole OS tree boots that OS's systemd)
 #
 # Subcommands:
 #   stage1          PID 1 of the new pid namespace: give the sandbox its own cgroup, then stage2
@@ -56,10 +58,10 @@ stage2() {
     echo "$hostpid" > "$S/pid"
     T=$S/t
     mkdir -p "$T"
-    # The root: the host's / as the read-only lower layer, every write in a tmpfs.
+    # The root: the host's / (or SDSB_LOWER) as the read-only lower layer, every write in a tmpfs.
     mount -n -t tmpfs -o mode=755 sdsb-upper "$T"
     mkdir -p "$T/upper" "$T/work" "$T/root"
-    mount -n -t overlay overlay -o "lowerdir=/,upperdir=$T/upper,workdir=$T/work" "$T/root"
+    mount -n -t overlay overlay -o "lowerdir=${SDSB_LOWER:-/},upperdir=$T/upper,workdir=$T/work" "$T/root"
     R=$T/root
 
     mkdir -p "$R/etc/systemd/system"

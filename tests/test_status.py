@@ -831,9 +831,9 @@ def test_monit_stanza_is_valid(tmp_path):
         pytest.skip("monit is not installed")
     # monit insists that a checked program exists: point it at this venv's lancelotd.
     stanza = (REPO / "etc" / "monit" / "lancelotd").read_text()
-    assert "/opt/lancelotd/bin/lancelotd" in stanza
+    assert "/usr/bin/lancelotd" in stanza
     installed = Path(sys.executable).parent / "lancelotd"
-    (tmp_path / "lancelotd.monit").write_text(stanza.replace("/opt/lancelotd/bin/lancelotd", str(installed)))
+    (tmp_path / "lancelotd.monit").write_text(stanza.replace("/usr/bin/lancelotd", str(installed)))
     control = tmp_path / "monitrc"
     control.write_text(f"set daemon 30\ninclude {tmp_path / 'lancelotd.monit'}\n")
     control.chmod(0o600)

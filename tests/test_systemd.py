@@ -212,7 +212,11 @@ class Load:
 def test_start_answers_on_1060(sandbox):
     sb = sandbox
     installed = (sb.root / "etc/systemd/system" / UNIT).read_text()
-    assert installed == (REPO / "systemd" / UNIT).read_text()
+    # The repository's unit names the Debian package's /usr/bin/lancelotd; install.sh its venv's.
+    shipped = (REPO / "systemd" / UNIT).read_text()
+    assert installed == shipped.replace("/usr/bin/lancelotd", "/opt/lancelotd/bin/lancelotd")
+    assert ok(sb.run("sh", "-c", "command -v lancelotd; command -v lancelot")).split() == [
+        "/usr/local/bin/lancelotd", "/usr/local/bin/lancelot"], "install.sh: the commands are not on PATH"
     start(sb)
     # Type=notify: `systemctl start` came back after READY=1, so it serves now.
     assert ask(sb, NAME_Q, "What is your quest?") == f"{NAME_A}\nTo seek the Holy Grail.\n"
@@ -472,3 +476,28 @@ def test_uninstall(sandbox):
     assert sb.systemctl("cat", UNIT).returncode != 0
     ok(sb.run(f"{SRC}/systemd/uninstall.sh", "--purge", timeout=120))
     assert not (sb.root / "etc/lancelotd").exists()
+    for cmd in ("lancelotd", "lancelot"):
+        assert not (sb.root / "usr/local/bin" / cmd).exists(), f"/usr/local/bin/{cmd} left"
+
+
+def test_install_and_uninstall_refuse_what_cannot_work(sandbox):
+    """A PREFIX the unit cannot run from or that is not theirs, a Python the unit hides: refused,
+    with the reason, before anything is touched (issue 20's traps)."""
+    sb = sandbox
+    ok(sb.run("sh", "-c", "mkdir -p /srv/data && echo precious > /srv/data/file"))
+    ok(sb.run("sh", "-c", "mkdir -p /root/py && cp /usr/bin/python3 /root/py/python3"))
+    cases = [
+        ("install.sh", "PREFIX=/home/ops/lancelotd", "that the service can run from"),
+        ("install.sh", "PREFIX=opt/lancelotd", "must be an absolute path"),
+        ("install.sh", "PREFIX=/opt/lancelotd PYTHON=/root/py/python3", "the unit hides"),
+        ("uninstall.sh", "PREFIX=", "PREFIX is empty"),
+        ("uninstall.sh", "PREFIX=/", "not a directory of its own"),
+        ("uninstall.sh", "PREFIX=/usr", "not a directory of its own"),
+        ("uninstall.sh", "PREFIX=/opt/../etc", "not a directory of its own"),
+        ("uninstall.sh", "PREFIX=/srv/data", "not a lancelotd venv"),
+    ]
+    for script, env, reason in cases:
+        result = sb.run("env", *env.split(), f"{SRC}/systemd/{script}", timeout=120)
+        assert result.returncode == 1 and reason in result.stderr, (script, env, result.stdout, result.stderr)
+    assert ok(sb.run("cat", "/srv/data/file")) == "precious\n"
+    assert (sb.root / "etc/systemd/system" / UNIT).exists(), "a refused uninstall.sh removed the unit"
