@@ -85,14 +85,22 @@ def log_counts(rep: Report) -> tuple[Counter, Counter, list[str]]:
 
 def attribute(rep: Report, failures: list[dict]) -> tuple[list[tuple[dict, dict]], list[dict]]:
     """Split the probes' failures: on a connection a SIGKILLed worker held (made before the kill,
-    failed after it), or not."""
+    failed after it), or not.
+
+    "Made before": connect() called before the victim was read (kill["t"] is when SIGSTOP was
+    sent; the victim may still accept until it has stopped, and it was read, stopped, within
+    stopped_ms).  Not the time the client's loop saw the connect done: a loaded client sees it
+    after the worker has accepted it, and a connection 0.1 s old, accepted in the instant before the
+    SIGSTOP and reset by the SIGKILL, was counted a bug (issue 18)."""
     held: dict[str, list[dict]] = {}
     for kill in rep.chaos.kills:
         for addr in kill["held"]:
             held.setdefault(addr, []).append(kill)
     attributed, other = [], []
     for f in failures:
-        kill = next((k for k in held.get(f["port"], []) if f["t_connect"] <= k["t"] <= f["t"]), None)
+        made = f.get("t_dial") or f["t_connect"]
+        kill = next((k for k in held.get(f["port"], [])
+                     if made <= k["t"] + k["stopped_ms"] * 1e6 and k["t"] <= f["t"]), None)
         if kill is not None and f["state"] != 1:  # 1: CONNECTING, the address is the last connection's
             attributed.append((f, kill))
         else:
