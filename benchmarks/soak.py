@@ -303,8 +303,8 @@ def run(soak: Soak, loadgen: Path) -> Report:
     soak.next_sample = 0.0
     soak.start_probes(total)
     soak.start_segment(loadgen, min(args.segment, total))
-    say(f"# chaos for {t_chaos_end - time.monotonic():.0f} s (USR2 every {args.usr2_interval:g} s, every "
-        f"{args.broken_every}th broken), then {t_end - t_chaos_end:.0f} s calm")
+    say(f"# chaos for {t_chaos_end - time.monotonic():.0f} s (USR2 every {args.usr2_interval:g} s, one in "
+        f"{args.broken_every} to a broken release), then {t_end - t_chaos_end:.0f} s calm")
     loop_until(soak, rep, loadgen, t_chaos_end, t_end, chaos_on=True)
     # Calm: the last upgrade resolves; a last HUP brings the answer and the worker count back.
     loop_until(soak, rep, loadgen, time.monotonic() + RESOLVE_TIMEOUT, t_end, chaos_on=False)

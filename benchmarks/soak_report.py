@@ -87,7 +87,7 @@ def flatness(rep: Report, soak: Any) -> tuple[list[dict], dict]:
             continue
         for key in ("rss", "uss", "fds"):
             series[f"master {key}"].append((minute, len(workers), master[key]))
-        conns = statistics.median(r["conns"] for r in workers)
+        conns = statistics.median(r["tcp"] for r in workers)
         for key in ("rss", "uss"):
             series[f"worker median {key}"].append((minute, conns, statistics.median(r[key] for r in workers)))
         series["worker median fds - tcp"].append(
@@ -109,8 +109,7 @@ def flatness(rep: Report, soak: Any) -> tuple[list[dict], dict]:
         judged.append({"name": name, "n": len(after), "slope": b * scale, "se": se * scale, "level": level,
                        "span": after[-1][0] - after[0][0],
                        "regressor": "worker count" if name.startswith("master")
-                       else "median clients per worker" if name in ("worker median rss", "worker median uss")
-                       else "-"})
+                       else "median TCP sockets per worker" if name.endswith(("rss", "uss")) else "-"})
     return judged, series
 
 
