@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import shlex
@@ -422,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             f"still running: {len(left)}")
     if rep is not None:
         leftovers = soak.leftovers()
+        (out_dir / "samples.json").write_text(json.dumps(soak.samples))  # the raw figures, before judging
+        (out_dir / "upgrades.json").write_text(json.dumps(soak.upgrades))
         failures += report(rep)
         say(memory_table(rep))
         failures += judge(rep, soak, out_dir, leftovers, stopped_cleanly, failures)

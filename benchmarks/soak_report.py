@@ -304,8 +304,6 @@ def judge(rep: Report, soak: Any, out: Path, leftovers: list[str], stopped_clean
     if not stopped_cleanly or leftovers:
         failures.append(f"final stop: clean={stopped_cleanly}, leftovers: {', '.join(leftovers) or '-'}")
 
-    (out / "samples.json").write_text(json.dumps(soak.samples))
-    (out / "upgrades.json").write_text(json.dumps(soak.upgrades))
     answered = answered_series(rep, data)
     all_failures = [(f, True) for f, _ in attributed] + [(f, False) for f in probe_other] \
         + [(f, True) for f, _ in m_attr] + [(f, False) for f in m_other]

@@ -32,6 +32,7 @@ def test_three_minutes_of_chaos_lose_nothing_and_leak_nothing(tmp_path: Path) ->
     cmd = [sys.executable, str(SOAK), "--minutes", "3", "--out", str(out),
            "--build-dir", str(tmp_path / "build"), "--loadgen-src", str(LOADGEN_SRC.parent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=15 * 60)
+    (tmp_path / "soak.out").write_text(proc.stdout + proc.stderr)  # the whole output, kept with the report
     tail = "\n".join(proc.stdout.splitlines()[-120:]) + proc.stderr[-3000:]
     assert "\nRESULT: PASS" in proc.stdout, tail
     assert proc.returncode == 0, tail
