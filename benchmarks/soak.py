@@ -142,12 +142,15 @@ class Soak(Chaos):
         if up["kind"] is not None:
             if failed is None and age < RESOLVE_TIMEOUT:
                 return
-            if failed is not None and (new != old or not self.answers_now()) and age < RESOLVE_TIMEOUT:
+            if failed is not None and not up.get("answered"):
+                up["answered"] = new == old and self.answers_now()
+            if failed is not None and not up["answered"] and age < RESOLVE_TIMEOUT:
                 return  # the old master restores its files: a moment
             alive = old in [p.pid for p in self.live_masters()]
-            ok = failed is not None and alive and new == old and self.answers_now()
+            ok = failed is not None and alive and new == old and up.get("answered", False)
             up["outcome"] = "as expected: upgrade failed, the old master serves" if ok else (
-                f"WRONG: failed={failed is not None}, old master alive={alive}, PID file names {new}")
+                f"WRONG: failed={failed is not None}, old master alive={alive}, PID file names {new}, "
+                f"a new connection answered={up.get('answered', False)}")
             up["log"] = failed or ""
             self.clear_fault()
         else:
