@@ -40,8 +40,8 @@ OPERATIONS = {"hup": 30, "ttin": 15, "ttou": 15, "kill": 25, "usr2": 6}  # relat
 CALM = 20.0  # seconds at the end without chaos: a last HUP, then the answers must converge
 
 
-def write_config(path: Path, colour: int, args: argparse.Namespace) -> None:
-    """The whole config, atomically: a HUP never reads half a file."""
+def write_config(path: Path, colour: int, args: argparse.Namespace, extra: str = "") -> None:
+    """The whole config, atomically: a HUP never reads half a file.  `extra`: more TOML (soak.py's)."""
     text = (
         "[lifecycle]\n"
         f"max_requests = {args.max_requests}\n"
@@ -51,6 +51,7 @@ def write_config(path: Path, colour: int, args: argparse.Namespace) -> None:
         '"What is your quest?" = "To seek the Holy Grail."\n'
         '"What is your favorite color?" = "Blue."\n'
         f'"{COLOUR_QUESTION}" = "Colour number {colour}."\n'
+        + extra
     )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
@@ -139,6 +140,8 @@ def unix_backlog(pid: int, inodes: set[int]) -> str:
 class Chaos:
     """The run: the daemon, its masters over time, the clients, the operations and their record."""
 
+    config_extra = ""  # more of the config file (soak.py's idle_timeout)
+
     def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
@@ -164,7 +167,7 @@ class Chaos:
     # --- the daemon -------------------------------------------------------------------
 
     def start(self) -> None:
-        write_config(self.config, self.colour, self.args)
+        write_config(self.config, self.colour, self.args, self.config_extra)
         self.published[self.colour] = time.monotonic_ns()
         base = [*shlex.split(self.args.lancelotd_cmd), "-c", str(self.config)]
         server = bench_start_lancelotd(base, self.run_dir, self.args.start_timeout, self.servers)
@@ -263,7 +266,7 @@ class Chaos:
     def hup(self) -> None:
         self.colour += 1
         self.published[self.colour] = time.monotonic_ns()  # before the file: no answer precedes it
-        write_config(self.config, self.colour, self.args)
+        write_config(self.config, self.colour, self.args, self.config_extra)
         self.ops["hup"] += self.signal_master(signal.SIGHUP, f"HUP (colour {self.colour})")
 
     def ttin(self) -> None:

@@ -7,7 +7,8 @@ The same closed loop, options and result line as tests/pyload.py (it subclasses 
 with two additions for the chaos benchmark:
 
 * every failure is recorded with its time (time.monotonic_ns(), the same clock in every process),
-  its kind, errno, the client's local address (host:port) and when that connection was made;
+  its kind, errno, the client's local address (host:port) and when that connection was made
+  (t_connect: when this loop saw it done; t_dial: when connect() was called);
   chaos.py matches the address against the connections each SIGKILLed worker held at the
   moment of the kill, so a failure is either attributed to a kill or a bug;
 * every fourth question is COLOUR_QUESTION, whose answer chaos.py changes at each HUP
@@ -44,6 +45,11 @@ class Probe(pyload.Generator):
         for conn in self.conns:
             conn.port = ""  # the local address, "HOST:PORT", of its current connection
             conn.t_connect = 0
+            conn.t_dial = 0  # when connect() was called: the server may accept before we see it done
+
+    def connect(self, conn: pyload.Conn, now: int) -> None:
+        conn.t_dial = now
+        super().connect(conn, now)
 
     def connected(self, conn: pyload.Conn, now: int) -> None:
         try:
@@ -57,7 +63,7 @@ class Probe(pyload.Generator):
     def fail(self, conn: pyload.Conn, kind: str, err: int, now: int) -> None:
         if now >= self.t_measure:
             self.failures.append({"t": now, "kind": kind, "errno": err, "port": conn.port,
-                                  "t_connect": conn.t_connect, "state": conn.state,
+                                  "t_connect": conn.t_connect, "t_dial": conn.t_dial, "state": conn.state,
                                   "question": int(conn.qidx)})
         super().fail(conn, kind, err, now)
 

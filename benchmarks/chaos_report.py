@@ -90,15 +90,25 @@ def log_counts(rep: Report) -> tuple[Counter, Counter, list[str]]:
 
 def attribute(rep: Report, failures: list[dict]) -> tuple[list[tuple[dict, dict]], list[dict]]:
     """Split the probes' failures: on a connection a SIGKILLed worker held (made before the kill,
-    failed after it), or not."""
+    failed after it), or not.
+
+    "Made before": connect() called before the victim was read (kill["t"] is when SIGSTOP was
+    sent; the victim may still accept until it has stopped, and it was read, stopped, within
+    stopped_ms).  Not the time the client's loop saw the connect done: a loaded client sees it
+    after the worker has accepted it, and a connection 0.1 s old, accepted in the instant before the
+    SIGSTOP and reset by the SIGKILL, was counted a bug (issue 18)."""
     held: dict[str, list[dict]] = {}
     for kill in rep.chaos.kills:
         for addr in kill["held"]:
             held.setdefault(addr, []).append(kill)
     attributed, other = [], []
     for f in failures:
+        # t_dial: when connect() was called; the victim cannot hold a connection dialled after it
+        # was seen stopped (k["t"]).  Without it, the late t_connect gets CONNECT_SLACK_NS.
+        dialled = f.get("t_dial")
+        made, limit = (dialled, 0) if dialled else (f["t_connect"], CONNECT_SLACK_NS)
         kill = next((k for k in held.get(f["port"], [])
-                     if f["t_connect"] <= k["t"] + CONNECT_SLACK_NS and k["t"] <= f["t"]), None)
+                     if made <= k["t"] + limit and k["t"] <= f["t"]), None)
         if kill is not None and f["state"] != 1:  # 1: CONNECTING, the address is the last connection's
             attributed.append((f, kill))
         else:
