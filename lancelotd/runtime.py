@@ -45,8 +45,8 @@ class RuntimeDirError(OSError):
 
 
 def directory_mode() -> int:
-    """0755 for root (other users may read the PID file), 0700 for a user."""
-    return 0o755 if os.geteuid() == 0 else 0o700
+    """0750 for root (its group may read the PID file; the scoreboard holds addresses), 0700 for a user."""
+    return 0o750 if os.geteuid() == 0 else 0o700
 
 
 def ensure_directory(path: str, mode: int | None = None) -> None:
