@@ -93,6 +93,7 @@ class Config:
     allow: tuple[str, ...] = ()  # [access]: see the section "access" below
     deny: tuple[str, ...] = ()
     max_connections_per_client: int = 0  # 0 = no limit
+    max_connections_per_client_ipv6_prefix: int = 128  # IPv6 clients counted per /N block (128: per address)
     path: str = ""  # the file it came from, "" for built-in defaults
 
     @property
@@ -136,6 +137,8 @@ ACCESS_SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("access", "deny"): ("deny", checks.access_list),
     ("access", "max_connections_per_client"):
         ("max_connections_per_client", checks.int_in(0, MAX_CONNECTIONS)),
+    ("access", "max_connections_per_client_ipv6_prefix"):
+        ("max_connections_per_client_ipv6_prefix", checks.int_in(16, 128)),
 }
 ACCESS_LISTS = ("allow", "deny")
 
