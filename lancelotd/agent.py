@@ -50,7 +50,7 @@ def is_drained(path: str) -> bool:
     """
     if not path:
         return False
-    owners = {0, os.geteuid()}
+    owners = runtime.owners()  # root, us, and a root master's workers' user (privileges.py)
     try:
         with trust.open_directory(os.path.dirname(os.path.abspath(path)), owners) as directory:
             return directory.stat(os.path.basename(path), owners) is not None
@@ -64,8 +64,9 @@ def set_drained(path: str, drained: bool) -> bool:
     Run as root in a directory the service user owns, so through trust.py: the
     directory must pass the rules, the file is made fresh (O_EXCL|O_NOFOLLOW,
     fchmod) and renamed over the name, which replaces a planted link rather
-    than writing through it.  A missing directory is created as the PID
-    file's would be (runtime.py).  OSError (trust.Untrusted says what it refused).
+    than writing through it.  A missing directory is created (runtime.py),
+    0755: a root-owned place the service can read is where the drain state is
+    best kept under systemd.  OSError (trust.Untrusted says what it refused).
     """
     where, name = os.path.split(os.path.abspath(path))
     try:
@@ -73,7 +74,7 @@ def set_drained(path: str, drained: bool) -> bool:
     except FileNotFoundError:
         if not drained:
             return False
-        runtime.ensure_directory(where)
+        runtime.ensure_directory(where, 0o755)  # the service (another user) must read the file
         directory = trust.open_directory(where)
     with directory:
         if not drained:

@@ -48,6 +48,11 @@ class Generations:
             for problem in e.problems:
                 log.error("reload refused: %s: %s", e.path, problem)
             return
+        if (cfg.user, cfg.group) != (self.cfg.user, self.cfg.group):  # files are made for the old one
+            why = "server.user and server.group cannot change on reload: restart the service"
+            self.reload_done(False, why)
+            log.error("reload refused: %s", why)
+            return
         try:
             listeners = open_listeners(cfg, self.listeners)
         except BindError as e:

@@ -54,7 +54,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-from . import trust
+from . import runtime, trust
 from .runtime import open_new_file
 from .sockets import pack_address, unpack_address
 
@@ -223,6 +223,8 @@ class Scoreboard:
         try:
             try:
                 os.fchmod(fd, MODE)  # whatever the umask: the clients' addresses are not for everyone
+                if runtime.SERVICE_OWNER is not None:  # workers of another user read it after a USR2
+                    os.fchown(fd, -1, runtime.SERVICE_OWNER[1])
                 os.posix_fallocate(fd, 0, SIZE)
                 mem = mmap.mmap(fd, SIZE)
             finally:
