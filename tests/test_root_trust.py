@@ -133,6 +133,19 @@ def test_root_drain_refuses_a_drain_file_in_a_shared_directory(base: Path) -> No
     assert not (shared / "drain").exists()
 
 
+def test_root_drain_refuses_a_directory_link_the_service_user_planted(base: Path) -> None:
+    """drain_file under the runtime directory, where the service user made a link to root's directory."""
+    run = base / "run"
+    as_nobody(lambda: os.symlink(base, run / "state") or 0)
+    config = base / "c.toml"
+    config.write_text(f'[balancer]\ndrain_file = "{run}/state/drain"\n')
+    before = outside(base)
+    out = cli_out("drain", "-c", str(config), "--pid-file", str(run / "l.pid"), "--no-wait")
+    assert out.returncode == 1
+    assert f"{run}/state is a symbolic link: refusing to follow it" in out.stderr, out.stderr
+    assert not (base / "drain").exists() and outside(base) == before
+
+
 # --- item 2: a forged PID file and start record signal nothing ------------------------------
 
 @pytest.fixture
