@@ -141,8 +141,8 @@ class MetricsServer:
     socket for writing in between); at most MAX_SCRAPERS exchanges run at
     once, and at the bound a new connection evicts the oldest exchange (as
     the agent port does), so a probe (/live, /ready) never waits behind idle
-    or slow connections: it is accepted and, its request being already in, answered in the
-    same loop turn.  A request must be in within REQUEST_PHASE (1 s), the
+    or slow connections: it is accepted and, its request being in already,
+    answered in the same loop turn.  A request must be in within REQUEST_PHASE (1 s), the
     whole exchange done within REQUEST_TIMEOUT (a scraper that never reads);
     what an exchange held - a request of MAX_REQUEST at most and one
     response - goes with it.  Meant for loopback or an internal network all
