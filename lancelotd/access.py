@@ -9,7 +9,9 @@ The rule order ("deny wins"): an address that matches any `deny` entry is
 refused; otherwise, if `allow` is not empty, it must match an `allow` entry;
 otherwise it is admitted.  An IPv4-mapped IPv6 address (::ffff:a.b.c.d, as a
 dual-stack listener reports an IPv4 client) is the IPv4 address for both the
-rules and the per-client count.
+rules and the per-client count.  With `max_connections_per_client_ipv6_prefix`
+(e.g. 64) an IPv6 client is counted by its /N block, since one host can take
+any address of its /64 (privacy addresses, or an attacker rotating them).
 
 A refused connection is closed at once: the client sent nothing we read,
 whatever it sent before accept() is dropped first, so close() sends a FIN,
@@ -106,8 +108,9 @@ class Gate:
     """
 
     def __init__(self, allow: Sequence[str], deny: Sequence[str], limit: int,
-                 table: ClientTable | None, region: int) -> None:
+                 table: ClientTable | None, region: int, ipv6_prefix: int = 128) -> None:
         self.rules = Rules(allow, deny) if allow or deny else None
+        self.v6_mask = ((1 << 128) - 1) ^ ((1 << (128 - ipv6_prefix)) - 1)
         self.limit = limit
         self.table = table if limit else None
         self.counts = ClientCounts(table, region) if table is not None and limit else None
@@ -121,7 +124,7 @@ class Gate:
             return DENIED, 0
         if self.counts is None:
             return None, 0
-        fingerprint = self.counts.table.fingerprint(client)
+        fingerprint = self.counts.table.fingerprint(self.counted_as(client))
         if self.counts.table.total(fingerprint, self.limit) >= self.limit:
             return PER_CLIENT_LIMIT, 0
         return None, fingerprint if self.counts.add(fingerprint) else 0
@@ -136,7 +139,7 @@ class Gate:
             return False, 0
         if self.counts is None:
             return True, 0
-        fingerprint = self.counts.table.fingerprint(client)
+        fingerprint = self.counts.table.fingerprint(self.counted_as(client))
         return True, fingerprint if self.counts.add(fingerprint) else 0
 
     def fingerprint_of(self, sock: socket.socket) -> int:
@@ -145,7 +148,13 @@ class Gate:
             client = client_of(sock.getpeername())
         except OSError:
             return 0
-        return 0 if client is None or self.counts is None else self.counts.table.fingerprint(client)
+        return 0 if client is None or self.counts is None else \
+            self.counts.table.fingerprint(self.counted_as(client))
+
+    def counted_as(self, client: tuple[int, int]) -> tuple[int, int]:
+        """What the per-client count keys on: the address, or an IPv6 address's /N block."""
+        version, ip = client
+        return (version, ip & self.v6_mask) if version == 6 else client
 
     def release(self, fingerprint: int) -> None:
         if self.counts is not None:
@@ -153,11 +162,11 @@ class Gate:
 
 
 def make_gate(allow: Sequence[str], deny: Sequence[str], limit: int, table: ClientTable | None,
-              region: int) -> Gate | None:
+              region: int, ipv6_prefix: int = 128) -> Gate | None:
     """A worker's Gate, or None when it has nothing to check (the common case: no cost)."""
     if not allow and not deny and not (limit and table is not None):
         return None
-    return Gate(allow, deny, limit, table, region)
+    return Gate(allow, deny, limit, table, region, ipv6_prefix)
 
 
 def refuse(sock: socket.socket) -> None:

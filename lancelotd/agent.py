@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from . import runtime, trust
 from .config import Config
 from .logs import log
 from .sockets import bind, format_address
@@ -41,31 +42,50 @@ def drain_file(cfg: Config) -> str:
 
 
 def is_drained(path: str) -> bool:
-    """Does the drain file exist?  OSError (other than "no such file") goes to the caller."""
+    """Does the drain file exist, and count?  OSError (other than "no such file") goes to the caller.
+
+    It counts only as a regular file owned by root or by us, in a directory
+    that passes the runtime directory's rules (trust.py) and is root's or
+    ours: in a shared directory anyone could drain the host (trust.Untrusted).
+    """
     if not path:
         return False
+    owners = runtime.owners()  # root, us, and a root master's workers' user (privileges.py)
     try:
-        os.stat(path)
+        with trust.open_directory(os.path.dirname(os.path.abspath(path)), owners) as directory:
+            return directory.stat(os.path.basename(path), owners) is not None
     except (FileNotFoundError, NotADirectoryError):
         return False
-    return True
 
 
 def set_drained(path: str, drained: bool) -> bool:
-    """Create (atomically, with when and who) or remove the drain file; True if it changed."""
-    if not drained:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
+    """Create (atomically, with when and who) or remove the drain file; True if it changed.
+
+    Run as root in a directory the service user owns, so through trust.py: the
+    directory must pass the rules, the file is made fresh (O_EXCL|O_NOFOLLOW,
+    fchmod) and renamed over the name, which replaces a planted link rather
+    than writing through it.  A missing directory is created (runtime.py),
+    0755: a root-owned place the service can read is where the drain state is
+    best kept under systemd.  OSError (trust.Untrusted says what it refused).
+    """
+    where, name = os.path.split(os.path.abspath(path))
+    try:
+        directory = trust.open_directory(where)
+    except FileNotFoundError:
+        if not drained:
             return False
-        return True
-    was = is_drained(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"drained at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} by uid {os.getuid()}\n")
-    os.chmod(tmp, 0o644)  # the master may run as another user: it must be able to see it
-    os.replace(tmp, path)
-    return not was
+        runtime.ensure_directory(where, 0o755)  # the service (another user) must read the file
+        directory = trust.open_directory(where)
+    with directory:
+        if not drained:
+            return directory.unlink(name)
+        try:
+            was = directory.stat(name) is not None
+        except trust.Untrusted:  # a link or a stranger's file at the name: replaced below
+            was = False
+        stamp = f"drained at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} by uid {os.getuid()}\n"
+        directory.replace(name, stamp.encode(), 0o644)  # the master may run as another user: it reads it
+        return not was
 
 
 class AgentServer:

@@ -85,6 +85,18 @@ def string(v: Any) -> str | None:
     return None if isinstance(v, str) else f"must be a string, not {v!r}"
 
 
+def user(v: Any) -> str | None:
+    from .privileges import user_problem  # local: privileges imports runtime
+
+    return string(v) or user_problem(v)
+
+
+def group(v: Any) -> str | None:
+    from .privileges import group_problem
+
+    return string(v) or group_problem(v)
+
+
 def log_level(v: Any) -> str | None:
     return None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}, not {v!r}"
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, agent, checks, config, logs, pidfile, status
+from . import __version__, agent, checks, config, logs, pidfile, privileges, status
 from .logs import log
 from .logs import setup as setup_logging
 from .scoreboard import Scoreboard, ScoreboardError
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
     serve.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")
     serve.add_argument("--log-level", choices=checks.LOG_LEVELS, help="log level")
+    serve.add_argument("-u", "--user", metavar="USER",
+                       help="run the workers as this user (master started as root; it stays root)")
+    serve.add_argument("-g", "--group", metavar="GROUP", help="the workers' group (default: the user's)")
     serve.add_argument("--daemon", action="store_true",
                        help="detach into the background (returns once the master is listening)")
 
@@ -137,9 +140,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure = config_loader(args)
     try:
         cfg = configure()
+        logs.file_owner = privileges.prepare(cfg.user, cfg.group)  # before the log file is made
         setup_logging(cfg.log_file, cfg.log_level)
     except config.ConfigError as e:
         return start_failed([f"{e.path}: {problem}" for problem in e.problems])
+    except privileges.PrivilegeError as e:
+        return start_failed([f"cannot run the workers as configured: {e}"])
     except OSError as e:
         return start_failed([f"cannot open log file {cfg.log_file}: {e.strerror}"])
     arbiter = Arbiter(cfg, configure)
@@ -178,7 +184,7 @@ def config_loader(args: argparse.Namespace) -> Callable[[], config.Config]:
     def configure() -> config.Config:
         cfg = load_config(args, start_dir).with_overrides(
             bind=args.bind, workers=args.workers, pid_file=args.pid_file,
-            log_file=args.log_file, log_level=args.log_level,
+            log_file=args.log_file, log_level=args.log_level, user=args.user, group=args.group,
         )
         return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file),
                                   drain_file=absolute(cfg.drain_file))

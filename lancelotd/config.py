@@ -72,6 +72,8 @@ class Config:
     pid_file: str = field(default_factory=default_pid_file)
     metrics_bind: str = ""
     spread_connections: bool = False  # spread.py
+    user: str = ""  # a root master's workers run as this user (privileges.py); "" = as the master
+    group: str = ""  # ...and group; "" = the user's own
     unknown_answer: str = "I don't know that."
     max_question_bytes: int = 1024
     idle_timeout: float = 60.0
@@ -93,6 +95,7 @@ class Config:
     allow: tuple[str, ...] = ()  # [access]: see the section "access" below
     deny: tuple[str, ...] = ()
     max_connections_per_client: int = 0  # 0 = no limit
+    max_connections_per_client_ipv6_prefix: int = 128  # IPv6 clients counted per /N block (128: per address)
     path: str = ""  # the file it came from, "" for built-in defaults
 
     @property
@@ -136,6 +139,8 @@ ACCESS_SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("access", "deny"): ("deny", checks.access_list),
     ("access", "max_connections_per_client"):
         ("max_connections_per_client", checks.int_in(0, MAX_CONNECTIONS)),
+    ("access", "max_connections_per_client_ipv6_prefix"):
+        ("max_connections_per_client_ipv6_prefix", checks.int_in(16, 128)),
 }
 ACCESS_LISTS = ("allow", "deny")
 
@@ -202,6 +207,8 @@ SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
     ("server", "pid_file"): ("pid_file", checks.string),
     ("server", "metrics_bind"): ("metrics_bind", checks.optional_address),
     ("server", "spread_connections"): ("spread_connections", checks.flag),
+    ("server", "user"): ("user", checks.user),
+    ("server", "group"): ("group", checks.group),
     ("protocol", "unknown_answer"): ("unknown_answer", checks.answer_text),
     ("protocol", "max_question_bytes"): ("max_question_bytes", checks.int_in(1, MAX_QUESTION_BYTES)),
     ("protocol", "idle_timeout"): ("idle_timeout", checks.seconds()),
@@ -265,6 +272,8 @@ def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
     if values.get("max_connection_age_jitter", 0) and not values.get("max_connection_age", 0):
         problems.append("balancer.max_connection_age_jitter: has no effect without max_connection_age; "
                         "set max_connection_age too, or remove it")
+    if values.get("group") and not values.get("user"):
+        problems.append("server.group: needs server.user too (the workers' user, then its group)")
     if values.get("max_requests_jitter", 0) and not values.get("max_requests", 0):
         problems.append("lifecycle.max_requests_jitter: has no effect without max_requests; "
                         "set max_requests too, or remove it")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 RELOAD_TIMEOUT = 30.0  # a new generation not serving by then is abandoned
 
 
-FIXED_AT_START = ("pid_file", "drain_file")  # a reload that changes them is refused
+FIXED_AT_START = ("pid_file", "drain_file", "user", "group")  # a reload that changes them is refused
 
 
 @dataclass
@@ -52,7 +52,9 @@ class Generations:
                 log.error("reload refused: %s: %s", e.path, problem)
             return
         fixed = [name for name in FIXED_AT_START if getattr(cfg, name) != getattr(self.cfg, name)]
-        if fixed:  # where the files are is every other process's way to us: half a move loses them
+        # The files are every other process's way to us, and were made for the workers' user: a
+        # half-applied move or change would lose them.
+        if fixed:
             why = f"{' and '.join(fixed)} changed: restart to apply"
             self.reload_done(False, why)
             log.error("reload refused: %s", why)

@@ -9,6 +9,7 @@ import sys
 log = logging.getLogger("lancelotd")
 
 _role = "master"
+file_owner = None  # privileges.Identity of a root master's workers: they reopen the log file too
 FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(role)s: %(message)s"
 # For the journal: it stamps the time itself, and takes a syslog priority
 # from a "<N>" prefix, so `journalctl -p err` finds refused reloads.
@@ -58,6 +59,12 @@ def setup(log_file: str, level: str) -> None:
     """
     if log_file:
         handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8")
+        if file_owner is not None and os.geteuid() == 0:  # the workers (USR1) reopen it as themselves
+            try:
+                os.fchown(handler.stream.fileno(), file_owner.uid, file_owner.gid)
+            except OSError:
+                handler.close()
+                raise
     else:
         handler = logging.StreamHandler(sys.stderr)
     journal = not log_file and stderr_is_journal()

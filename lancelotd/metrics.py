@@ -25,8 +25,10 @@ from .scoreboard import STATE_NAMES, Header, Scoreboard
 from .sockets import bind, format_address
 
 REQUEST_TIMEOUT = 5.0  # a whole exchange: the request in, the response out
+REQUEST_PHASE = 1.0  # the request alone: a probe's or a scraper's arrives in one segment
 MAX_REQUEST = 8192
-MAX_SCRAPERS = 8  # exchanges at once; more wait in the listen queue
+MAX_SCRAPERS = 8  # exchanges at once; at the bound a new connection evicts the oldest
+ACCEPTS_PER_TURN = 64  # per loop turn: a flood is taken (and evicted) in bounded steps
 
 
 class ScoreboardCollector:
@@ -137,13 +139,15 @@ class MetricsServer:
     It can neither stall nor spin the master: every socket is non-blocking
     and a response goes out as the kernel takes it (the loop watches the
     socket for writing in between); at most MAX_SCRAPERS exchanges run at
-    once, and at the bound the listener is left out of the select() set, so
-    further scrapers wait in the listen queue instead of waking the loop; an
-    exchange not done within REQUEST_TIMEOUT (a scraper that never sends or
-    never reads) is dropped, and what it held - a request of MAX_REQUEST at
-    most and one response - goes with it.  Meant for loopback or an internal
-    network all the same: the scrape itself costs the master a scoreboard
-    read and a psutil call per process.
+    once, and at the bound a new connection evicts the oldest exchange (as
+    the agent port does), so a probe (/live, /ready) never waits behind idle
+    or slow connections: it is accepted and, its request being in already,
+    answered in the same loop turn.  A request must be in within REQUEST_PHASE (1 s), the
+    whole exchange done within REQUEST_TIMEOUT (a scraper that never reads);
+    what an exchange held - a request of MAX_REQUEST at most and one
+    response - goes with it.  Meant for loopback or an internal network all
+    the same: the scrape itself costs the master a scoreboard read and a
+    psutil call per process.
     """
 
     def __init__(self, address: str, backlog: int, collector: ScoreboardCollector) -> None:
@@ -159,10 +163,9 @@ class MetricsServer:
         log.info("metrics on http://%s/metrics", format_address(self.listener.getsockname()))
 
     def fds(self) -> list[int]:
-        """To watch for reading: scrapers still sending, and the listener while there is room."""
+        """To watch for reading: scrapers still sending, and the listener (always: see the bound)."""
         watched = [fd for fd, scrape in self.clients.items() if scrape.response is None]
-        if len(self.clients) < MAX_SCRAPERS:
-            watched.append(self.listener.fileno())
+        watched.append(self.listener.fileno())
         return watched
 
     def write_fds(self) -> list[int]:
@@ -186,7 +189,7 @@ class MetricsServer:
                 self._drop(fd)
 
     def _accept(self, now: float) -> None:
-        while len(self.clients) < MAX_SCRAPERS:
+        for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -195,7 +198,11 @@ class MetricsServer:
                 log.warning("metrics: accept failed: %s", e.strerror)
                 return
             sock.setblocking(False)
-            self.clients[sock.fileno()] = Scrape(sock, now + REQUEST_TIMEOUT)
+            if len(self.clients) >= MAX_SCRAPERS:
+                self._drop(next(iter(self.clients)))  # the oldest (insertion order)
+            scrape = Scrape(sock, now + REQUEST_PHASE)
+            self.clients[sock.fileno()] = scrape
+            self._read(sock.fileno(), scrape)  # a probe's request is usually in already
 
     def _read(self, fd: int, scrape: Scrape) -> None:
         try:
@@ -208,6 +215,7 @@ class MetricsServer:
         scrape.request += data
         buf = scrape.request
         if b"\r\n\r\n" in buf or b"\n\n" in buf or not data or len(buf) > MAX_REQUEST:
+            scrape.deadline = time.monotonic() + REQUEST_TIMEOUT
             scrape.response = memoryview(self.response(bytes(buf)))
             scrape.request = bytearray()
             self._write(fd, scrape)

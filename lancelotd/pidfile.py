@@ -18,13 +18,20 @@ process: a PID reused since, or a file from an earlier boot, does not match.
 The record is keyed by PID, not by the PID file's name, so it still holds
 when an upgrade (USR2) renames the PID file to PIDFILE.oldbin.
 
-The rule, for the process P that the file names:
-- P is not alive: stale;
-- there is a start record for P: live if it matches P exactly, else stale
-  (the PID was reused);
-- there is none (a master of a version that wrote none): live if P's title is
-  a lancelotd master's, else stale.  With no trustworthy time there is
-  nothing better, and a live master's file must never be unlinked.
+The rule, for the process P that the file names: P is a live lancelotd master
+only with every proof, never on the word of one of them:
+- P is alive and not a zombie;
+- P's title is a lancelotd master's (the master sets it before it writes the file);
+- P's real and effective uid are the PID file's owner: a file the service
+  user wrote names a process of the service user, and root's process only
+  when the file is root's;
+- where there is a start record for P (owned by the PID file's owner), it
+  matches P exactly (else the PID was reused).
+The file itself, and the record, are read through trust.py: never through a
+link, never a FIFO, only regular files owned by root or the directory's
+owner, in a directory that passes the runtime directory's rules.  So root's
+`stop`, `reload`, `reopen-logs` and `status` signal or show a process only
+when all of it holds, and say which proof failed.
 """
 
 from __future__ import annotations
@@ -34,10 +41,15 @@ import os
 
 import psutil
 
-from . import runtime
+from . import runtime, trust
 from .logs import log
 
 TITLE_PREFIX = "lancelotd: master"
+# examine()'s answers that make a PID file stale (anything else is a refusal)
+GONE = "which is not running"
+NOT_OURS = "which is not lancelotd"
+REUSED = "which is not the process its start record names (the PID was reused)"
+STALE = (GONE, NOT_OURS, REUSED)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -48,13 +60,29 @@ class AlreadyRunning(Exception):
 
 
 def read(path: str) -> int | None:
-    """The PID in the file, or None when there is no file or it holds no PID."""
+    """The PID in the file, or None when there is none, it holds no PID, or it is refused (trust.py)."""
     try:
-        with open(path, encoding="ascii") as f:
-            text = f.readline().strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+        return read_owned(path)[0]
+    except (FileNotFoundError, trust.Untrusted):
         return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def read_owned(path: str) -> tuple[int | None, int]:
+    """(the PID in the file or None, the file's owner), read through trust.py.
+
+    FileNotFoundError when there is no file (or no directory), PermissionError
+    when we may not look, trust.Untrusted when what is there is refused.
+    """
+    directory = trust.open_directory(os.path.dirname(os.path.abspath(path)))
+    with directory:
+        name = os.path.basename(path)
+        fd = directory.open_file(name)
+        try:
+            owner = os.fstat(fd).st_uid
+            text = os.read(fd, 64).decode("ascii", "replace").split("\n")[0].strip()
+        finally:
+            os.close(fd)
+    return (int(text) if text.isdigit() and int(text) > 0 else None), owner
 
 
 def record_path(path: str, pid: int) -> str:
@@ -74,29 +102,55 @@ def identity(pid: int) -> str | None:
         return None
 
 
-def recorded_identity(path: str, pid: int) -> str | None:
+def recorded_identity(path: str, pid: int, owner: int) -> str | None:
+    """The start record of `pid`, if there is one its PID file's owner wrote (else None)."""
+    record = record_path(path, pid)
     try:
-        with open(record_path(path, pid), encoding="ascii") as f:
-            return f.readline().strip()
-    except (OSError, UnicodeDecodeError):
+        with trust.open_directory(os.path.dirname(record)) as directory:
+            text = directory.read(os.path.basename(record), 256, owners={owner})
+    except FileNotFoundError:
         return None
+    return text.decode("ascii", "replace").split("\n")[0].strip()
 
 
 def master_process(path: str) -> psutil.Process | None:
-    """The live lancelotd master the PID file names, or None if the file is stale (rule above)."""
-    pid = read(path)
-    if pid is None or pid == os.getpid():
+    """The live lancelotd master the PID file names, or None if the file is stale or refused."""
+    try:
+        return examine(path)[0]
+    except OSError:
         return None
+
+
+def examine(path: str) -> tuple[psutil.Process | None, int | None, str]:
+    """(the master or None, the PID named, why it is not a master): every proof of the rule above.
+
+    OSError (FileNotFoundError, PermissionError, trust.Untrusted) when the file cannot be read safely.
+    """
+    pid, owner = read_owned(path)
+    if pid is None:
+        return None, None, "holds no PID"
+    if pid == os.getpid():
+        return None, pid, "which is this very process"
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        recorded = recorded_identity(path, pid)
-        if recorded is not None:
-            return proc if recorded == identity(pid) else None
-        return proc if " ".join(proc.cmdline()).startswith(TITLE_PREFIX) else None
-    except (OSError, psutil.Error):
-        return None
+            return None, pid, GONE
+        if not " ".join(proc.cmdline()).startswith(TITLE_PREFIX):
+            return None, pid, NOT_OURS
+        uids = proc.uids()
+        if uids.real != owner or uids.effective != owner:
+            return None, pid, (f"which runs as uid {uids.real} while the PID file is uid {owner}'s: "
+                               "refusing to believe it")
+        recorded = recorded_identity(path, pid, owner)
+    except psutil.NoSuchProcess:
+        return None, pid, GONE
+    except psutil.Error as e:
+        return None, pid, f"which cannot be examined ({e})"
+    except trust.Untrusted as e:
+        return None, pid, f"whose start record is refused: {e}"
+    if recorded is not None and recorded != identity(pid):
+        return None, pid, REUSED
+    return proc, pid, ""
 
 
 def claim(path: str) -> None:
@@ -110,8 +164,11 @@ def claim(path: str) -> None:
     proc = master_process(path)
     if proc is not None:
         raise AlreadyRunning(path, proc.pid)
-    pid = read(path)
-    if os.path.exists(path):
+    try:
+        pid = read(path)
+    except OSError:  # a link, a FIFO, a stranger's file: stale whatever it says
+        pid = None
+    if os.path.lexists(path):
         log.warning("removing stale PID file %s (PID %s is not a running lancelotd)", path, pid)
         os.unlink(path)
         if pid is not None:

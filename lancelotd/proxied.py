@@ -18,7 +18,11 @@ takes it only from `proxy_protocol_from`; no other listener ever parses one
 - A complete header: LOCAL (a balancer's health check, counted
   `proxy_local`) is served from the socket's own address; PROXY from the
   client's.  The access rules and the per-client counts (access.py) apply to
-  that address, and it goes with the connection: in its Conn (`peer`), in a
+  the client's address only: a LOCAL header, or a PROXY header with no
+  address (UNSPEC, UNIX), comes from a source in proxy_protocol_from and names
+  no client, so it is exempt (an allow-list meant for clients would deny the
+  balancer's health checks, and every UNSPEC client would share one quota).
+  The address and it goes with the connection: in its Conn (`peer`), in a
   hand-off (rendezvous.HAND), in the recent clients of `status`.  The bytes
   after the header are the client's first read.
 
@@ -199,7 +203,9 @@ class ProxyHeaders:
             self.counters.proxy_local += 1
         peer = header.source or waiting.addr
         client = 0
-        if self.gate is not None:
+        # LOCAL (a health check) and addressless PROXY headers (UNSPEC, UNIX) name no client: the
+        # trusted proxy itself speaks, so the client rules and counts do not apply to it.
+        if self.gate is not None and header.source is not None:
             refused, client = self.gate.admit(peer)
             if refused:
                 setattr(self.counters, refused, getattr(self.counters, refused) + 1)

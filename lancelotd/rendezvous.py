@@ -1,7 +1,7 @@
 """Where retiring workers find current ones (each worker's hand-off inbox), and what they say.
 
 An inbox is a SOCK_SEQPACKET socket named PIDFILE.handoff-PID in the PID
-file's directory, which is ours alone (runtime.py: 0700, or 0755 for root;
+file's directory, which is ours alone (runtime.py: 0700, or 0750 for root;
 the socket itself is 0600).  Nobody else can bind a name there before us, nor
 connect to ours.  Not an abstract name: any local user could bind that first
 (every new worker would then fail at boot) or receive client sockets on it.

@@ -28,6 +28,10 @@ import stat
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 SHARED = stat.S_IWGRP | stat.S_IWOTH
+# (uid, gid) of the workers' user when a root master runs them as another (privileges.py): the
+# runtime directory is theirs (they bind their hand-off inboxes in it), and counts as "ours".
+SERVICE_OWNER: tuple[int, int] | None = None
+DEFAULT_ROOT_DIR = "/run/lancelotd"
 
 
 class RuntimeDirError(OSError):
@@ -45,8 +49,8 @@ class RuntimeDirError(OSError):
 
 
 def directory_mode() -> int:
-    """0755 for root (other users may read the PID file), 0700 for a user."""
-    return 0o755 if os.geteuid() == 0 else 0o700
+    """0750 for root (its group may read the PID file; the scoreboard holds addresses), 0700 for a user."""
+    return 0o750 if os.geteuid() == 0 else 0o700
 
 
 def ensure_directory(path: str, mode: int | None = None) -> None:
@@ -72,12 +76,29 @@ def ensure_directory(path: str, mode: int | None = None) -> None:
                 _check_private(parent, where)
             if created and stat.S_IMODE(parent.st_mode) != mode:
                 os.fchmod(fd, mode)  # the umask may have taken bits we want (0755 for root)
+            if i == len(names) - 1:
+                _give_to_service(fd, parent, created or where == DEFAULT_ROOT_DIR)
     except RuntimeDirError:
         raise
     except OSError as e:
         raise RuntimeDirError(f"cannot use directory {where}: {e.strerror}", e.errno) from None
     finally:
         os.close(fd)
+
+
+def _give_to_service(fd: int, st: os.stat_result, ours_to_give: bool) -> None:
+    """The runtime directory to the workers' user: one we made now, or the default one, only.
+
+    Never an existing directory of root's that the PID file was merely put in (/run itself):
+    there the workers bind no inbox, and retiring ones drain instead of handing over.
+    """
+    if SERVICE_OWNER is not None and ours_to_give and st.st_uid == os.geteuid() != SERVICE_OWNER[0]:
+        os.fchown(fd, *SERVICE_OWNER)
+
+
+def owners() -> set[int]:
+    """Who may own what the runtime directory holds, for us: root, us, and the workers' user."""
+    return {0, os.geteuid(), *(SERVICE_OWNER[:1] if SERVICE_OWNER else ())}
 
 
 def _check_ancestor(st: os.stat_result, where: str) -> None:
@@ -90,7 +111,7 @@ def _check_ancestor(st: os.stat_result, where: str) -> None:
 
 
 def _check_private(st: os.stat_result, where: str) -> None:
-    if st.st_uid != os.geteuid():
+    if st.st_uid not in (os.geteuid(), SERVICE_OWNER and SERVICE_OWNER[0]):
         raise RuntimeDirError(f"directory {where} is owned by uid {st.st_uid}, not by us "
                               f"(uid {os.geteuid()}): refusing to use it")
     if st.st_mode & SHARED:

@@ -54,6 +54,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
+from . import runtime, trust
 from .runtime import open_new_file
 from .sockets import pack_address, unpack_address
 
@@ -63,6 +64,7 @@ LAYOUT = 3
 MAGIC_PREFIX = b"LNCLTSB"
 MAGIC = MAGIC_PREFIX + str(LAYOUT).encode()
 SLOTS = 512
+MODE = 0o640  # it holds client addresses: the master's user and group only (`status` as root or in the group)
 
 # Worker states
 FREE, STARTING, SERVING, DRAINING, STOPPING = range(5)
@@ -220,9 +222,12 @@ class Scoreboard:
         if not path:
             return cls._initialised(mmap.mmap(-1, SIZE), "")
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = open_new_file(tmp, os.O_RDWR, 0o644)  # O_EXCL|O_NOFOLLOW: never through a planted link
+        fd = open_new_file(tmp, os.O_RDWR, MODE)  # O_EXCL|O_NOFOLLOW: never through a planted link
         try:
             try:
+                os.fchmod(fd, MODE)  # whatever the umask: the clients' addresses are not for everyone
+                if runtime.SERVICE_OWNER is not None:  # workers of another user read it after a USR2
+                    os.fchown(fd, -1, runtime.SERVICE_OWNER[1])
                 os.posix_fallocate(fd, 0, SIZE)
                 mem = mmap.mmap(fd, SIZE)
             finally:
@@ -247,14 +252,23 @@ class Scoreboard:
         return board
 
     @classmethod
-    def open(cls, path: str) -> Scoreboard:
-        """Read-only view (`lancelotd status`, a retiring worker after a USR2): our layout only."""
-        with open(path, "rb") as f:
-            check_layout(f.read(len(MAGIC)), path)
-            size = os.fstat(f.fileno()).st_size
+    def open(cls, path: str, owners: set[int] | None = None) -> Scoreboard:
+        """Read-only view (`lancelotd status`, a retiring worker after a USR2): our layout only.
+
+        Opened as trust.py says (no link, no FIFO, a regular file owned by root or
+        the directory's owner, or by one of `owners`): `status` runs as root.
+        """
+        directory = trust.open_directory(os.path.dirname(os.path.abspath(path)))
+        with directory:
+            fd = directory.open_file(os.path.basename(path), directory.trusted() | (owners or set()))
+        try:
+            check_layout(os.pread(fd, len(MAGIC), 0), path)
+            size = os.fstat(fd).st_size
             if size < SIZE:  # mapped past its end, a read would be a SIGBUS
                 raise ScoreboardError(f"{path} is cut short ({size} bytes of {SIZE})")
-            mem = mmap.mmap(f.fileno(), SIZE, prot=mmap.PROT_READ)
+            mem = mmap.mmap(fd, SIZE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
         return cls(mem)
 
     def _views(self) -> tuple[memoryview, memoryview]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from . import pidfile
+from . import pidfile, trust
 from .agent import AGENT_DRAIN, AGENT_READY, BALANCE_NAMES, READY
 from .scoreboard import STATE_NAMES, Counters, Scoreboard, ScoreboardError
 from .scoreboard import path_for as scoreboard_path
@@ -43,9 +43,12 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
     proc = find_master_process(pid_file)
     path = scoreboard_path(pid_file)
     try:
-        board = Scoreboard.open(path)
+        board = Scoreboard.open(path, owners={0, proc.uids().effective})
         owner = board.read_header().master_pid
-    except (OSError, ValueError) as e:
+    except PermissionError:
+        raise StatusError(UNKNOWN, f"master {proc.pid} is running, but its scoreboard is not for us to read: "
+                          f"{trust.describe_denied(path)}") from None
+    except (OSError, ValueError, psutil.Error) as e:
         raise StatusError(UNKNOWN, f"master {proc.pid} is running but its scoreboard is unreadable: {e}"
                           ) from None
     if owner != proc.pid:  # e.g. left by a USR2 successor that died before it wrote the PID file
@@ -62,20 +65,22 @@ def find_master_process(pid_file: str) -> psutil.Process:
     whose scoreboard this code cannot read (another layout, after an upgrade).
     """
     try:
-        pid = pidfile.read(pid_file)
+        proc, pid, why = pidfile.examine(pid_file)
+    except FileNotFoundError:
+        raise StatusError(NOT_RUNNING, f"not running (no PID file {pid_file})") from None
+    except PermissionError:
+        raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: {trust.describe_denied(pid_file)}"
+                          ) from None
+    except trust.Untrusted as e:
+        raise StatusError(UNKNOWN, f"refused: {e}") from None
     except OSError as e:
         raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: {e.strerror}") from None
-    if pid is None:
-        if os.path.exists(pid_file):
-            raise StatusError(UNKNOWN, f"PID file {pid_file} does not hold a PID")
-        raise StatusError(NOT_RUNNING, f"not running (no PID file {pid_file})")
-    proc = pidfile.master_process(pid_file)
     if proc is None:
-        if not psutil.pid_exists(pid):
-            why = "which is not running"
-        else:
-            why = "which is not lancelotd"
-        raise StatusError(DEAD, f"dead: PID file {pid_file} names PID {pid}, {why} (stale)")
+        if pid is None:
+            raise StatusError(UNKNOWN, f"PID file {pid_file} does not hold a PID")
+        code = DEAD if why in pidfile.STALE else UNKNOWN
+        raise StatusError(code, f"{'dead' if code == DEAD else 'refused'}: PID file {pid_file} names PID "
+                                f"{pid}, {why}" + (" (stale)" if code == DEAD else ""))
     return proc
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import privileges
 from .clients import ClientTable
 from .config import Config
 from .logs import log
@@ -320,6 +321,9 @@ class Supervision:
             if self.metrics:
                 self.metrics.close()
             self.close_balance()
+            identity = privileges.resolve(spec.cfg.user, spec.cfg.group)  # checked at start
+            if identity is not None:
+                privileges.drop(identity)  # before any client: an OSError ends this worker (boot failure)
             code = run_worker(spec)
         except BaseException:
             log.exception("worker crashed")

@@ -114,7 +114,8 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         self.accept_paused = False  # out of descriptors: not watching the listeners until the alarm
         self.accept_pause = AcceptPause()
         # allow/deny and the per-client limit (access.py); None when there is nothing to check
-        self.gate = make_gate(cfg.allow, cfg.deny, cfg.max_connections_per_client, spec.clients, spec.slot)
+        self.gate = make_gate(cfg.allow, cfg.deny, cfg.max_connections_per_client, spec.clients, spec.slot,
+                              cfg.max_connections_per_client_ipv6_prefix)
         self._init_proxy_headers(spec.proxied)  # PROXY protocol listeners (proxied.py)
         self.recent: deque[tuple | None] = deque(maxlen=RECENT_CLIENTS)  # latest clients, for `status`
         self._init_spreading(spec.loads)  # new connections spread over the workers (spread.py)

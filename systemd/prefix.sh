@@ -19,6 +19,9 @@ check_prefix() {
     case "$PREFIX" in
         *[!A-Za-z0-9/._+-]*) refuse "PREFIX '$PREFIX' holds characters a unit's ExecStart= cannot take as they are" ;;
     esac
+    case "$PREFIX" in  # said plainly: no '.', '..' or empty component to resolve elsewhere
+        *//*|*/./*|*/../*|*/.|*/..|*/) refuse "PREFIX '$PREFIX' is not a plain path (no '.', '..' or '//')" ;;
+    esac
     p=$(realpath -m -- "$PREFIX")
     case "$p" in
         /|/bin|/boot|/dev|/etc|/lib|/lib64|/media|/mnt|/opt|/proc|/root|/run|/sbin|/srv|/sys|/tmp|/usr|/var \

@@ -1,7 +1,7 @@
 """The README's first command on a machine where lancelotd never ran (issue 9, item 1).
 
 Bare `lancelotd`, with no --pid-file: the default PID file's directory does
-not exist yet and must be created (0700 for a user, 0755 for root under
+not exist yet and must be created (0700 for a user, 0750 for root under
 /run), and a directory someone else could change under us is refused.
 The config comes from $LANCELOTD_CONFIG (127.0.0.1:0, one worker, no
 pid_file key) so the tests bind no fixed port.  As root, "an ordinary user"
@@ -261,7 +261,7 @@ def test_bare_command_as_root_creates_run_lancelotd(home: Path, spawn) -> None:
     run = spawn(private_run + lancelotd(), environment(home, home / "ignored-as-root"), home,
                 home / "out.log")
     seen_from_inside = Path(f"/proc/{run.proc.pid}/root/run/lancelotd/lancelotd.pid")
-    serve_and_stop(run, seen_from_inside, 0o755, 0)
+    serve_and_stop(run, seen_from_inside, 0o750, 0)  # 0750: the scoreboard holds client addresses
 
 
 @contextlib.contextmanager

@@ -89,3 +89,81 @@ def test_hostile_scrapers_cost_the_master_nothing(start_daemon):
         except OSError:  # URLError, a reset: still busy with the queue they left
             return False
     wait_for(scraped, 15, "a scrape to succeed")
+
+
+def probe(port: int, path: bytes) -> tuple[float, bytes]:
+    """(seconds, response) of one GET on a new connection: connect, request, read to the close."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as sock:
+        sock.sendall(b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    return time.monotonic() - started, data
+
+
+class Crowd:
+    """50 idle connections and 10 slow scrapers (a byte every 0.2 s) on a port, re-opened when dropped."""
+
+    def __init__(self, port: int, idle: int = 50, slow: int = 10) -> None:
+        import threading
+        self.port, self.idle, self.slow = port, idle, slow
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.opened = 0
+
+    def __enter__(self) -> Crowd:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def run(self) -> None:
+        import select
+        request = b"GET /metrics HTTP/1.0\r\n\r\n"
+        idle = open_silent(self.port, self.idle)
+        slow = {sock: 0 for sock in open_silent(self.port, self.slow)}
+        self.opened = len(idle) + len(slow)
+        try:
+            while not self.stop.wait(0.2):
+                readable, _, _ = select.select([*idle, *slow], [], [], 0)
+                for sock in readable:  # dropped by the server (EOF or reset): come back
+                    if sock in slow:
+                        del slow[sock]
+                        sock.close()
+                        slow.update(dict.fromkeys(open_silent(self.port, 1), 0))
+                    else:
+                        idle.remove(sock)
+                        sock.close()
+                        idle += open_silent(self.port, 1)
+                    self.opened += 1
+                for sock, sent in list(slow.items()):
+                    try:
+                        sock.send(request[sent:sent + 1])
+                        slow[sock] = min(sent + 1, len(request) - 1)  # never quite finishes
+                    except OSError:
+                        pass
+        finally:
+            for sock in [*idle, *slow]:
+                sock.close()
+
+
+def test_probes_never_wait_behind_idle_and_slow_scrapers(start_daemon):
+    """Issue 19, item 5: /live and /ready within 100 ms while 50 idle + 10 slow connections hold the port."""
+    d = start_daemon(config='[server]\nworkers = 1\nmetrics_bind = "127.0.0.1:0"\n', workers=1)
+    master = psutil.Process(d.proc.pid)
+    url = metrics_url(d, master.pid)
+    port = int(url.split(":")[2].split("/")[0])
+    with Crowd(port) as crowd:
+        # (Evicted ones come back at once: the master is never without a crowd to evict.)
+        wait_for(lambda: crowd.opened >= 60 and held_by(master.pid, port), 5, "the crowd to reach the master")
+        time.sleep(0.5)
+        times = []
+        for i in range(20):
+            took, response = probe(port, b"/live" if i % 2 else b"/ready")
+            assert response.startswith(b"HTTP/1.0 200"), response
+            times.append(took)
+        assert held_by(master.pid, port) <= MAX_SCRAPERS
+    assert max(times) < scaled(0.1), f"probes took up to {max(times) * 1000:.0f} ms: {times}"

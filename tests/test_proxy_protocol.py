@@ -215,3 +215,58 @@ def test_configuration_problems_name_their_keys(tmp_path):
     assert ("listener[2].bind: '127.0.0.1:7000' is the same address as '127.0.0.1:7000' in server.bind"
             in out), out
     assert "listener[3].proxy_protocol_from: '10.0.0.1/8' is not an address or CIDR block" in out, out
+
+
+# --- issue 19, item 7: IPv6 blocks, and headers that name no client ---------------------------
+
+@pytest.mark.parametrize("prefix", [None, 64])
+def test_ipv6_clients_of_one_block_share_a_count_with_a_prefix(start_daemon, prefix):
+    """A client rotating addresses in its /64 is one client with max_connections_per_client_ipv6_prefix."""
+    setting = f"\nmax_connections_per_client_ipv6_prefix = {prefix}" if prefix else ""
+    d = start_daemon(config=config(access=f"max_connections_per_client = 2{setting}"), workers=1)
+    balancer = ("2001:db8:ffff::1", 1062, 0, 0)
+    answers = []
+    socks = [proxied(d) for _ in range(4)]
+    try:
+        for i, sock in enumerate(socks[:3]):  # three addresses of 2001:db8:1:2::/64
+            sock.sendall(build(PROXY, (f"2001:db8:1:2::{i + 1}", 40000 + i, 0, 0), balancer) + NAME_Q)
+            answers.append(sock.recv(4096))
+        socks[3].sendall(build(PROXY, ("2001:db8:1:3::1", 40009, 0, 0), balancer) + NAME_Q)  # the next /64
+        assert socks[3].recv(4096) == NAME_A
+    finally:
+        for sock in socks:
+            sock.close()
+    if prefix:
+        assert answers[:2] == [NAME_A, NAME_A] and answers[2] == b"", answers
+        wait_refused(d, per_client_limit=1)
+    else:
+        assert answers == [NAME_A] * 3
+        wait_refused(d, per_client_limit=0)
+
+
+def test_a_local_header_is_exempt_from_the_client_allow_list(start_daemon):
+    """HAProxy's health checks (LOCAL) come from the balancer, which a client allow-list leaves out."""
+    d = start_daemon(config=config(access='allow = ["198.18.0.0/24"]'), workers=1)
+    with proxied(d) as sock:
+        sock.sendall(build(LOCAL) + NAME_Q)
+        assert sock.recv(4096) == NAME_A
+    with proxied(d) as sock:  # a PROXY header without addresses (UNSPEC) names no client either
+        sock.sendall(build(PROXY) + NAME_Q)
+        assert sock.recv(4096) == NAME_A
+    with proxied(d) as sock:  # a real client outside the list is still denied
+        sock.sendall(build(PROXY, ("203.0.113.9", 40000), BALANCER_SIDE) + NAME_Q)
+        assert closed_by_server(sock)
+    wait_refused(d, denied=1)
+
+
+def test_unspec_headers_do_not_share_one_quota(start_daemon):
+    d = start_daemon(config=config(access="max_connections_per_client = 1"), workers=1)
+    socks = [proxied(d) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(build(PROXY) + NAME_Q)
+            assert sock.recv(4096) == NAME_A
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_refused(d, per_client_limit=0)
