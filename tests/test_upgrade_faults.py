@@ -140,7 +140,7 @@ def group_pids(pgid: int) -> set[int]:
 def assert_files_are_the_old_masters(d, old: int, workers: set[int]) -> None:
     pid_file = str(d.pid_file)
     assert read_pid(d.pid_file) == old
-    assert pidfile.recorded_identity(pid_file, old) == pidfile.identity(old)
+    assert pidfile.recorded_identity(pid_file, old, os.getuid()) == pidfile.identity(old)
     board = Scoreboard.open(scoreboard_path(pid_file))
     try:
         assert board.read_header().master_pid == old
