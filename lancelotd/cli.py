@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, agent, checks, config, logs, pidfile, status
+from . import __version__, activation, agent, checks, config, logs, pidfile, status
+from .activation import ACTIVATED
 from .logs import log
 from .logs import setup as setup_logging
 from .scoreboard import Scoreboard, ScoreboardError
-from .sockets import parse_address
+from .sockets import format_address, parse_address
 
 SYSTEM_CONFIG = "/etc/lancelotd/lancelotd.toml"
 COMMANDS = ("serve", "check-config", "status", "stop", "reload", "reopen-logs", "drain", "undrain")
@@ -120,13 +121,30 @@ def load_config(args: argparse.Namespace, base_dir: str | None = None) -> config
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        load_config(args)
+        cfg = load_config(args)
     except config.ConfigError as e:
         for problem in e.problems:
             print(f"{e.path}: {problem}", file=sys.stderr)
         return 1
+    for line in activation_report(cfg):  # the daemon starts anyway: warnings, not errors
+        print(f"lancelotd: warning: {line}", file=sys.stderr)
     print("ok")
     return 0
+
+
+def activation_report(cfg: config.Config) -> list[str]:
+    """What socket activation (LISTEN_FDS meant for us, as systemd sets it) and cfg disagree on."""
+    from .systemd import listen_fds
+
+    keys = []
+    for sock in listen_fds():
+        try:
+            keys.append(ACTIVATED + format_address(sock.getsockname()))
+        except (OSError, TypeError, IndexError):  # not a TCP socket: nothing to match
+            pass
+        finally:
+            sock.detach()  # the descriptor stays the caller's (systemd's)
+    return activation.report(cfg.addresses, keys) if keys else []
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

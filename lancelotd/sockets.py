@@ -10,13 +10,14 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import activation
+from .activation import ACTIVATED
 from .logs import log
 
 if TYPE_CHECKING:
     from .config import Config
 
-
-ACTIVATED = "systemd "  # key prefix of sockets from socket activation
+__all__ = ["ACTIVATED"]  # re-exported: the listeners' keys are built here
 
 # Classic BPF over the TCP header, for refuse_new_connections(): ldb [13]
 # (the flags); and #0x12 (SYN|ACK); jeq #0x02 (a SYN alone) -> drop; else pass.
@@ -135,28 +136,50 @@ def bind(address: str, backlog: int) -> socket.socket:
 def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
     """Sockets for cfg.addresses (bind, [[listener]]): existing ones reused (queues survive), the rest bound.
 
-    Sockets from socket activation are kept as they are: the socket unit, not
-    the config, says where to listen.  On failure the sockets bound here are
-    closed and `existing` is untouched.
+    A socket from socket activation serves the configured address it is bound to
+    (activation.py); one that no address names is kept too (systemd holds it:
+    clients connect there) and served with the defaults, with a warning.  On
+    failure the sockets bound here are closed and `existing` is untouched.
     """
-    if any(address.startswith(ACTIVATED) for address in existing):
-        return dict(existing)
+    activated = [key for key in existing if key.startswith(ACTIVATED)]
+    matched, unnamed = activation.match([a for a in cfg.addresses if a not in existing], activated)
     listeners: dict[str, socket.socket] = {}
     proxied = {listener.bind for listener in cfg.listeners if listener.proxy_protocol}
     try:
         for address in cfg.addresses:
-            sock = existing.get(address)
-            if sock is None:
-                sock = bind(address, cfg.backlog)
-                log.info("listening on %s%s", format_address(sock.getsockname()),
-                         " (PROXY protocol v2)" if address in proxied else "")
+            key = address if address in existing else matched.get(address)
+            if key is not None:
+                listeners[key] = existing[key]
+                if address in proxied and key != address:
+                    log.info("socket-activated %s is %s (PROXY protocol v2)",
+                             key.removeprefix(ACTIVATED), address)
+                continue
+            sock = bind_beside(address, cfg.backlog, activated)
+            log.info("listening on %s%s", format_address(sock.getsockname()),
+                     " (PROXY protocol v2)" if address in proxied else "")
             listeners[address] = sock
     except BindError:
         for address, sock in listeners.items():
             if existing.get(address) is not sock:
                 sock.close()
         raise
+    for key in unnamed:
+        log.warning("%s", activation.unnamed_warning(key))
+        listeners[key] = existing[key]
     return listeners
+
+
+def bind_beside(address: str, backlog: int, activated: list[str]) -> socket.socket:
+    """bind(), with a hint when an activated socket may hold the port (the socket unit and the
+    config disagree: "[::]:1060" from ListenStream=1060 holds 0.0.0.0:1060 too)."""
+    try:
+        return bind(address, backlog)
+    except BindError as e:
+        if not activated:
+            raise
+        given = ", ".join(key.removeprefix(ACTIVATED) for key in activated)
+        raise BindError(f"{e} (socket activation gave {given}: make lancelotd.socket's ListenStream= "
+                        "and the config's addresses agree)") from None
 
 
 def refuse_new_connections(sock: socket.socket) -> None:

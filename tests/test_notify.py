@@ -323,8 +323,9 @@ def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(spawn, notify):
 def test_listen_fds_adopted(spawn, notify):
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     port = listener.getsockname()[1]
-    # -b would bind somewhere else: with an activated socket it must not.
-    d = spawn("-b", "127.0.0.1:0", "-w", "2", listen=listener, own_pid=("LISTEN_PID",),
+    # -b names the activated socket's address: it is adopted, not bound again (test_activation.py
+    # has the addresses that disagree).
+    d = spawn("-b", f"127.0.0.1:{port}", "-w", "2", listen=listener, own_pid=("LISTEN_PID",),
               env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "lancelotd.socket", "NOTIFY_SOCKET": notify.address})
     listener.close()  # the daemon's now: only it can answer there
     master = d.wait_pid_file()
