@@ -4,6 +4,7 @@ drain, undrain."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, activation, agent, checks, config, logs, pidfile, status
+from . import __version__, activation, agent, checks, config, logs, pidfile, refusals, status
 from .activation import ACTIVATED
 from .logs import log
 from .logs import setup as setup_logging
@@ -107,6 +108,35 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lancelotd status | head`: the reader left; not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except refusals.NotConfigured as e:
+        print("\n".join(refusals.not_configured_lines(e)), file=sys.stderr)
+        return refusals.NOT_CONFIGURED
+    except Refused as e:
+        print(e, file=sys.stderr)
+        return e.code
+    except (PermissionError, psutil.AccessDenied) as e:  # the last word: one line, never a traceback
+        print(f"lancelotd: {args.command}: not allowed: {e}: {refusals.instead(args.command, None)}",
+              file=sys.stderr)
+        return refusals.NO_PRIVILEGE
+
+
+class Refused(Exception):
+    """A command cannot go on; the message is its one line, `code` its exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def send(command: str, proc: psutil.Process, sig: signal.Signals) -> None:
+    """Signal the master, or Refused saying why not (another user's master; gone meanwhile)."""
+    try:
+        proc.send_signal(sig)
+    except (psutil.AccessDenied, PermissionError):
+        raise Refused(refusals.cannot_signal(command, proc.pid, sig.name), refusals.NO_PRIVILEGE) from None
+    except psutil.NoSuchProcess:
+        raise Refused(f"lancelotd: {command}: master {proc.pid} exited before {sig.name} reached it",
+                      1) from None
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -221,10 +251,12 @@ def pid_file_of(args: argparse.Namespace) -> str:
 
 
 def config_of(args: argparse.Namespace) -> config.Config:
+    """The config, for where the master is: an invalid one is said as such (exit 6), never taken
+    for the defaults, which would look for another PID file and say "not running"."""
     try:
         return load_config(args)
-    except config.ConfigError:
-        return config.Config()  # a broken config must not hide a running master
+    except config.ConfigError as e:
+        raise refusals.NotConfigured(e.path, e.problems) from None
 
 
 def timeout_of(args: argparse.Namespace) -> float:
@@ -232,7 +264,13 @@ def timeout_of(args: argparse.Namespace) -> float:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return status.run(pid_file_of(args), args.json, args.watch)
+    try:
+        pid_file = pid_file_of(args)
+    except refusals.NotConfigured as e:
+        if args.json:
+            print(json.dumps({"schema": status.SCHEMA, "state": "not_configured", "problem": str(e)}))
+        raise
+    return status.run(pid_file, args.json, args.watch)
 
 
 def find_master(args: argparse.Namespace) -> tuple[psutil.Process, Scoreboard] | int:
@@ -240,7 +278,7 @@ def find_master(args: argparse.Namespace) -> tuple[psutil.Process, Scoreboard] |
     try:
         return status.find_master(pid_file_of(args))
     except status.StatusError as e:
-        print(f"lancelotd: {e}", file=sys.stderr)
+        print(status.explain(e, args.command), file=sys.stderr)
         return e.code
 
 
@@ -261,7 +299,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboard) -> int:
     """HUP the master and wait for its verdict (header and message read as one record)."""
     before = board.read_header().reloads
-    proc.send_signal(signal.SIGHUP)
+    send("reload", proc, signal.SIGHUP)
     if args.no_wait:
         print(f"sent SIGHUP to master {proc.pid}")
         return 0
@@ -290,9 +328,9 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
     try:
         proc = status.find_master_process(pid_file_of(args))
     except status.StatusError as e:
-        print(f"lancelotd: {e}", file=sys.stderr)
+        print(status.explain(e, args.command), file=sys.stderr)
         return 0 if e.code == status.NOT_RUNNING else e.code  # nothing to reopen
-    proc.send_signal(signal.SIGUSR1)
+    send("reopen-logs", proc, signal.SIGUSR1)
     print(f"sent SIGUSR1 to master {proc.pid}")
     return 0
 
@@ -303,15 +341,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except status.StatusError as e:
         found = upgrading_master(args)
         if found is None:  # LSB: stopping a stopped service succeeds
-            print(f"lancelotd: {e}", file=sys.stderr)
+            print(status.explain(e, args.command), file=sys.stderr)
             return 0 if e.code in (status.NOT_RUNNING, status.DEAD) else e.code
         proc = found
-    proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
+    send("stop", proc, signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:
         return 0
     timeout = args.timeout
     if timeout is None:  # a graceful stop may take drain_delay + graceful_timeout
-        cfg = config_of(args)
+        try:
+            cfg = config_of(args)
+        except refusals.NotConfigured:  # found through --pid-file: the defaults' wait
+            cfg = config.Config()
         timeout = max(args.timeout_default, cfg.drain_delay + cfg.graceful_timeout + 10)
     deadline = time.monotonic() + timeout
     while is_alive(proc):
@@ -362,7 +403,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         if e.code in (status.NOT_RUNNING, status.DEAD):
             print(f"no master running: it will start {word}")
             return 0
-        print(f"lancelotd: {e}", file=sys.stderr)
+        print(status.explain(e, args.command), file=sys.stderr)
         return e.code
     try:
         return wait_drain(args, proc, board, on)

@@ -33,9 +33,19 @@ GROUPED = (*ERROR_KINDS, *REFUSAL_CAUSES, *PROXY_COUNTERS.values())
 
 
 class StatusError(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    """Why no master can be shown; `denied`: the caller may not read what it needs (refusals.py)."""
+
+    def __init__(self, code: int, message: str, denied: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.denied = denied
+
+
+def explain(e: StatusError, command: str, pid: int | None = None) -> str:
+    """The error's line for `command`, with what to run instead when it was a refusal."""
+    from .refusals import instead
+
+    return f"lancelotd: {e}" + (f": {instead(command, pid)}" if e.denied else "")
 
 
 def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
@@ -45,6 +55,9 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
     try:
         board = Scoreboard.open(path)
         owner = board.read_header().master_pid
+    except PermissionError:
+        raise StatusError(UNKNOWN, f"not allowed to read the scoreboard {path} of master {proc.pid}",
+                          denied=True) from None
     except (OSError, ValueError) as e:
         raise StatusError(UNKNOWN, f"master {proc.pid} is running but its scoreboard is unreadable: {e}"
                           ) from None
@@ -63,6 +76,8 @@ def find_master_process(pid_file: str) -> psutil.Process:
     """
     try:
         pid = pidfile.read(pid_file)
+    except PermissionError:
+        raise StatusError(UNKNOWN, f"not allowed to read PID file {pid_file}", denied=True) from None
     except OSError as e:
         raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: {e.strerror}") from None
     if pid is None:
@@ -103,6 +118,9 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
         })
     workers.sort(key=lambda w: (w["generation"], w["number"]))
     totals = board.totals()
+    found = listeners(proc, header.metrics_port, header.agent_port)
+    hidden = {} if found is not None else {"listeners_hidden": f"not allowed to read /proc/{proc.pid}/fd: "
+                                                               "run as root or as the master's user"}
     answered_per_s = round(sum(w["answered_per_s"] for w in workers if w["state"] != "free"), 1)
     return {
         "schema": SCHEMA,
@@ -113,7 +131,8 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
             "uptime_s": round(now_wall - header.started, 1), "title": " ".join(proc.cmdline()).strip(),
             **process_figures(proc.pid),
         },
-        "listeners": listeners(proc, header.metrics_port, header.agent_port),
+        "listeners": found or [],
+        **hidden,
         "balancer": {
             "state": BALANCE_NAMES.get(header.balance, "?"), "drained": bool(header.drained),
             "agent": (AGENT_READY if header.balance == READY else AGENT_DRAIN).decode().strip(),
@@ -148,14 +167,17 @@ def process_figures(pid: int) -> dict[str, Any]:
         return {"cpu_seconds": None, "rss": None, "uss": None}
 
 
-def listeners(proc: psutil.Process, metrics_port: int, agent_port: int = 0) -> list[dict[str, Any]]:
-    """The master's listening TCP sockets with their role and accept-queue depth."""
+def listeners(proc: psutil.Process, metrics_port: int, agent_port: int = 0) -> list[dict[str, Any]] | None:
+    """The master's listening TCP sockets with their role and accept-queue depth; None when the
+    caller may not see the master's descriptors (another user's process)."""
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{proc.pid}/fd"):
             target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
+    except PermissionError:
+        return None
     except OSError:
         return []
     found = []
@@ -223,7 +245,8 @@ def human(snap: dict[str, Any]) -> str:
         "  listening: " + (", ".join(
             f"{listener['address']} (accept queue {listener['accept_queue']})"
             if listener["role"] == "service" else f"{listener['address']} ({listener['role']})"
-            for listener in snap["listeners"]) or "-"),
+            for listener in snap["listeners"]) or (f"? ({snap['listeners_hidden']})"
+                                                    if "listeners_hidden" in snap else "-")),
         "  balancer: " + balancer_line(snap["balancer"]),
         f"  reloads: {r['count']} ({r['failures']} failed), last {last}"
         + (" - reload under way" if r["pending"] else ""),
@@ -301,7 +324,7 @@ def run(pid_file: str, as_json: bool, watch: float | None, interval: float = 0.5
             print(json.dumps({"schema": SCHEMA, "state": state_name(e.code), "problem": str(e),
                               "pid_file": pid_file}))
         else:
-            print(f"lancelotd: {e}", file=sys.stderr)
+            print(explain(e, "status"), file=sys.stderr)
         return e.code
     previous = None
     try:
