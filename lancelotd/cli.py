@@ -47,6 +47,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def overrides(p: argparse.ArgumentParser) -> None:
+    """The options that override the file's settings (serve; check-config shows their effect)."""
+    p.add_argument("-b", "--bind", action="append", type=_address, metavar="HOST:PORT",
+                   help="listen here instead of the config's addresses (repeatable; [::1]:PORT for IPv6)")
+    p.add_argument("-w", "--workers", type=_positive, metavar="N", help="number of worker processes")
+    p.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
+    p.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")
+    p.add_argument("--log-level", choices=checks.LOG_LEVELS, help="log level")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lancelotd",
@@ -63,17 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the master and its workers (the default)")
     with_config(serve)
-    serve.add_argument("-b", "--bind", action="append", type=_address, metavar="HOST:PORT",
-                       help="listen here instead of the config's addresses (repeatable; [::1]:PORT for IPv6)")
-    serve.add_argument("-w", "--workers", type=_positive, metavar="N", help="number of worker processes")
-    serve.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
-    serve.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")
-    serve.add_argument("--log-level", choices=checks.LOG_LEVELS, help="log level")
+    overrides(serve)
     serve.add_argument("--daemon", action="store_true",
                        help="detach into the background (returns once the master is listening)")
 
-    check = sub.add_parser("check-config", help="validate a config file: 'ok' or every problem")
+    check = sub.add_parser("check-config", help="validate a config file: 'ok' or every problem; with "
+                           "serve's options, the file with them applied")
     with_config(check)
+    overrides(check)
+    check.add_argument("-T", "--print", action="store_true", dest="print_config",
+                       help="print the effective configuration as TOML (defaults included, where each "
+                       "value came from as a comment)")
 
     status = sub.add_parser(
         "status", help="show the master and every worker (exit 0 running, 1 dead, 3 stopped, 4 unknown)")
@@ -151,13 +161,20 @@ def load_config(args: argparse.Namespace, base_dir: str | None = None) -> config
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args)
+        cfg = config_loader(args)()
     except config.ConfigError as e:
         for problem in e.problems:
             print(f"{e.path}: {problem}", file=sys.stderr)
         return 1
     for line in activation_report(cfg):  # the daemon starts anyway: warnings, not errors
         print(f"lancelotd: warning: {line}", file=sys.stderr)
+    if args.print_config:
+        from .effective import OPTIONS, render
+
+        data = config.read_toml(cfg.path) if cfg.path else {}
+        given = {name: getattr(cfg, name) for name in OPTIONS if getattr(args, name) is not None}
+        sys.stdout.write(render(cfg, data, given))
+        return 0
     print("ok")
     return 0
 

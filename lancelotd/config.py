@@ -327,11 +327,15 @@ def load(path: str | None, base_dir: str | None = None) -> Config:
     """The Config in `path`, or the built-in defaults when path is None."""
     if path is None:
         return Config()
+    return from_dict(read_toml(path), os.path.abspath(path), base_dir)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The file as parsed TOML, or ConfigError saying why not."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
-    return from_dict(data, os.path.abspath(path), base_dir)
