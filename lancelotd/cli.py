@@ -1,4 +1,4 @@
-"""`lancelotd` command line (SPEC §5): serve, check-config, status, stop, reload, reopen-logs,
+"""`lancelotd` command line (docs/PROMISES.md §4): serve, check-config, status, stop, reload, reopen-logs,
 drain, undrain."""
 
 from __future__ import annotations

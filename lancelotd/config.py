@@ -1,4 +1,4 @@
-"""Configuration: TOML file -> validated, immutable Config (SPEC §4).
+"""Configuration: TOML file -> validated, immutable Config (docs/PROMISES.md §3).
 
 Every setting is declared once in SETTINGS (table, key, default, checker);
 validation walks the whole file and reports every problem with its key, so

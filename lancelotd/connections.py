@@ -1,4 +1,4 @@
-"""A worker's connections: adopting, writing, closing without a reset, expiring (SPEC §1).
+"""A worker's connections: adopting, writing, closing without a reset, expiring (docs/PROTOCOL.md).
 
 A mixin of the Worker (worker.py), whose loop handles the hot path itself:
 this is everything a connection needs besides one recv and one send.

@@ -1,4 +1,4 @@
-"""Logging: one line per event with time, level, PID and role (SPEC §4)."""
+"""Logging: one line per event with time, level, PID and role (docs/PROMISES.md §3)."""
 
 from __future__ import annotations
 

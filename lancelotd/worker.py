@@ -1,4 +1,4 @@
-"""A worker: one process, one epoll loop, many connections (SPEC §2).
+"""A worker: one process, one epoll loop, many connections (docs/PROMISES.md §1).
 
 The loop is written for the hot path: a request is one recv(), one dict
 lookup and one send().  Everything that is not per-request (idle timeouts,

@@ -1,4 +1,4 @@
-"""SPEC §9 with real daemons, no balancer yet: the agent port, `lancelotd drain`/`undrain`,
+"""docs/PROMISES.md §8 with real daemons, no balancer yet: the agent port, `lancelotd drain`/`undrain`,
 drain_delay at TERM, /ready and /live, closing drained and old connections at idle points,
 and `lancelot ask` asking again once when its connection ends under a question.
 

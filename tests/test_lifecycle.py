@@ -1,4 +1,4 @@
-"""SPEC §2-§3 with real daemons: reload, upgrade, pool size, log reopen, supervision.
+"""docs/PROMISES.md §1-§2 with real daemons: reload, upgrade, pool size, log reopen, supervision.
 
 Every test runs real `lancelotd serve` processes (the `start_daemon` fixture,
 which kills and reaps the whole process group at teardown), sends them real

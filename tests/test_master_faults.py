@@ -1,4 +1,4 @@
-"""SPEC §7, the master's promise, with real daemons: no fault short of SIGKILL to the master ends
+"""docs/PROMISES.md §6, the master's promise, with real daemons: no fault short of SIGKILL to the master ends
 the service, and a fault in a lifecycle operation leaves the service as it was.
 
 Each test provokes one fault that once took the master down (or would have), then checks that the

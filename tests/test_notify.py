@@ -1,4 +1,4 @@
-"""SPEC §6 without systemd: sd_notify messages, LISTEN_FDS adoption, --daemon.
+"""docs/PROMISES.md §5 without systemd: sd_notify messages, LISTEN_FDS adoption, --daemon.
 
 The test plays systemd's part: its own AF_UNIX datagram socket (a path, or an
 abstract "@name") is the daemon's NOTIFY_SOCKET, with SO_PASSCRED so every

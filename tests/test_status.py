@@ -1,4 +1,4 @@
-"""SPEC §4-§5 and README "Monitoring" with real daemons: `lancelotd status`, its --json
+"""docs/PROMISES.md §3-§4 and README "Monitoring" with real daemons: `lancelotd status`, its --json
 schema and LSB exit codes, the scoreboard's counters, synchronous `reload` and `stop`,
 and the Prometheus metrics the master serves.
 

@@ -1,4 +1,4 @@
-"""SPEC §6 against a real systemd: the units as systemd/install.sh installs them.
+"""docs/PROMISES.md §5 against a real systemd: the units as systemd/install.sh installs them.
 
 One sandbox per module (tests/sdsandbox.py: this machine's systemd as PID 1 of
 private namespaces, on a throw-away overlay root, with a network namespace of
