@@ -43,3 +43,24 @@ def test_the_contract_pages_exist_and_are_linked():
     for page in ("docs/PROTOCOL.md", "docs/PROMISES.md"):
         assert (REPO / page).is_file()
         assert page in readme
+
+
+def test_the_benchmark_tools_build_from_the_clone(tmp_path):
+    """What bench.py, report.py and hostile.py build: the repo's own C sources, with cc."""
+    import shutil
+    import sys
+
+    import pytest
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc)")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert bench.DEFAULT_LOADGEN_SRC == REPO / "benchmarks" / "c"
+    loadgen, ref = bench.build(bench.DEFAULT_LOADGEN_SRC, tmp_path)
+    usage = subprocess.run([str(loadgen), "-h"], capture_output=True, text=True, timeout=10)
+    assert usage.returncode == 2 and "connect-per-request" in usage.stderr
+    assert ref.is_file()
