@@ -89,6 +89,13 @@ def log_level(v: Any) -> str | None:
     return None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}, not {v!r}"
 
 
+LOG_FORMATS = ("text", "json")  # logs.FORMATS
+
+
+def log_format(v: Any) -> str | None:
+    return None if v in LOG_FORMATS else f"must be one of {', '.join(LOG_FORMATS)}, not {v!r}"
+
+
 def binds(v: Any) -> str | None:
     from .sockets import parse_address  # local: sockets imports nothing from here
 

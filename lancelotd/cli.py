@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure = config_loader(args)
     try:
         cfg = configure()
-        setup_logging(cfg.log_file, cfg.log_level)
+        setup_logging(cfg.log_file, cfg.log_level, cfg.log_format)
     except config.ConfigError as e:
         return start_failed([f"{e.path}: {problem}" for problem in e.problems])
     except OSError as e:
@@ -245,8 +245,9 @@ def config_loader(args: argparse.Namespace) -> Callable[[], config.Config]:
             bind=args.bind, workers=args.workers, pid_file=args.pid_file,
             log_file=args.log_file, log_level=args.log_level,
         )
+        access = cfg.access_log if cfg.access_log == "stderr" else absolute(cfg.access_log)
         return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file),
-                                  drain_file=absolute(cfg.drain_file))
+                                  drain_file=absolute(cfg.drain_file), access_log=access)
 
     return configure
 

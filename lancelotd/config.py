@@ -82,6 +82,8 @@ class Config:
     max_requests_jitter: int = 0
     log_file: str = ""
     log_level: str = "info"
+    log_format: str = "text"  # or "json" (logs.py)
+    access_log: str = ""  # "" = off, "stderr", or a file (connlog.py)
     # [balancer] (balancer.py, draining.py)
     agent_bind: str = ""
     drain_file: str = ""  # "" = PIDFILE.drain
@@ -219,6 +221,8 @@ SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
         ("max_connection_age_jitter", checks.seconds_or_zero(MAX_SECONDS)),
     ("log", "file"): ("log_file", checks.string),
     ("log", "level"): ("log_level", checks.log_level),
+    ("log", "format"): ("log_format", checks.log_format),
+    ("log", "access"): ("access_log", checks.string),
     **ACCESS_SETTINGS,
 }
 TABLES = {table for table, _ in SETTINGS} | {"answers", "listener"}
@@ -248,6 +252,9 @@ def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
     log_problem = checks.check_log_file(values.get("log_file", ""), base_dir)
     if log_problem:
         problems.append(f"log.file: {log_problem}")
+    access = values.get("access_log", "")
+    if access != "stderr" and (access_problem := checks.check_log_file(access, base_dir)):
+        problems.append(f"log.access: {access_problem}")
     metrics = values.get("metrics_bind", "")
     service = service_addresses(values.get("bind", Config.bind), values.get("listeners", ()))
     for address, key in service if metrics else ():

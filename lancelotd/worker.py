@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
-from . import handoff, logs
+from . import connlog, handoff, logs
 from .accepting import Accepting
 from .access import make_gate
 from .clients import ClientTable
@@ -352,4 +352,6 @@ def run_worker(spec: WorkerSpec) -> int:
     if failing or (fail_if and os.path.exists(fail_if)):
         log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT*)")
         return 3
-    return Worker(spec).run()
+    worker = Worker(spec)
+    connlog.install(worker)  # the access log, when [log] access is set; the generation for JSON lines
+    return worker.run()

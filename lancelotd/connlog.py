@@ -1,0 +1,224 @@
+"""The access log ([log] access): one line per closed connection, like nginx's access_log.
+
+Off by default, and then it costs nothing: install() leaves the worker as it is.  On, each
+worker opens the log itself (O_APPEND: the workers' lines never mix within a line) and
+wraps a few of its methods, none of them per question:
+- _adopt: the connection's socket becomes a CountingSocket, whose recv and send count bytes
+  in and out and the answers sent (each answer, and each error line, holds exactly one ".");
+- _forget, handed (a hand-off the other worker confirmed), _refuse (the access rules): write
+  the line;
+- _tick, _exit_code: flush.  Lines are buffered up to BUFFER bytes, so a write never passes
+  PIPE_BUF (a pipe to journald keeps each write whole), and flushed at least every tick.
+USR1 reopens the file (logs.REOPEN_HOOKS), like the error log.
+
+A line says: time, client (a PROXY header's source when there is one), worker, generation,
+duration (from when this worker took the connection), questions answered, bytes in and out
+(PROXY headers not counted), and how it ended: client_close, idle, drain, handoff, refused
+(with the cause), error (a protocol error or a socket error), stop (the worker stopped).
+Connections refused before a PROXY header was complete are not logged here (they are counted
+in `status`).
+"""
+
+from __future__ import annotations
+
+import _socket
+import json
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import logs
+from .logs import log
+from .scoreboard import STOPPING
+from .sockets import describe
+
+if TYPE_CHECKING:
+    from .connections import Conn
+    from .worker import Worker
+
+BUFFER = 3584  # bytes of lines held before a write: below PIPE_BUF (4096), so a write stays whole
+PEEK = socket.MSG_PEEK
+_recv = _socket.socket.recv
+_send = _socket.socket.send
+
+
+class CountingSocket(_socket.socket):
+    """A connection's socket that counts what passes; only ever made while the access log is on."""
+
+    __slots__ = ("started", "bytes_in", "bytes_out", "answers", "ended", "errors")
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        try:
+            data = _recv(self, size, flags)
+        except BlockingIOError:
+            raise
+        except OSError:
+            self.ended = self.ended or "error"
+            raise
+        if not flags & PEEK:
+            self.bytes_in += len(data)
+        return data
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            sent = _send(self, data, flags)
+        except BlockingIOError:
+            raise
+        except OSError:
+            self.ended = self.ended or "error"
+            raise
+        self.bytes_out += sent
+        self.answers += data.count(b".", 0, sent)
+        return sent
+
+
+def counting(sock: Any, now: float) -> CountingSocket:
+    """`sock` (accepted, or handed over) as a CountingSocket on the same descriptor."""
+    family = sock.family
+    new = CountingSocket(family, socket.SOCK_STREAM, 0, sock.detach())
+    new.setblocking(False)
+    new.started, new.bytes_in, new.bytes_out, new.answers, new.ended, new.errors = now, 0, 0, 0, "", 0
+    return new
+
+
+def mark(conn: Conn, why: str, protocol_error: bool = False) -> None:
+    """Say why the server closes `conn` (idle, drain, error), for its line; a no-op when off."""
+    sock = conn.sock
+    if isinstance(sock, CountingSocket) and not sock.ended:
+        sock.ended = why
+        sock.errors += protocol_error  # its error line is no answer
+
+
+class AccessLog:
+    """One worker's access log: a file (or stderr) and the lines not written yet."""
+
+    def __init__(self, target: str, fmt: str, worker: int, generation: int) -> None:
+        self.target, self.json = target, fmt == "json"
+        self.worker, self.generation, self.pid = worker, generation, os.getpid()
+        self.fd = self._open()
+        self.lines: list[str] = []
+        self.size = 0
+        self.second = -1
+        self.stamp = ""
+        self.failing = False  # a write failed: said once, until one succeeds
+
+    def _open(self) -> int:
+        if self.target == "stderr":
+            return 2
+        return os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def reopen(self) -> None:
+        """USR1 (logrotate): the lines so far to the old file, then a new one at the same path."""
+        self.flush()
+        try:
+            fd = self._open()
+        except OSError as e:
+            log.error("cannot reopen access log %s: %s; still writing to the file already open",
+                      self.target, e.strerror)
+            return
+        if self.fd != 2:
+            os.close(self.fd)
+        self.fd = fd
+
+    def _time(self, wall: float) -> str:
+        second = int(wall)
+        if second != self.second:  # strftime once a second, not once a line
+            self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.stamp}.{int((wall - second) * 1000):03d}Z"
+
+    def record(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
+               end: str, cause: str = "") -> None:
+        when, client = self._time(time.time()), describe(peer)
+        if self.json:
+            entry = {"time": when, "client": client, "worker": self.worker, "generation": self.generation,
+                     "pid": self.pid, "duration_s": round(duration, 6), "questions": questions,
+                     "bytes_in": bytes_in, "bytes_out": bytes_out, "end": end}
+            if cause:
+                entry["cause"] = cause
+            line = json.dumps(entry) + "\n"
+        else:
+            line = (f"{when} {client} worker={self.worker} gen={self.generation} duration={duration:.6f} "
+                    f"questions={questions} in={bytes_in} out={bytes_out} end={end}"
+                    + (f" cause={cause}" if cause else "") + "\n")
+        if self.size + len(line) > BUFFER:
+            self.flush()
+        self.lines.append(line)
+        self.size += len(line)
+
+    def closed(self, conn: Conn, end: str, now: float) -> None:
+        sock = conn.sock
+        if isinstance(sock, CountingSocket):
+            self.record(conn.peer, now - sock.started, max(0, sock.answers - sock.errors), sock.bytes_in,
+                        sock.bytes_out, sock.ended or end)
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        data = "".join(self.lines).encode("utf-8", "replace")
+        self.lines, self.size = [], 0
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+            self.failing = False
+        except OSError as e:  # a full disk must not stop the service: the lines are dropped
+            if not self.failing:
+                log.error("cannot write the access log %s: %s; lines are dropped until it works",
+                          self.target, e.strerror)
+            self.failing = True
+
+
+def install(worker: Worker) -> AccessLog | None:
+    """Set up the access log of a worker about to run (nothing when it is off)."""
+    from .connections import FINISHING  # connections imports mark() from here
+
+    logs.set_generation(worker.generation)
+    cfg = worker.cfg
+    if not cfg.access_log:
+        return None
+    try:
+        access = AccessLog(cfg.access_log, cfg.log_format, worker.number, worker.generation)
+    except OSError as e:
+        log.error("cannot open the access log %s: %s; serving without it", cfg.access_log, e.strerror)
+        return None
+    logs.REOPEN_HOOKS.append(access.reopen)
+    adopt, forget, handed, refuse = worker._adopt, worker._forget, worker.handed, worker._refuse
+    tick, exit_code = worker._tick, worker._exit_code
+
+    def adopt_counting(sock: Any, now: float, last: float | None = None, peer: tuple | None = None,
+                       client: int = 0) -> Conn:
+        return adopt(counting(sock, now), now, last, peer, client)
+
+    def forget_logged(conn: Conn) -> None:
+        if conn.fd in worker.conns:  # once: _forget is the last word on a connection
+            stopping = worker.state == STOPPING or conn.state == FINISHING
+            access.closed(conn, "stop" if stopping else "client_close", time.monotonic())
+        forget(conn)
+
+    def handed_logged(conn: Conn) -> None:
+        access.closed(conn, "handoff", time.monotonic())
+        handed(conn)
+
+    def refuse_logged(sock: Any, cause: str, addr: object) -> None:
+        access.record(addr, 0.0, 0, 0, 0, "refused", cause)
+        refuse(sock, cause, addr)
+
+    def tick_flushing(now: float) -> int | None:
+        access.flush()
+        return tick(now)
+
+    def exit_flushing() -> int:
+        now = time.monotonic()
+        for conn in list(worker.conns.values()):  # still open as the worker goes: they end with it
+            access.closed(conn, "stop", now)
+        code = exit_code()
+        access.flush()
+        return code
+
+    worker._adopt = adopt_counting  # type: ignore[method-assign]
+    worker._forget = forget_logged  # type: ignore[method-assign]
+    worker.handed = handed_logged  # type: ignore[method-assign]
+    worker._refuse = refuse_logged  # type: ignore[method-assign]
+    worker._tick = tick_flushing  # type: ignore[method-assign]
+    worker._exit_code = exit_flushing  # type: ignore[method-assign]
+    return access
