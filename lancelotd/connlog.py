@@ -3,12 +3,14 @@
 Off by default, and then it costs nothing: install() leaves the worker as it is.  On, each
 worker opens the log itself (O_APPEND: the workers' lines never mix within a line) and
 wraps a few of its methods, none of them per question:
-- _adopt: the connection's socket becomes a CountingSocket, whose recv and send count bytes
-  in and out and the answers sent (each answer, and each error line, holds exactly one ".");
+- the acceptors make CountingSockets (a _socket.socket subclass), whose recv and send count
+  bytes in and out and the answers sent (each answer, and each error line, holds exactly one
+  "."); _adopt turns a handed-over socket into one, and notes when the connection came;
 - _forget, handed (a hand-off the other worker confirmed), _refuse (the access rules): write
   the line;
-- _tick, _exit_code: flush.  Lines are buffered up to BUFFER bytes, so a write never passes
-  PIPE_BUF (a pipe to journald keeps each write whole), and flushed at least every tick.
+- _tick, _exit_code: flush.  Closed connections are kept as tuples, formatted and written in
+  writes of at most BUFFER bytes (below PIPE_BUF: a pipe to journald keeps each write whole)
+  every tick, or once MAX_HELD are waiting.
 USR1 reopens the file (logs.REOPEN_HOOKS), like the error log.
 
 A line says: time, client (a PROXY header's source when there is one), worker, generation,
@@ -31,22 +33,29 @@ from typing import TYPE_CHECKING, Any
 from . import logs
 from .logs import log
 from .scoreboard import STOPPING
-from .sockets import describe
+from .sockets import acceptor, describe
 
 if TYPE_CHECKING:
     from .connections import Conn
     from .worker import Worker
 
-BUFFER = 3584  # bytes of lines held before a write: below PIPE_BUF (4096), so a write stays whole
+BUFFER = 3584  # most bytes of lines in one write: below PIPE_BUF (4096), so a write stays whole
+MAX_HELD = 256  # closed connections waiting for the next tick's flush
 PEEK = socket.MSG_PEEK
 _recv = _socket.socket.recv
 _send = _socket.socket.send
 
 
 class CountingSocket(_socket.socket):
-    """A connection's socket that counts what passes; only ever made while the access log is on."""
+    """A connection's socket that counts what passes; only ever made while the access log is on.
 
-    __slots__ = ("started", "bytes_in", "bytes_out", "answers", "ended", "errors")
+    No __slots__: the class's zeros stand until a count is first set, so making one costs
+    nothing more than a plain socket.
+    """
+
+    started = 0.0
+    bytes_in = bytes_out = answers = errors = 0
+    ended = ""
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         try:
@@ -73,12 +82,10 @@ class CountingSocket(_socket.socket):
         return sent
 
 
-def counting(sock: Any, now: float) -> CountingSocket:
-    """`sock` (accepted, or handed over) as a CountingSocket on the same descriptor."""
-    family = sock.family
-    new = CountingSocket(family, socket.SOCK_STREAM, 0, sock.detach())
+def counting(sock: Any) -> CountingSocket:
+    """A handed-over socket as a CountingSocket on the same descriptor."""
+    new = CountingSocket(sock.family, socket.SOCK_STREAM, 0, sock.detach())
     new.setblocking(False)
-    new.started, new.bytes_in, new.bytes_out, new.answers, new.ended, new.errors = now, 0, 0, 0, "", 0
     return new
 
 
@@ -97,8 +104,7 @@ class AccessLog:
         self.target, self.json = target, fmt == "json"
         self.worker, self.generation, self.pid = worker, generation, os.getpid()
         self.fd = self._open()
-        self.lines: list[str] = []
-        self.size = 0
+        self.held: list[tuple] = []  # (wall clock, peer, duration, questions, in, out, end, cause)
         self.second = -1
         self.stamp = ""
         self.failing = False  # a write failed: said once, until one succeeds
@@ -121,42 +127,57 @@ class AccessLog:
             os.close(self.fd)
         self.fd = fd
 
+    def record(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
+               end: str, cause: str = "") -> None:
+        self.held.append((time.time(), peer, duration, questions, bytes_in, bytes_out, end, cause))
+        if len(self.held) >= MAX_HELD:
+            self.flush()
+
+    def closed(self, conn: Conn, end: str, now: float) -> None:
+        sock = conn.sock
+        if type(sock) is CountingSocket:
+            self.held.append((time.time(), conn.peer, now - sock.started, sock.answers - sock.errors,
+                              sock.bytes_in, sock.bytes_out, sock.ended or end, ""))
+            if len(self.held) >= MAX_HELD:
+                self.flush()
+
     def _time(self, wall: float) -> str:
         second = int(wall)
         if second != self.second:  # strftime once a second, not once a line
             self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self.stamp}.{int((wall - second) * 1000):03d}Z"
 
-    def record(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
-               end: str, cause: str = "") -> None:
-        when, client = self._time(time.time()), describe(peer)
+    def _line(self, wall: float, peer: object, duration: float, questions: int, bytes_in: int,
+              bytes_out: int, end: str, cause: str) -> str:
+        when, client = self._time(wall), describe(peer)
         if self.json:
             entry = {"time": when, "client": client, "worker": self.worker, "generation": self.generation,
-                     "pid": self.pid, "duration_s": round(duration, 6), "questions": questions,
+                     "pid": self.pid, "duration_s": round(duration, 6), "questions": max(0, questions),
                      "bytes_in": bytes_in, "bytes_out": bytes_out, "end": end}
             if cause:
                 entry["cause"] = cause
-            line = json.dumps(entry) + "\n"
-        else:
-            line = (f"{when} {client} worker={self.worker} gen={self.generation} duration={duration:.6f} "
-                    f"questions={questions} in={bytes_in} out={bytes_out} end={end}"
-                    + (f" cause={cause}" if cause else "") + "\n")
-        if self.size + len(line) > BUFFER:
-            self.flush()
-        self.lines.append(line)
-        self.size += len(line)
-
-    def closed(self, conn: Conn, end: str, now: float) -> None:
-        sock = conn.sock
-        if isinstance(sock, CountingSocket):
-            self.record(conn.peer, now - sock.started, max(0, sock.answers - sock.errors), sock.bytes_in,
-                        sock.bytes_out, sock.ended or end)
+            return json.dumps(entry) + "\n"
+        return (f"{when} {client} worker={self.worker} gen={self.generation} duration={duration:.6f} "
+                f"questions={max(0, questions)} in={bytes_in} out={bytes_out} end={end}"
+                + (f" cause={cause}" if cause else "") + "\n")
 
     def flush(self) -> None:
-        if not self.lines:
+        """Write what is held, in writes of at most BUFFER bytes (whole lines)."""
+        if not self.held:
             return
-        data = "".join(self.lines).encode("utf-8", "replace")
-        self.lines, self.size = [], 0
+        held, self.held = self.held, []
+        chunk: list[bytes] = []
+        size = 0
+        for item in held:
+            line = self._line(*item).encode("utf-8", "replace")
+            if size + len(line) > BUFFER and chunk:
+                self._write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._write(b"".join(chunk))
+
+    def _write(self, data: bytes) -> None:
         try:
             while data:
                 data = data[os.write(self.fd, data):]
@@ -187,7 +208,10 @@ def install(worker: Worker) -> AccessLog | None:
 
     def adopt_counting(sock: Any, now: float, last: float | None = None, peer: tuple | None = None,
                        client: int = 0) -> Conn:
-        return adopt(counting(sock, now), now, last, peer, client)
+        if type(sock) is not CountingSocket:  # handed over: accepted ones are made so
+            sock = counting(sock)
+        sock.started = now
+        return adopt(sock, now, last, peer, client)
 
     def forget_logged(conn: Conn) -> None:
         if conn.fd in worker.conns:  # once: _forget is the last word on a connection
@@ -215,6 +239,7 @@ def install(worker: Worker) -> AccessLog | None:
         access.flush()
         return code
 
+    worker.acceptors = {fd: acceptor(s, CountingSocket) for fd, s in worker.listeners.items()}
     worker._adopt = adopt_counting  # type: ignore[method-assign]
     worker._forget = forget_logged  # type: ignore[method-assign]
     worker.handed = handed_logged  # type: ignore[method-assign]
