@@ -24,7 +24,6 @@ in `status`).
 from __future__ import annotations
 
 import _socket
-import json
 import os
 import socket
 import time
@@ -108,6 +107,14 @@ class AccessLog:
         self.second = -1
         self.stamp = ""
         self.failing = False  # a write failed: said once, until one succeeds
+        # One %-format a line (the fastest Python has): time, client, then the counts.
+        if self.json:
+            self.template = (f'{{"time": "%s.%03dZ", "client": "%s", "worker": {worker}, "generation": '
+                             f'{generation}, "pid": {self.pid}, "duration_s": %.6f, "questions": %d, '
+                             '"bytes_in": %d, "bytes_out": %d, "end": "%s"%s}\n')
+        else:
+            self.template = (f"%s.%03dZ %s worker={worker} gen={generation} duration=%.6f questions=%d in=%d "
+                             "out=%d end=%s%s\n")
 
     def _open(self) -> int:
         if self.target == "stderr":
@@ -141,25 +148,19 @@ class AccessLog:
             if len(self.held) >= MAX_HELD:
                 self.flush()
 
-    def _time(self, wall: float) -> str:
+    def _line(self, wall: float, peer: object, duration: float, questions: int, bytes_in: int,
+              bytes_out: int, end: str, cause: str) -> str:
         second = int(wall)
         if second != self.second:  # strftime once a second, not once a line
             self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self.stamp}.{int((wall - second) * 1000):03d}Z"
-
-    def _line(self, wall: float, peer: object, duration: float, questions: int, bytes_in: int,
-              bytes_out: int, end: str, cause: str) -> str:
-        when, client = self._time(wall), describe(peer)
-        if self.json:
-            entry = {"time": when, "client": client, "worker": self.worker, "generation": self.generation,
-                     "pid": self.pid, "duration_s": round(duration, 6), "questions": max(0, questions),
-                     "bytes_in": bytes_in, "bytes_out": bytes_out, "end": end}
-            if cause:
-                entry["cause"] = cause
-            return json.dumps(entry) + "\n"
-        return (f"{when} {client} worker={self.worker} gen={self.generation} duration={duration:.6f} "
-                f"questions={max(0, questions)} in={bytes_in} out={bytes_out} end={end}"
-                + (f" cause={cause}" if cause else "") + "\n")
+        if isinstance(peer, tuple) and len(peer) >= 2 and ":" not in peer[0]:
+            client = f"{peer[0]}:{peer[1]}"  # IPv4, the common case, without a call
+        else:
+            client = describe(peer)
+        if cause:
+            cause = f', "cause": "{cause}"' if self.json else f" cause={cause}"
+        return self.template % (self.stamp, (wall - second) * 1000, client, duration, max(0, questions),
+                                bytes_in, bytes_out, end, cause)
 
     def flush(self) -> None:
         """Write what is held, in writes of at most BUFFER bytes (whole lines)."""
