@@ -727,17 +727,26 @@ def test_metrics(start_daemon):
     # Per worker: each one's series, summing to the total; memory of every process.
     with board_of(d) as board:
         numbers = {slot.pid: slot.number for _, slot in board.slots()}
+    # Labelled by worker number and relative generation, never by PID (issue 21: no series churn).
     per_worker = [value(samples, "lancelotd_worker_questions_answered_total", worker=str(numbers[pid]),
-                        generation="1", pid=str(pid)) for pid in pool]
+                        generation="current") for pid in pool]
     assert None not in per_worker, sorted(k for k in samples if "worker_questions" in k[0])
     assert sum(per_worker) == 40  # type: ignore[arg-type]
+    assert not any("pid" in dict(labels) for _, labels in samples), "a pid label"
     for pid in pool:
-        assert value(samples, "lancelotd_worker_connections", worker=str(numbers[pid]), generation="1",
-                     pid=str(pid)) == 0
-    for role, pid in [("master", master), *(("worker", p) for p in pool)]:
+        assert value(samples, "lancelotd_worker_connections", worker=str(numbers[pid]),
+                     generation="current") == 0
+    for role, number in [("master", ""), *(("worker", str(numbers[p])) for p in pool)]:
+        generation = "current" if number else ""
         for kind in ("rss", "uss"):
-            memory = value(samples, "lancelotd_process_memory_bytes", role=role, pid=str(pid), kind=kind)
-            assert memory and memory > 0, (role, pid, kind)
+            memory = value(samples, "lancelotd_process_memory_bytes", role=role, worker=number,
+                           generation=generation, kind=kind)
+            assert memory and memory > 0, (role, number, kind)
+        opened = value(samples, "lancelotd_process_open_fds", role=role, worker=number, generation=generation)
+        limit = value(samples, "lancelotd_process_max_fds", role=role, worker=number, generation=generation)
+        assert opened and limit and 0 < opened < limit, (role, number, opened, limit)
+    assert value(samples, "lancelotd_max_connections") == 10000
+    assert value(samples, "lancelotd_last_reload_ok") == 1 and value(samples, "lancelotd_upgrade_failed") == 0
 
     # After a reload: counted, and still served.
     d.signal(signal.SIGHUP)
@@ -779,9 +788,10 @@ def test_metrics(start_daemon):
         assert d.ask(NAME_Q) == NAME_A
     samples = wait_metrics(new_url, {("lancelotd_workers", (("state", "serving"),)): 2})
     wait_for(lambda: (value(scrape(new_url), ANSWERED[0]) or 0) >= 3, 10, "the new master's workers counted")
-    assert value(samples, "lancelotd_process_memory_bytes", role="master", pid=str(new_pid), kind="rss")
-    assert value(samples, "lancelotd_process_memory_bytes", role="master", pid=str(master),
-                 kind="rss") is None
+    # One master series, the new master's: the same labels as the old one's (no pid label).
+    masters = [labels for name, labels in samples if name == "lancelotd_process_memory_bytes"
+               and ("role", "master") in labels and ("kind", "rss") in labels]
+    assert len(masters) == 1, masters
 
     os.kill(new_pid, signal.SIGTERM)
     assert wait_child_exit(new_pid, 15) == 0
