@@ -100,7 +100,7 @@ def binds(v: Any) -> str | None:
     from .sockets import parse_address  # local: sockets imports nothing from here
 
     if not isinstance(v, (list, tuple)) or not v or not all(isinstance(a, str) for a in v):
-        return f"must be a non-empty list of \"HOST:PORT\" strings, not {v!r}"
+        return f"must be a non-empty list of \"HOST:PORT\" or \"unix:PATH\" strings, not {v!r}"
     for address in v:
         try:
             parse_address(address)
@@ -119,6 +119,8 @@ def normal_address(address: str) -> tuple[str, str, int]:
     from .sockets import parse_address
 
     host, port = parse_address(address)
+    if address.startswith("unix:"):
+        return "unix", host, 0  # only the same path clashes
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -147,6 +149,8 @@ def bind_clash(first: str, second: str) -> str | None:
 def optional_address(v: Any) -> str | None:
     if v == "":
         return None
+    if isinstance(v, str) and v.startswith("unix:"):
+        return "must be \"HOST:PORT\" (a TCP address; UNIX sockets are for the service's listeners)"
     return binds([v]) if isinstance(v, str) else f"must be \"HOST:PORT\" or \"\", not {v!r}"
 
 

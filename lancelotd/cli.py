@@ -50,7 +50,8 @@ def _positive(text: str) -> int:
 def overrides(p: argparse.ArgumentParser) -> None:
     """The options that override the file's settings (serve; check-config shows their effect)."""
     p.add_argument("-b", "--bind", action="append", type=_address, metavar="HOST:PORT",
-                   help="listen here instead of the config's addresses (repeatable; [::1]:PORT for IPv6)")
+                   help="listen here instead of the config's addresses (repeatable; [::1]:PORT for IPv6, "
+                   "unix:PATH for a UNIX socket)")
     p.add_argument("-w", "--workers", type=_positive, metavar="N", help="number of worker processes")
     p.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
     p.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")

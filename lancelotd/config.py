@@ -61,6 +61,9 @@ class Listener:
     bind: str
     proxy_protocol: bool = False
     proxy_protocol_from: tuple[str, ...] = ()
+    mode: int = -1  # a UNIX socket's file mode (-1: sockets.UNIX_MODE), owner and group ("": ours)
+    owner: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ ACCESS_LISTS = ("allow", "deny")
 
 # --- [[listener]]: addresses with options of their own (PROXY protocol v2: proxied.py) -----
 
-LISTENER_KEYS = ("bind", "proxy_protocol", "proxy_protocol_from")
+LISTENER_KEYS = ("bind", "proxy_protocol", "proxy_protocol_from", "mode", "owner", "group")
 NO_EMPTY = 'must not be empty ("all" trusts every source)'
 
 
@@ -164,7 +167,8 @@ def check_listeners(tables: Any) -> tuple[tuple[Listener, ...], list[str]]:
                      for name in table if name not in LISTENER_KEYS]
         bind, proxied = table.get("bind", ""), table.get("proxy_protocol", False)
         trusted = table.get("proxy_protocol_from")
-        if reason := (checks.optional_address(bind) if bind else "is required (\"HOST:PORT\")"):
+        given = isinstance(bind, str) and bind
+        if reason := (checks.binds([bind]) if given else "is required (\"HOST:PORT\" or \"unix:PATH\")"):
             problems.append(f"{key}.bind: {reason}")
             bind = ""  # kept in its place, so the clash checks name the others by their index
         if not isinstance(proxied, bool):
@@ -176,8 +180,32 @@ def check_listeners(tables: Any) -> tuple[tuple[Listener, ...], list[str]]:
             problems.append(f"{key}.proxy_protocol_from: {reason}")
         elif trusted is not None and proxied is False:
             problems.append(f"{key}.proxy_protocol_from: has no effect without proxy_protocol = true")
-        listeners.append(Listener(bind, proxied, tuple(trusted) if isinstance(trusted, list) else ()))
+        unix, unix_problems = check_unix_options(table, key, bind, proxied)
+        problems += unix_problems
+        listeners.append(Listener(bind, proxied, tuple(trusted) if isinstance(trusted, list) else (), *unix))
     return tuple(listeners), problems
+
+
+def check_unix_options(table: dict, key: str, bind: str,
+                       proxied: Any) -> tuple[tuple[int, str, str], list[str]]:
+    """A [[listener]]'s mode, owner and group: for a "unix:PATH" bind only."""
+    problems = []
+    unix = bind.startswith("unix:")
+    mode, owner, group = table.get("mode", -1), table.get("owner", ""), table.get("group", "")
+    for name in ("mode", "owner", "group"):
+        if name in table and not unix:
+            problems.append(f"{key}.{name}: only for a UNIX socket (bind = \"unix:PATH\")")
+    if isinstance(mode, str) and mode and all(c in "01234567" for c in mode):
+        mode = int(mode, 8)  # "0660", as chmod takes it (TOML also has 0o660)
+    if "mode" in table and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777):
+        problems.append(f"{key}.mode: must be a file mode such as \"0660\" or 0o660, not {table['mode']!r}")
+        mode = -1
+    for name, value in (("owner", owner), ("group", group)):
+        if not isinstance(value, str):
+            problems.append(f"{key}.{name}: must be a user or group name (or number), not {value!r}")
+    if unix and proxied is True:
+        problems.append(f"{key}.proxy_protocol: not supported on a UNIX socket")
+    return (mode, owner if isinstance(owner, str) else "", group if isinstance(group, str) else ""), problems
 
 
 def service_addresses(bind: tuple[str, ...], listeners: tuple[Listener, ...],

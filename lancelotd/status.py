@@ -197,6 +197,22 @@ def listeners(proc: psutil.Process, metrics_port: int, agent_port: int = 0) -> l
             port = int(fields[1].rsplit(":", 1)[1], 16)
             role = {metrics_port: "metrics", agent_port: "agent"}.get(port, "service") if port else "service"
             found.append({"address": address, "role": role, "accept_queue": rx_queue})
+    return found + unix_listeners(inodes)
+
+
+def unix_listeners(inodes: set[str]) -> list[dict[str, Any]]:
+    """The master's listening UNIX sockets (/proc/net/unix: flag __SO_ACCEPTCON); the kernel does
+    not show their accept queue there (null)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split(None, 7)  # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) == 8 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
+            found.append({"address": "unix:" + fields[7].strip(), "role": "service", "accept_queue": None})
     return found
 
 
@@ -244,7 +260,8 @@ def human(snap: dict[str, Any]) -> str:
         f"  {m['title']}",
         "  listening: " + (", ".join(
             f"{listener['address']} (accept queue {listener['accept_queue']})"
-            if listener["role"] == "service" else f"{listener['address']} ({listener['role']})"
+            if listener["role"] == "service" and listener["accept_queue"] is not None
+            else f"{listener['address']} ({listener['role']})"
             for listener in snap["listeners"]) or (f"? ({snap['listeners_hidden']})"
                                                     if "listeners_hidden" in snap else "-")),
         "  balancer: " + balancer_line(snap["balancer"]),
