@@ -61,7 +61,7 @@ class Listener:
     bind: str
     proxy_protocol: bool = False
     proxy_protocol_from: tuple[str, ...] = ()
-    mode: int = -1  # a UNIX socket's file mode (-1: sockets.UNIX_MODE), owner and group ("": ours)
+    mode: int = 0o660  # a UNIX socket's file mode (sockets.UNIX_MODE), owner and group ("": ours)
     owner: str = ""
     group: str = ""
 
@@ -191,7 +191,7 @@ def check_unix_options(table: dict, key: str, bind: str,
     """A [[listener]]'s mode, owner and group: for a "unix:PATH" bind only."""
     problems = []
     unix = bind.startswith("unix:")
-    mode, owner, group = table.get("mode", -1), table.get("owner", ""), table.get("group", "")
+    mode, owner, group = table.get("mode", 0o660), table.get("owner", ""), table.get("group", "")
     for name in ("mode", "owner", "group"):
         if name in table and not unix:
             problems.append(f"{key}.{name}: only for a UNIX socket (bind = \"unix:PATH\")")
@@ -199,7 +199,7 @@ def check_unix_options(table: dict, key: str, bind: str,
         mode = int(mode, 8)  # "0660", as chmod takes it (TOML also has 0o660)
     if "mode" in table and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777):
         problems.append(f"{key}.mode: must be a file mode such as \"0660\" or 0o660, not {table['mode']!r}")
-        mode = -1
+        mode = 0o660
     for name, value in (("owner", owner), ("group", group)):
         if not isinstance(value, str):
             problems.append(f"{key}.{name}: must be a user or group name (or number), not {value!r}")

@@ -65,6 +65,10 @@ def render(cfg: Config, data: dict[str, Any], given: dict[str, Any]) -> str:
                   f"proxy_protocol = {toml_value(listener.proxy_protocol)}"]
         if listener.proxy_protocol:
             lines.append(f"proxy_protocol_from = {toml_value(listener.proxy_protocol_from)}")
+        if listener.bind.startswith("unix:"):  # its file: mode, owner, group
+            lines.append(f'mode = "{listener.mode:04o}"')
+            lines += [f"{name} = {toml_value(value)}" for name, value in
+                      (("owner", listener.owner), ("group", listener.group)) if value]
     origin = "file" if "answers" in data else "default"
     lines += ["", f"[answers]  # {origin}"]
     lines += [f"{json.dumps(question)} = {json.dumps(answer)}" for question, answer in cfg.answers.items()]

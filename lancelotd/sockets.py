@@ -227,8 +227,7 @@ def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str,
     matched, unnamed = activation.match([a for a in cfg.addresses if a not in existing], activated)
     listeners: dict[str, socket.socket] = {}
     proxied = {listener.bind for listener in cfg.listeners if listener.proxy_protocol}
-    unix = {x.bind: UnixOptions(x.mode if x.mode >= 0 else UNIX_MODE, x.owner, x.group)
-            for x in cfg.listeners}
+    unix = {x.bind: UnixOptions(x.mode, x.owner, x.group) for x in cfg.listeners}
     try:
         for address in cfg.addresses:
             key = address if address in existing else matched.get(address)

@@ -32,6 +32,15 @@ bind = "127.0.0.2:1070"
 proxy_protocol = true
 proxy_protocol_from = ["127.0.0.1"]
 
+[[listener]]
+bind = "unix:/run/lancelotd/test.sock"
+mode = 0o600
+group = "65534"
+
+[log]
+format = "json"
+access = "stderr"
+
 [answers]
 "What is your name?" = "Arthur, King of the Britons."
 "  Why?  " = "Because."
