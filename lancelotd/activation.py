@@ -76,3 +76,20 @@ def report(configured: Iterable[str], activated: Iterable[str]) -> list[str]:
     matched, unnamed = match(configured, activated)
     return ([unbound_note(a) for a in configured if a not in matched]
             + [unnamed_warning(k) for k in unnamed])
+
+
+def check_environment(configured: Iterable[str]) -> list[str]:
+    """report() for the sockets systemd passed us (LISTEN_FDS meant for this process), if any:
+    what `lancelotd check-config` says when run with them."""
+    from .sockets import format_address
+    from .systemd import listen_fds
+
+    keys = []
+    for sock in listen_fds():
+        try:
+            keys.append(ACTIVATED + format_address(sock.getsockname()))
+        except (OSError, TypeError, IndexError):  # not a listening socket we could name
+            pass
+        finally:
+            sock.detach()  # the descriptor stays systemd's
+    return report(configured, keys) if keys else []

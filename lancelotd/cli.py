@@ -14,11 +14,10 @@ from collections.abc import Callable
 import psutil
 
 from . import __version__, activation, agent, checks, config, logs, pidfile, refusals, status
-from .activation import ACTIVATED
 from .logs import log
 from .logs import setup as setup_logging
 from .scoreboard import Scoreboard, ScoreboardError
-from .sockets import format_address, parse_address
+from .sockets import parse_address
 
 SYSTEM_CONFIG = "/etc/lancelotd/lancelotd.toml"
 COMMANDS = ("serve", "check-config", "status", "stop", "reload", "reopen-logs", "drain", "undrain")
@@ -122,32 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     except refusals.NotConfigured as e:
         print("\n".join(refusals.not_configured_lines(e)), file=sys.stderr)
         return refusals.NOT_CONFIGURED
-    except Refused as e:
+    except refusals.Refused as e:
         print(e, file=sys.stderr)
         return e.code
     except (PermissionError, psutil.AccessDenied) as e:  # the last word: one line, never a traceback
         print(f"lancelotd: {args.command}: not allowed: {e}: {refusals.instead(args.command, None)}",
               file=sys.stderr)
         return refusals.NO_PRIVILEGE
-
-
-class Refused(Exception):
-    """A command cannot go on; the message is its one line, `code` its exit status."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def send(command: str, proc: psutil.Process, sig: signal.Signals) -> None:
-    """Signal the master, or Refused saying why not (another user's master; gone meanwhile)."""
-    try:
-        proc.send_signal(sig)
-    except (psutil.AccessDenied, PermissionError):
-        raise Refused(refusals.cannot_signal(command, proc.pid, sig.name), refusals.NO_PRIVILEGE) from None
-    except psutil.NoSuchProcess:
-        raise Refused(f"lancelotd: {command}: master {proc.pid} exited before {sig.name} reached it",
-                      1) from None
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -167,7 +147,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for problem in e.problems:
             print(f"{e.path}: {problem}", file=sys.stderr)
         return 1
-    for line in activation_report(cfg):  # the daemon starts anyway: warnings, not errors
+    for line in activation.check_environment(cfg.addresses):  # the daemon would start: warnings only
         print(f"lancelotd: warning: {line}", file=sys.stderr)
     if args.print_config:
         from .effective import OPTIONS, render
@@ -178,21 +158,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 0
     print("ok")
     return 0
-
-
-def activation_report(cfg: config.Config) -> list[str]:
-    """What socket activation (LISTEN_FDS meant for us, as systemd sets it) and cfg disagree on."""
-    from .systemd import listen_fds
-
-    keys = []
-    for sock in listen_fds():
-        try:
-            keys.append(ACTIVATED + format_address(sock.getsockname()))
-        except (OSError, TypeError, IndexError):  # not a TCP socket: nothing to match
-            pass
-        finally:
-            sock.detach()  # the descriptor stays the caller's (systemd's)
-    return activation.report(cfg.addresses, keys) if keys else []
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -318,7 +283,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboard) -> int:
     """HUP the master and wait for its verdict (header and message read as one record)."""
     before = board.read_header().reloads
-    send("reload", proc, signal.SIGHUP)
+    refusals.send("reload", proc, signal.SIGHUP)
     if args.no_wait:
         print(f"sent SIGHUP to master {proc.pid}")
         return 0
@@ -349,7 +314,7 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
     except status.StatusError as e:
         print(status.explain(e, args.command), file=sys.stderr)
         return 0 if e.code == status.NOT_RUNNING else e.code  # nothing to reopen
-    send("reopen-logs", proc, signal.SIGUSR1)
+    refusals.send("reopen-logs", proc, signal.SIGUSR1)
     print(f"sent SIGUSR1 to master {proc.pid}")
     return 0
 
@@ -363,7 +328,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
             print(status.explain(e, args.command), file=sys.stderr)
             return 0 if e.code in (status.NOT_RUNNING, status.DEAD) else e.code
         proc = found
-    send("stop", proc, signal.SIGQUIT if args.fast else signal.SIGTERM)
+    refusals.send("stop", proc, signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:
         return 0
     timeout = args.timeout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 
 import psutil
 
@@ -83,3 +84,22 @@ def _known(uid: int) -> bool:
         return True
     except KeyError:
         return False
+
+
+class Refused(Exception):
+    """A command cannot go on; the message is its one line, `code` its exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def send(command: str, proc: psutil.Process, sig: signal.Signals) -> None:
+    """Signal the master, or Refused saying why not (another user's master; gone meanwhile)."""
+    try:
+        proc.send_signal(sig)
+    except (psutil.AccessDenied, PermissionError):
+        raise Refused(cannot_signal(command, proc.pid, sig.name), NO_PRIVILEGE) from None
+    except psutil.NoSuchProcess:
+        raise Refused(f"lancelotd: {command}: master {proc.pid} exited before {sig.name} reached it",
+                      1) from None
