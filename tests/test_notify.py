@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import Daemon, wait_for
-from helpers import NAME_A, NAME_Q, ask, read_pid, scaled, wait_child_exit
+from helpers import NAME_A, NAME_Q, ask, read_pid, scaled, tcp_sockets, wait_child_exit
 
 STATUS_LINE = re.compile(r"gen (\d+), (\d+) workers, (\d+) questions answered, last reload: (.+)")
 LISTEN_VARS = (b"LISTEN_PID=", b"LISTEN_FDS=", b"LISTEN_FDNAMES=")
@@ -197,7 +197,7 @@ def environ(pid: int) -> bytes:
 
 
 def listening_ports(pid: int) -> set[int]:
-    return {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"}
+    return {c.laddr.port for c in tcp_sockets(pid) if c.status == "LISTEN"}
 
 
 def monotonic_usec() -> int:
