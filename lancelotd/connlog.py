@@ -2,10 +2,12 @@
 
 Off by default, and then it costs nothing: install() leaves the worker as it is.  On, each
 worker opens the log itself (O_APPEND: the workers' lines never mix within a line) and
-wraps a few of its methods, none of them per question:
-- the acceptors make CountingSockets (a _socket.socket subclass), whose recv and send count
-  bytes in and out and the answers sent (each answer, and each error line, holds exactly one
-  "."); _adopt turns a handed-over socket into one, and notes when the connection came;
+wraps a few of its methods:
+- the acceptors make CountingSockets (a _socket.socket subclass), whose send counts bytes out
+  and the answers sent (each answer, and each error line, holds exactly one "."): the one
+  cost per answered read; bytes in are the kernel's count (TCP_INFO), asked once at the end
+  (a UNIX socket's recv counts them instead); _adopt turns a handed-over socket into one, and
+  notes when the connection came and what the kernel had counted in before;
 - _forget, handed (a hand-off the other worker confirmed), _refuse (the access rules): write
   the line;
 - _tick, _exit_code: flush.  Closed connections are kept as tuples, formatted and written in
@@ -26,6 +28,7 @@ from __future__ import annotations
 import _socket
 import os
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
     from .connections import Conn
     from .worker import Worker
 
+TCP_INFO_SIZE, BYTES_RECEIVED = 136, 128  # struct tcp_info: tcpi_bytes_received (Linux 4.1)
+TCP_CLOSE = 7  # a connection the peer reset is CLOSE at our end; one it ended with a FIN, CLOSE_WAIT
+FIN_RECEIVED = (6, 8, 9, 11)  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
 BUFFER = 3584  # most bytes of lines in one write: below PIPE_BUF (4096), so a write stays whole
 MAX_HELD = 256  # closed connections waiting for the next tick's flush
 PEEK = socket.MSG_PEEK
@@ -46,27 +52,18 @@ _send = _socket.socket.send
 
 
 class CountingSocket(_socket.socket):
-    """A connection's socket that counts what passes; only ever made while the access log is on.
+    """A TCP connection's socket that counts what it sends; only ever made while the access log is on.
 
-    No __slots__: the class's zeros stand until a count is first set, so making one costs
-    nothing more than a plain socket.
+    send() counts bytes out and answers: the one Python call per answered read that the access
+    log adds.  Bytes in are the kernel's count (received()), read once, at the end; its TCP
+    state then also tells a reset from a FIN.  No __slots__: the class's zeros stand until a
+    count is first set, so making one costs nothing more than a plain socket.
     """
 
     started = 0.0
-    bytes_in = bytes_out = answers = errors = 0
+    bytes_out = answers = errors = 0
+    received_before = 0  # the kernel's count when this worker took it (handed over, or a PROXY header)
     ended = ""
-
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        try:
-            data = _recv(self, size, flags)
-        except BlockingIOError:
-            raise
-        except OSError:
-            self.ended = self.ended or "error"
-            raise
-        if not flags & PEEK:
-            self.bytes_in += len(data)
-        return data
 
     def send(self, data: Any, flags: int = 0) -> int:
         try:
@@ -81,9 +78,48 @@ class CountingSocket(_socket.socket):
         return sent
 
 
+class CountingUnixSocket(CountingSocket):
+    """A UNIX socket's: no TCP_INFO to ask at the end, so recv() counts bytes in as they come."""
+
+    bytes_in = 0
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        try:
+            data = _recv(self, size, flags)
+        except BlockingIOError:
+            raise
+        except OSError:
+            self.ended = self.ended or "error"
+            raise
+        if not flags & PEEK:
+            self.bytes_in += len(data)
+        return data
+
+
+def tcp_info(sock: CountingSocket) -> tuple[int, int]:
+    """(TCP state, bytes received) as the kernel counts them; (0, -1) if it cannot say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+        return info[0], struct.unpack_from("=Q", info, BYTES_RECEIVED)[0]
+    except (OSError, struct.error):
+        return 0, -1
+
+
+def received(sock: CountingSocket) -> tuple[int, str]:
+    """(bytes in while this worker had it, "error" if the peer reset it, else "")."""
+    if type(sock) is CountingUnixSocket:
+        return sock.bytes_in, ""
+    state, count = tcp_info(sock)
+    if count < 0:
+        return -1, ""
+    fin = state in FIN_RECEIVED  # the kernel counts the peer's FIN as a byte received
+    return count - sock.received_before - fin, ("error" if state == TCP_CLOSE else "")
+
+
 def counting(sock: Any) -> CountingSocket:
     """A handed-over socket as a CountingSocket on the same descriptor."""
-    new = CountingSocket(sock.family, socket.SOCK_STREAM, 0, sock.detach())
+    make = CountingUnixSocket if sock.family == socket.AF_UNIX else CountingSocket
+    new = make(sock.family, socket.SOCK_STREAM, 0, sock.detach())
     new.setblocking(False)
     return new
 
@@ -142,9 +178,10 @@ class AccessLog:
 
     def closed(self, conn: Conn, end: str, now: float) -> None:
         sock = conn.sock
-        if type(sock) is CountingSocket:
+        if isinstance(sock, CountingSocket):
+            bytes_in, reset = received(sock)
             self.held.append((time.time(), conn.peer, now - sock.started, sock.answers - sock.errors,
-                              sock.bytes_in, sock.bytes_out, sock.ended or end, ""))
+                              bytes_in, sock.bytes_out, sock.ended or reset or end, ""))
             if len(self.held) >= MAX_HELD:
                 self.flush()
 
@@ -209,8 +246,11 @@ def install(worker: Worker) -> AccessLog | None:
 
     def adopt_counting(sock: Any, now: float, last: float | None = None, peer: tuple | None = None,
                        client: int = 0) -> Conn:
-        if type(sock) is not CountingSocket:  # handed over: accepted ones are made so
+        handed = not isinstance(sock, CountingSocket)  # accepted ones are made so
+        if handed:
             sock = counting(sock)
+        if (handed or worker.proxied) and type(sock) is CountingSocket:
+            sock.received_before = max(0, tcp_info(sock)[1])  # what came before: not this worker's
         sock.started = now
         return adopt(sock, now, last, peer, client)
 
@@ -240,7 +280,8 @@ def install(worker: Worker) -> AccessLog | None:
         access.flush()
         return code
 
-    worker.acceptors = {fd: acceptor(s, CountingSocket) for fd, s in worker.listeners.items()}
+    worker.acceptors = {fd: acceptor(s, CountingUnixSocket if s.family == socket.AF_UNIX else CountingSocket)
+                        for fd, s in worker.listeners.items()}
     worker._adopt = adopt_counting  # type: ignore[method-assign]
     worker._forget = forget_logged  # type: ignore[method-assign]
     worker.handed = handed_logged  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 from pathlib import Path
 
 from conftest import wait_for
@@ -73,9 +74,25 @@ def test_text_lines_say_how_each_ended(start_daemon, tmp_path):
         assert recv_all(sock) == NAME_A + b"Error: questions must be ASCII."
     with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:  # idle
         assert recv_all(sock) == b""
-    found = [fields(line) for line in lines(access, 2)]
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:  # a reset
+        assert ask_on(sock, NAME_Q) == NAME_A
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    found = [fields(line) for line in lines(access, 3)]
     assert found[0]["end"] == "error" and found[0]["questions"] == "1", found
     assert found[1]["end"] == "idle" and found[1]["questions"] == "0", found
+    assert found[2]["end"] == "error" and found[2]["questions"] == "1" and found[2]["in"] == "18", found
+
+
+def test_unix_socket_lines(start_daemon, tmp_path):
+    access, path = tmp_path / "access.log", tmp_path / "l.sock"
+    d = start_daemon("-b", "127.0.0.1:0", "-b", f"unix:{path}", config=config(str(access)), workers=1)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        assert ask_on(sock, NAME_Q) == NAME_A
+    found = fields(lines(access)[0])
+    assert found["in"] == "18" and found["out"] == str(len(NAME_A)) and found["end"] == "client_close", found
+    assert d.proc.poll() is None
 
 
 def test_refused_by_the_access_rules(start_daemon, tmp_path):
