@@ -36,7 +36,7 @@ import psutil
 HOST = "127.0.0.1"
 WORKERS = 2
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_LOADGEN_SRC = REPO.parent / "shared" / "tools" / "loadgen"
+DEFAULT_LOADGEN_SRC = REPO / "benchmarks" / "c"  # loadgen.c and ref_epoll.c: the repo's own
 MIB = 1024 * 1024
 
 

@@ -1,4 +1,4 @@
-"""Access control at accept (SPEC §8): `allow` / `deny` rules and `max_connections_per_client`.
+"""Access control at accept (docs/PROMISES.md §7): `allow` / `deny` rules and `max_connections_per_client`.
 
 Checked on the address accept() returns, before a byte is read; per
 connection, never per request.  On a PROXY protocol listener (proxied.py),

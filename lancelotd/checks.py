@@ -101,11 +101,18 @@ def log_level(v: Any) -> str | None:
     return None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}, not {v!r}"
 
 
+LOG_FORMATS = ("text", "json")  # logs.FORMATS
+
+
+def log_format(v: Any) -> str | None:
+    return None if v in LOG_FORMATS else f"must be one of {', '.join(LOG_FORMATS)}, not {v!r}"
+
+
 def binds(v: Any) -> str | None:
     from .sockets import parse_address  # local: sockets imports nothing from here
 
     if not isinstance(v, (list, tuple)) or not v or not all(isinstance(a, str) for a in v):
-        return f"must be a non-empty list of \"HOST:PORT\" strings, not {v!r}"
+        return f"must be a non-empty list of \"HOST:PORT\" or \"unix:PATH\" strings, not {v!r}"
     for address in v:
         try:
             parse_address(address)
@@ -124,6 +131,8 @@ def normal_address(address: str) -> tuple[str, str, int]:
     from .sockets import parse_address
 
     host, port = parse_address(address)
+    if address.startswith("unix:"):
+        return "unix", host, 0  # only the same path clashes
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -152,6 +161,8 @@ def bind_clash(first: str, second: str) -> str | None:
 def optional_address(v: Any) -> str | None:
     if v == "":
         return None
+    if isinstance(v, str) and v.startswith("unix:"):
+        return "must be \"HOST:PORT\" (a TCP address; UNIX sockets are for the service's listeners)"
     return binds([v]) if isinstance(v, str) else f"must be \"HOST:PORT\" or \"\", not {v!r}"
 
 

@@ -1,9 +1,10 @@
-"""`lancelotd` command line (SPEC §5): serve, check-config, status, stop, reload, reopen-logs,
+"""`lancelotd` command line (docs/PROMISES.md §4): serve, check-config, status, stop, reload, reopen-logs,
 drain, undrain."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import psutil
 
-from . import __version__, agent, checks, config, logs, pidfile, privileges, status
+from . import __version__, activation, agent, checks, config, logs, pidfile, privileges, refusals, status
 from .logs import log
 from .logs import setup as setup_logging
 from .scoreboard import Scoreboard, ScoreboardError
@@ -45,6 +46,20 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def overrides(p: argparse.ArgumentParser) -> None:
+    """The options that override the file's settings (serve; check-config shows their effect)."""
+    p.add_argument("-b", "--bind", action="append", type=_address, metavar="HOST:PORT",
+                   help="listen here instead of the config's addresses (repeatable; [::1]:PORT for IPv6, "
+                   "unix:PATH for a UNIX socket)")
+    p.add_argument("-w", "--workers", type=_positive, metavar="N", help="number of worker processes")
+    p.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
+    p.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")
+    p.add_argument("--log-level", choices=checks.LOG_LEVELS, help="log level")
+    p.add_argument("-u", "--user", metavar="USER",
+                   help="run the workers as this user (master started as root; it stays root)")
+    p.add_argument("-g", "--group", metavar="GROUP", help="the workers' group (default: the user's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lancelotd",
@@ -61,20 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the master and its workers (the default)")
     with_config(serve)
-    serve.add_argument("-b", "--bind", action="append", type=_address, metavar="HOST:PORT",
-                       help="listen here instead of the config's addresses (repeatable; [::1]:PORT for IPv6)")
-    serve.add_argument("-w", "--workers", type=_positive, metavar="N", help="number of worker processes")
-    serve.add_argument("--pid-file", metavar="PATH", help="PID file ('' for none)")
-    serve.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr")
-    serve.add_argument("--log-level", choices=checks.LOG_LEVELS, help="log level")
-    serve.add_argument("-u", "--user", metavar="USER",
-                       help="run the workers as this user (master started as root; it stays root)")
-    serve.add_argument("-g", "--group", metavar="GROUP", help="the workers' group (default: the user's)")
+    overrides(serve)
     serve.add_argument("--daemon", action="store_true",
                        help="detach into the background (returns once the master is listening)")
 
-    check = sub.add_parser("check-config", help="validate a config file: 'ok' or every problem")
+    check = sub.add_parser("check-config", help="validate a config file: 'ok' or every problem; with "
+                           "serve's options, the file with them applied")
     with_config(check)
+    overrides(check)
+    check.add_argument("-T", "--print", action="store_true", dest="print_config",
+                       help="print the effective configuration as TOML (defaults included, where each "
+                       "value came from as a comment)")
 
     status = sub.add_parser(
         "status", help="show the master and every worker (exit 0 running, 1 dead, 3 stopped, 4 unknown)")
@@ -109,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lancelotd status | head`: the reader left; not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except refusals.NotConfigured as e:
+        print("\n".join(refusals.not_configured_lines(e)), file=sys.stderr)
+        return refusals.NOT_CONFIGURED
+    except refusals.Refused as e:
+        print(e, file=sys.stderr)
+        return e.code
+    except (PermissionError, psutil.AccessDenied) as e:  # the last word: one line, never a traceback
+        print(f"lancelotd: {args.command}: not allowed: {e}: {refusals.instead(args.command, None)}",
+              file=sys.stderr)
+        return refusals.NO_PRIVILEGE
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -123,11 +145,20 @@ def load_config(args: argparse.Namespace, base_dir: str | None = None) -> config
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        load_config(args)
+        cfg = config_loader(args)()
     except config.ConfigError as e:
         for problem in e.problems:
             print(f"{e.path}: {problem}", file=sys.stderr)
         return 1
+    for line in activation.check_environment(cfg.addresses):  # the daemon would start: warnings only
+        print(f"lancelotd: warning: {line}", file=sys.stderr)
+    if args.print_config:
+        from .effective import OPTIONS, render
+
+        data = config.read_toml(cfg.path) if cfg.path else {}
+        given = {name: getattr(cfg, name) for name in OPTIONS if getattr(args, name) is not None}
+        sys.stdout.write(render(cfg, data, given))
+        return 0
     print("ok")
     return 0
 
@@ -141,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = configure()
         logs.file_owner = privileges.prepare(cfg.user, cfg.group)  # before the log file is made
-        setup_logging(cfg.log_file, cfg.log_level)
+        setup_logging(cfg.log_file, cfg.log_level, cfg.log_format)
     except config.ConfigError as e:
         return start_failed([f"{e.path}: {problem}" for problem in e.problems])
     except privileges.PrivilegeError as e:
@@ -186,8 +217,9 @@ def config_loader(args: argparse.Namespace) -> Callable[[], config.Config]:
             bind=args.bind, workers=args.workers, pid_file=args.pid_file,
             log_file=args.log_file, log_level=args.log_level, user=args.user, group=args.group,
         )
+        access = cfg.access_log if cfg.access_log == "stderr" else absolute(cfg.access_log)
         return cfg.with_overrides(pid_file=absolute(cfg.pid_file), log_file=absolute(cfg.log_file),
-                                  drain_file=absolute(cfg.drain_file))
+                                  drain_file=absolute(cfg.drain_file), access_log=access)
 
     return configure
 
@@ -209,10 +241,12 @@ def pid_file_of(args: argparse.Namespace) -> str:
 
 
 def config_of(args: argparse.Namespace) -> config.Config:
+    """The config, for where the master is: an invalid one is said as such (exit 6), never taken
+    for the defaults, which would look for another PID file and say "not running"."""
     try:
         return load_config(args)
-    except config.ConfigError:
-        return config.Config()  # a broken config must not hide a running master
+    except config.ConfigError as e:
+        raise refusals.NotConfigured(e.path, e.problems) from None
 
 
 def timeout_of(args: argparse.Namespace) -> float:
@@ -220,7 +254,13 @@ def timeout_of(args: argparse.Namespace) -> float:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return status.run(pid_file_of(args), args.json, args.watch)
+    try:
+        pid_file = pid_file_of(args)
+    except refusals.NotConfigured as e:
+        if args.json:
+            print(json.dumps({"schema": status.SCHEMA, "state": "not_configured", "problem": str(e)}))
+        raise
+    return status.run(pid_file, args.json, args.watch)
 
 
 def find_master(args: argparse.Namespace) -> tuple[psutil.Process, Scoreboard] | int:
@@ -228,7 +268,7 @@ def find_master(args: argparse.Namespace) -> tuple[psutil.Process, Scoreboard] |
     try:
         return status.find_master(pid_file_of(args))
     except status.StatusError as e:
-        print(f"lancelotd: {e}", file=sys.stderr)
+        print(status.explain(e, args.command), file=sys.stderr)
         return e.code
 
 
@@ -249,7 +289,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def wait_reload(args: argparse.Namespace, proc: psutil.Process, board: Scoreboard) -> int:
     """HUP the master and wait for its verdict (header and message read as one record)."""
     before = board.read_header().reloads
-    proc.send_signal(signal.SIGHUP)
+    refusals.send("reload", proc, signal.SIGHUP)
     if args.no_wait:
         print(f"sent SIGHUP to master {proc.pid}")
         return 0
@@ -278,9 +318,9 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
     try:
         proc = status.find_master_process(pid_file_of(args))
     except status.StatusError as e:
-        print(f"lancelotd: {e}", file=sys.stderr)
+        print(status.explain(e, args.command), file=sys.stderr)
         return 0 if e.code == status.NOT_RUNNING else e.code  # nothing to reopen
-    proc.send_signal(signal.SIGUSR1)
+    refusals.send("reopen-logs", proc, signal.SIGUSR1)
     print(f"sent SIGUSR1 to master {proc.pid}")
     return 0
 
@@ -291,15 +331,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except status.StatusError as e:
         found = upgrading_master(args)
         if found is None:  # LSB: stopping a stopped service succeeds
-            print(f"lancelotd: {e}", file=sys.stderr)
+            print(status.explain(e, args.command), file=sys.stderr)
             return 0 if e.code in (status.NOT_RUNNING, status.DEAD) else e.code
         proc = found
-    proc.send_signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
+    refusals.send("stop", proc, signal.SIGQUIT if args.fast else signal.SIGTERM)
     if args.no_wait:
         return 0
     timeout = args.timeout
     if timeout is None:  # a graceful stop may take drain_delay + graceful_timeout
-        cfg = config_of(args)
+        try:
+            cfg = config_of(args)
+        except refusals.NotConfigured:  # found through --pid-file: the defaults' wait
+            cfg = config.Config()
         timeout = max(args.timeout_default, cfg.drain_delay + cfg.graceful_timeout + 10)
     deadline = time.monotonic() + timeout
     while is_alive(proc):
@@ -350,7 +393,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         if e.code in (status.NOT_RUNNING, status.DEAD):
             print(f"no master running: it will start {word}")
             return 0
-        print(f"lancelotd: {e}", file=sys.stderr)
+        print(status.explain(e, args.command), file=sys.stderr)
         return e.code
     try:
         return wait_drain(args, proc, board, on)

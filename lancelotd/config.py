@@ -1,4 +1,4 @@
-"""Configuration: TOML file -> validated, immutable Config (SPEC §4).
+"""Configuration: TOML file -> validated, immutable Config (docs/PROMISES.md §3).
 
 Every setting is declared once in SETTINGS (table, key, default, checker);
 validation walks the whole file and reports every problem with its key, so
@@ -61,6 +61,9 @@ class Listener:
     bind: str
     proxy_protocol: bool = False
     proxy_protocol_from: tuple[str, ...] = ()
+    mode: int = 0o660  # a UNIX socket's file mode (sockets.UNIX_MODE), owner and group ("": ours)
+    owner: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Config:
     max_requests_jitter: int = 0
     log_file: str = ""
     log_level: str = "info"
+    log_format: str = "text"  # or "json" (logs.py)
+    access_log: str = ""  # "" = off, "stderr", or a file (connlog.py)
     # [balancer] (balancer.py, draining.py)
     agent_bind: str = ""
     drain_file: str = ""  # "" = PIDFILE.drain
@@ -147,7 +152,7 @@ ACCESS_LISTS = ("allow", "deny")
 
 # --- [[listener]]: addresses with options of their own (PROXY protocol v2: proxied.py) -----
 
-LISTENER_KEYS = ("bind", "proxy_protocol", "proxy_protocol_from")
+LISTENER_KEYS = ("bind", "proxy_protocol", "proxy_protocol_from", "mode", "owner", "group")
 NO_EMPTY = 'must not be empty ("all" trusts every source)'
 
 
@@ -167,7 +172,8 @@ def check_listeners(tables: Any) -> tuple[tuple[Listener, ...], list[str]]:
                      for name in table if name not in LISTENER_KEYS]
         bind, proxied = table.get("bind", ""), table.get("proxy_protocol", False)
         trusted = table.get("proxy_protocol_from")
-        if reason := (checks.optional_address(bind) if bind else "is required (\"HOST:PORT\")"):
+        given = isinstance(bind, str) and bind
+        if reason := (checks.binds([bind]) if given else "is required (\"HOST:PORT\" or \"unix:PATH\")"):
             problems.append(f"{key}.bind: {reason}")
             bind = ""  # kept in its place, so the clash checks name the others by their index
         if not isinstance(proxied, bool):
@@ -179,8 +185,32 @@ def check_listeners(tables: Any) -> tuple[tuple[Listener, ...], list[str]]:
             problems.append(f"{key}.proxy_protocol_from: {reason}")
         elif trusted is not None and proxied is False:
             problems.append(f"{key}.proxy_protocol_from: has no effect without proxy_protocol = true")
-        listeners.append(Listener(bind, proxied, tuple(trusted) if isinstance(trusted, list) else ()))
+        unix, unix_problems = check_unix_options(table, key, bind, proxied)
+        problems += unix_problems
+        listeners.append(Listener(bind, proxied, tuple(trusted) if isinstance(trusted, list) else (), *unix))
     return tuple(listeners), problems
+
+
+def check_unix_options(table: dict, key: str, bind: str,
+                       proxied: Any) -> tuple[tuple[int, str, str], list[str]]:
+    """A [[listener]]'s mode, owner and group: for a "unix:PATH" bind only."""
+    problems = []
+    unix = bind.startswith("unix:")
+    mode, owner, group = table.get("mode", 0o660), table.get("owner", ""), table.get("group", "")
+    for name in ("mode", "owner", "group"):
+        if name in table and not unix:
+            problems.append(f"{key}.{name}: only for a UNIX socket (bind = \"unix:PATH\")")
+    if isinstance(mode, str) and mode and all(c in "01234567" for c in mode):
+        mode = int(mode, 8)  # "0660", as chmod takes it (TOML also has 0o660)
+    if "mode" in table and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777):
+        problems.append(f"{key}.mode: must be a file mode such as \"0660\" or 0o660, not {table['mode']!r}")
+        mode = 0o660
+    for name, value in (("owner", owner), ("group", group)):
+        if not isinstance(value, str):
+            problems.append(f"{key}.{name}: must be a user or group name (or number), not {value!r}")
+    if unix and proxied is True:
+        problems.append(f"{key}.proxy_protocol: not supported on a UNIX socket")
+    return (mode, owner if isinstance(owner, str) else "", group if isinstance(group, str) else ""), problems
 
 
 def service_addresses(bind: tuple[str, ...], listeners: tuple[Listener, ...],
@@ -226,6 +256,8 @@ SETTINGS: dict[tuple[str, str], tuple[str, Checker]] = {
         ("max_connection_age_jitter", checks.seconds_or_zero(MAX_SECONDS)),
     ("log", "file"): ("log_file", checks.string),
     ("log", "level"): ("log_level", checks.log_level),
+    ("log", "format"): ("log_format", checks.log_format),
+    ("log", "access"): ("access_log", checks.string),
     **ACCESS_SETTINGS,
 }
 TABLES = {table for table, _ in SETTINGS} | {"answers", "listener"}
@@ -255,6 +287,9 @@ def check_together(values: dict[str, Any], base_dir: str) -> list[str]:
     log_problem = checks.check_log_file(values.get("log_file", ""), base_dir)
     if log_problem:
         problems.append(f"log.file: {log_problem}")
+    access = values.get("access_log", "")
+    if access != "stderr" and (access_problem := checks.check_log_file(access, base_dir)):
+        problems.append(f"log.access: {access_problem}")
     metrics = values.get("metrics_bind", "")
     service = service_addresses(values.get("bind", Config.bind), values.get("listeners", ()))
     for address, key in service if metrics else ():
@@ -336,11 +371,15 @@ def load(path: str | None, base_dir: str | None = None) -> Config:
     """The Config in `path`, or the built-in defaults when path is None."""
     if path is None:
         return Config()
+    return from_dict(read_toml(path), os.path.abspath(path), base_dir)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The file as parsed TOML, or ConfigError saying why not."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
-    return from_dict(data, os.path.abspath(path), base_dir)

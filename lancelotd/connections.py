@@ -1,4 +1,4 @@
-"""A worker's connections: adopting, writing, closing without a reset, expiring (SPEC §1).
+"""A worker's connections: adopting, writing, closing without a reset, expiring (docs/PROTOCOL.md).
 
 A mixin of the Worker (worker.py), whose loop handles the hot path itself:
 this is everything a connection needs besides one recv and one send.
@@ -14,6 +14,7 @@ import termios
 import time
 from typing import TYPE_CHECKING
 
+from .connlog import mark
 from .logs import log
 from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
 from .scoreboard import DRAINING, SERVING
@@ -206,6 +207,7 @@ class Connections:
         elif out.endswith(NOT_ASCII):
             self.counters.not_ascii += 1
         log.debug("closing %s: %s", describe(conn.peer), out[out.rfind(b"Error"):].decode())
+        mark(conn, "error", protocol_error=True)
         self._close_after_flush(conn)
 
     def _close_after_flush(self: Worker, conn: Conn) -> None:
@@ -263,6 +265,7 @@ class Connections:
                 continue
             if conn.last < idle_limit and not self._taking_answers(conn, now):
                 self.counters.timeouts += 1
+                mark(conn, "idle")  # for the access log
                 if conn.out:  # it has not read its answers for that long: give up
                     self._forget(conn)
                 else:

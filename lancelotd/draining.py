@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from .agent import DRAINED, STOPPING
 from .connections import OPEN, Conn
+from .connlog import mark
 from .logs import log
 from .scoreboard import SERVING
 
@@ -83,6 +84,7 @@ class Draining:
         shedding.due = due
         for conn in closing:
             del due[conn.fd]
+            mark(conn, "drain")  # for the access log (connlog.py)
             self._close_after_flush(conn)  # shut down our side and linger, as an idle timeout does
         if closing:
             log.info("closed %d connections at idle points (%s)", len(closing),

@@ -65,7 +65,7 @@ class Generations:
             self.reload_done(False, str(e))
             log.error("reload refused: %s", e)
             return
-        if not logs.reopen(cfg.log_file, cfg.log_level):  # the new workers inherit it
+        if not logs.reopen(cfg.log_file, cfg.log_level, cfg.log_format):  # the new workers inherit it
             self.close_listeners(listeners, keep=self.listeners)
             self.reload_done(False, f"cannot open log file {cfg.log_file}")
             log.error("reload refused: cannot open log file %s", cfg.log_file)
@@ -90,6 +90,7 @@ class Generations:
             self.move_metrics(reload.cfg)
         self.move_agent(reload.cfg)  # only if agent_bind changed
         self.cfg, self.generation, self.listeners = reload.cfg, reload.generation, reload.listeners
+        logs.set_generation(self.generation)
         self.target = reload.cfg.workers
         self.reload = None
         self.publish()  # retiring workers read the current generation here: their hand-off targets
@@ -117,7 +118,8 @@ class Generations:
                 self.retire(worker)
         self.close_listeners(reload.listeners, keep=self.listeners)
         self.pool.forget_backoff([self.generation])
-        logs.reopen(self.cfg.log_file, self.cfg.log_level)  # if it fails, the one open logs on
+        # If it fails, the one open logs on.
+        logs.reopen(self.cfg.log_file, self.cfg.log_level, self.cfg.log_format)
         self.reload_done(False, why)
         log.error("reload failed: %s; generation %d keeps serving", why, self.generation)
         self.run_queued_reload()

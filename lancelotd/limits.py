@@ -1,4 +1,4 @@
-"""Descriptor limits: what a failed accept() means, and what RLIMIT_NOFILE allows (SPEC §7).
+"""Descriptor limits: what a failed accept() means, and what RLIMIT_NOFILE allows (docs/PROMISES.md §6).
 
 A worker out of descriptors (or of kernel memory) cannot accept, but the
 connection stays queued and the level-triggered listener keeps waking it: so

@@ -31,34 +31,58 @@ MAX_SCRAPERS = 8  # exchanges at once; at the bound a new connection evicts the 
 ACCEPTS_PER_TURN = 64  # per loop turn: a flood is taken (and evicted) in bounded steps
 
 
-class ScoreboardCollector:
-    """Turns one scoreboard read into metric families at each scrape."""
+ERROR_KINDS = ("unknown", "too_long", "not_ascii", "timeouts")
 
-    def __init__(self, board: Scoreboard, header: Callable[[], Header], master_pid: int) -> None:
+
+def relative_generation(generation: int, current: int) -> str:
+    """A worker's generation as a label of bounded values: every reload would add series otherwise."""
+    if generation == current:
+        return "current"
+    return "next" if generation > current else "old"
+
+
+class ScoreboardCollector:
+    """Turns one scoreboard read into metric families at each scrape.
+
+    Worker series are labelled by worker number and by their generation relative to the
+    current one ("current", "next" while a reload starts one, "old" while one retires), never by
+    PID or absolute generation, so reloads and recycling reuse the same series (Prometheus'
+    advice: no unbounded label values).  Two processes with the same labels (a recycled worker
+    draining beside its replacement) are summed.
+    """
+
+    def __init__(self, board: Scoreboard, header: Callable[[], Header], master_pid: int,
+                 master: Callable[[], dict[str, float]] | None = None) -> None:
         self.board = board
         self.header = header
         self.master_pid = master_pid
+        self.master = master or dict  # the master's own figures: max_connections, upgrade_failed
 
     def collect(self) -> Iterator[Metric]:
         header = self.header()
         slots = [slot for _, slot in self.board.slots()]
         totals = self.board.totals()
-        labels = ["worker", "generation", "pid"]
-
+        labels = ["worker", "generation"]
+        per_worker: dict[tuple[str, str], list[float]] = {}
+        for slot in slots:
+            c = slot.counters
+            assert c is not None
+            key = (str(slot.number), relative_generation(slot.generation, header.generation))
+            sums = per_worker.setdefault(key, [0.0] * (2 + len(ERROR_KINDS)))
+            for i, value in enumerate((c.answered, slot.connections, *(getattr(c, k) for k in ERROR_KINDS))):
+                sums[i] += value
         answered = CounterMetricFamily("lancelotd_worker_questions_answered", "Questions answered",
                                        labels=labels)
         conns = GaugeMetricFamily("lancelotd_worker_connections", "Open connections", labels=labels)
         errors = CounterMetricFamily("lancelotd_worker_errors", "Protocol errors and idle timeouts",
                                      labels=[*labels, "kind"])
-        for slot in slots:
-            values = [str(slot.number), str(slot.generation), str(slot.pid)]
-            c = slot.counters
-            assert c is not None
-            answered.add_metric(values, c.answered)
-            conns.add_metric(values, slot.connections)
-            for kind in ("unknown", "too_long", "not_ascii", "timeouts"):
-                errors.add_metric([*values, kind], getattr(c, kind))
+        for key, sums in sorted(per_worker.items()):
+            answered.add_metric(list(key), sums[0])
+            conns.add_metric(list(key), sums[1])
+            for kind, value in zip(ERROR_KINDS, sums[2:], strict=True):
+                errors.add_metric([*key, kind], value)
         yield from (answered, conns, errors)
+        yield from self.limits(header, slots)
 
         yield CounterMetricFamily("lancelotd_questions_answered", "Questions answered by all workers, "
                                   "exited ones included", value=totals.answered)
@@ -67,7 +91,7 @@ class ScoreboardCollector:
         yield GaugeMetricFamily("lancelotd_connections", "Open connections",
                                 value=sum(slot.connections for slot in slots))
         total_errors = CounterMetricFamily("lancelotd_errors", "Errors by kind", labels=["kind"])
-        for kind in ("unknown", "too_long", "not_ascii", "timeouts"):
+        for kind in ERROR_KINDS:
             total_errors.add_metric([kind], getattr(totals, kind))
         yield total_errors
         refused = CounterMetricFamily("lancelotd_connections_refused", "Connections refused by the access "
@@ -109,16 +133,51 @@ class ScoreboardCollector:
                 states.add_metric([name], sum(1 for slot in slots if slot.state == state))
         yield states
 
+        yield from self.processes(header, slots)
+
+    def limits(self, header: Header, slots: list) -> Iterator[Metric]:
+        """What the alert rules compare against (etc/prometheus/lancelotd.rules.yml)."""
+        master = self.master()
+        yield GaugeMetricFamily("lancelotd_max_connections", "max_connections: connections one worker "
+                                "holds at most", value=master.get("max_connections", 0))
+        yield GaugeMetricFamily("lancelotd_workers_target", "Workers wanted in the current generation",
+                                value=header.workers_target)
+        yield GaugeMetricFamily("lancelotd_last_reload_ok", "1 unless the last reload failed",
+                                value=int(bool(header.last_reload_ok)))
+        yield GaugeMetricFamily("lancelotd_upgrade_failed", "1 after a USR2 upgrade of this master failed "
+                                "(the old master serves on)", value=master.get("upgrade_failed", 0))
+        yield GaugeMetricFamily("lancelotd_start_time_seconds", "When the master started (Unix time)",
+                                value=header.started)
+
+    def processes(self, header: Header, slots: list) -> Iterator[Metric]:
+        """Memory and descriptors of every process, labelled as the worker series are."""
         memory = GaugeMetricFamily("lancelotd_process_memory_bytes", "Process memory (rss, uss)",
-                                   labels=["role", "pid", "kind"])
-        for role, pid in [("master", self.master_pid), *(("worker", slot.pid) for slot in slots)]:
+                                   labels=["role", "worker", "generation", "kind"])
+        fds = GaugeMetricFamily("lancelotd_process_open_fds", "Open file descriptors",
+                                labels=["role", "worker", "generation"])
+        max_fds = GaugeMetricFamily("lancelotd_process_max_fds", "RLIMIT_NOFILE (soft): at it, a worker "
+                                    "pauses accepting", labels=["role", "worker", "generation"])
+        sums: dict[tuple[str, str, str], list[int]] = {}
+        processes = [(("master", "", ""), self.master_pid), *(
+            (("worker", str(slot.number), relative_generation(slot.generation, header.generation)), slot.pid)
+            for slot in slots)]
+        for key, pid in processes:
             try:
-                info = psutil.Process(pid).memory_full_info()
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    info, opened = proc.memory_full_info(), proc.num_fds()
+                limit = proc.rlimit(psutil.RLIMIT_NOFILE)[0]
             except (psutil.Error, OSError):
                 continue
-            memory.add_metric([role, str(pid), "rss"], info.rss)
-            memory.add_metric([role, str(pid), "uss"], info.uss)
-        yield memory
+            total = sums.setdefault(key, [0, 0, 0, 0])
+            for i, value in enumerate((info.rss, info.uss, opened, limit)):
+                total[i] = max(total[i], value) if i == 3 else total[i] + value
+        for key, (rss, uss, opened, limit) in sorted(sums.items()):
+            memory.add_metric([*key, "rss"], rss)
+            memory.add_metric([*key, "uss"], uss)
+            fds.add_metric(list(key), opened)
+            max_fds.add_metric(list(key), limit)
+        yield from (memory, fds, max_fds)
 
 
 class Scrape:

@@ -1,4 +1,4 @@
-"""The PID file: its presence means "a lancelotd master is listening" (SPEC §4).
+"""The PID file: its presence means "a lancelotd master is listening" (docs/PROMISES.md §3).
 
 The file holds the master's PID and nothing else, so `kill $(cat FILE)`,
 systemd's PIDFile= and monit read it as they are.  It is written atomically

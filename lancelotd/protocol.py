@@ -1,4 +1,4 @@
-"""The Lancelot question/answer protocol as a pure byte-stream parser (SPEC §1).
+"""The Lancelot question/answer protocol as a pure byte-stream parser (docs/PROTOCOL.md).
 
 No sockets here: a worker feeds whatever recv() returned and sends what comes
 back.  Keeping it pure lets the tests check every framing rule, and

@@ -37,14 +37,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .access import NetSet, client_of, refuse
-from .checks import normal_address
+from .activation import same_address
 from .config import Config
 from .connections import CLOSE_AFTER_FLUSH, EPOLLIN, OPEN, READ_SLICE, RECV_SIZE, Conn
 from .limits import CLIENT_GONE
 from .logs import log
 from .proxyproto import NEED_MORE, Header, HeaderReader, Invalid
 from .scoreboard import DRAINING, STOPPING
-from .sockets import ACTIVATED, describe
+from .sockets import describe
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -58,15 +58,13 @@ def proxied_listeners(cfg: Config, listeners: dict[str, socket.socket]) -> dict[
 
     Matched by address; a socket-activated listener, by the address it is bound to.
     """
-    wanted = {normal_address(x.bind): x.proxy_protocol_from for x in cfg.listeners if x.proxy_protocol}
+    wanted = [(x.bind, x.proxy_protocol_from) for x in cfg.listeners if x.proxy_protocol]
     found = {}
     for address, sock in listeners.items():
-        try:
-            trusted = wanted.get(normal_address(address.removeprefix(ACTIVATED)))
-        except ValueError:
-            continue
-        if trusted is not None:
-            found[sock.fileno()] = trusted
+        for bind, trusted in wanted:
+            if same_address(bind, address):
+                found[sock.fileno()] = trusted
+                break
     return found
 
 

@@ -30,10 +30,15 @@ class Reporting:
     def open_metrics(self: Arbiter, cfg: Config) -> MetricsServer:
         from .metrics import MetricsServer, ScoreboardCollector  # only when asked for: 4 MB less
 
-        collector = ScoreboardCollector(self.board, self.board.read_header, self.pid)
+        collector = ScoreboardCollector(self.board, self.board.read_header, self.pid, self.metrics_figures)
         server = MetricsServer(cfg.metrics_bind, 64, collector)
         server.probe = self.probe  # /ready and /live (balancer.py)
         return server
+
+    def metrics_figures(self: Arbiter) -> dict[str, float]:
+        """The master's own figures for the metrics (the scoreboard has the rest)."""
+        return {"max_connections": self.cfg.max_connections,
+                "upgrade_failed": int(self.last_upgrade.startswith("upgrade FAILED"))}
 
     def announce_ready(self: Arbiter) -> None:
         """Our first workers serve: tell whoever waits for it (USR2's old master)."""

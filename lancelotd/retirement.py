@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from . import rendezvous as wire
 from .connections import EPOLLIN, LINGER_SECONDS, OPEN, Conn
+from .connlog import mark
 from .limits import CLIENT_GONE
 from .logs import log
 from .scoreboard import DRAINING, SERVING, STOPPING
@@ -59,6 +60,7 @@ class Retirement:
             conn.session.pending = pending
         else:
             self.counters.denied_open += 1
+            mark(conn, "refused")  # for the access log (connlog.py)
             log.debug("closing %s: a reload's rules deny it", describe(peer))
             self._close_after_flush(conn)
         return True

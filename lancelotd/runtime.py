@@ -1,4 +1,4 @@
-"""The runtime directory that holds the PID file and the scoreboard (SPEC §4).
+"""The runtime directory that holds the PID file and the scoreboard (docs/PROMISES.md §3).
 
 On a machine where lancelotd never ran the directory does not exist yet:
 /run/lancelotd for root, $XDG_RUNTIME_DIR/lancelotd for a user, else

@@ -33,9 +33,19 @@ GROUPED = (*ERROR_KINDS, *REFUSAL_CAUSES, *PROXY_COUNTERS.values())
 
 
 class StatusError(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    """Why no master can be shown; `denied`: the caller may not read what it needs (refusals.py)."""
+
+    def __init__(self, code: int, message: str, denied: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.denied = denied
+
+
+def explain(e: StatusError, command: str, pid: int | None = None) -> str:
+    """The error's line for `command`, with what to run instead when it was a refusal."""
+    from .refusals import instead
+
+    return f"lancelotd: {e}" + (f": {instead(command, pid)}" if e.denied else "")
 
 
 def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
@@ -47,7 +57,7 @@ def find_master(pid_file: str) -> tuple[psutil.Process, Scoreboard]:
         owner = board.read_header().master_pid
     except PermissionError:
         raise StatusError(UNKNOWN, f"master {proc.pid} is running, but its scoreboard is not for us to read: "
-                          f"{trust.describe_denied(path)}") from None
+                          f"{trust.describe_denied(path)}", denied=True) from None
     except (OSError, ValueError, psutil.Error) as e:
         raise StatusError(UNKNOWN, f"master {proc.pid} is running but its scoreboard is unreadable: {e}"
                           ) from None
@@ -69,8 +79,8 @@ def find_master_process(pid_file: str) -> psutil.Process:
     except FileNotFoundError:
         raise StatusError(NOT_RUNNING, f"not running (no PID file {pid_file})") from None
     except PermissionError:
-        raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: {trust.describe_denied(pid_file)}"
-                          ) from None
+        raise StatusError(UNKNOWN, f"cannot read PID file {pid_file}: {trust.describe_denied(pid_file)}",
+                          denied=True) from None
     except trust.Untrusted as e:
         raise StatusError(UNKNOWN, f"refused: {e}") from None
     except OSError as e:
@@ -108,6 +118,9 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
         })
     workers.sort(key=lambda w: (w["generation"], w["number"]))
     totals = board.totals()
+    found = listeners(proc, header.metrics_port, header.agent_port)
+    hidden = {} if found is not None else {"listeners_hidden": f"not allowed to read /proc/{proc.pid}/fd: "
+                                                               "run as root or as the master's user"}
     answered_per_s = round(sum(w["answered_per_s"] for w in workers if w["state"] != "free"), 1)
     return {
         "schema": SCHEMA,
@@ -118,7 +131,8 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
             "uptime_s": round(now_wall - header.started, 1), "title": " ".join(proc.cmdline()).strip(),
             **process_figures(proc.pid),
         },
-        "listeners": listeners(proc, header.metrics_port, header.agent_port),
+        "listeners": found or [],
+        **hidden,
         "balancer": {
             "state": BALANCE_NAMES.get(header.balance, "?"), "drained": bool(header.drained),
             "agent": (AGENT_READY if header.balance == READY else AGENT_DRAIN).decode().strip(),
@@ -153,14 +167,17 @@ def process_figures(pid: int) -> dict[str, Any]:
         return {"cpu_seconds": None, "rss": None, "uss": None}
 
 
-def listeners(proc: psutil.Process, metrics_port: int, agent_port: int = 0) -> list[dict[str, Any]]:
-    """The master's listening TCP sockets with their role and accept-queue depth."""
+def listeners(proc: psutil.Process, metrics_port: int, agent_port: int = 0) -> list[dict[str, Any]] | None:
+    """The master's listening TCP sockets with their role and accept-queue depth; None when the
+    caller may not see the master's descriptors (another user's process)."""
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{proc.pid}/fd"):
             target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
+    except PermissionError:
+        return None
     except OSError:
         return []
     found = []
@@ -180,6 +197,22 @@ def listeners(proc: psutil.Process, metrics_port: int, agent_port: int = 0) -> l
             port = int(fields[1].rsplit(":", 1)[1], 16)
             role = {metrics_port: "metrics", agent_port: "agent"}.get(port, "service") if port else "service"
             found.append({"address": address, "role": role, "accept_queue": rx_queue})
+    return found + unix_listeners(inodes)
+
+
+def unix_listeners(inodes: set[str]) -> list[dict[str, Any]]:
+    """The master's listening UNIX sockets (/proc/net/unix: flag __SO_ACCEPTCON); the kernel does
+    not show their accept queue there (null)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split(None, 7)  # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) == 8 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
+            found.append({"address": "unix:" + fields[7].strip(), "role": "service", "accept_queue": None})
     return found
 
 
@@ -227,8 +260,10 @@ def human(snap: dict[str, Any]) -> str:
         f"  {m['title']}",
         "  listening: " + (", ".join(
             f"{listener['address']} (accept queue {listener['accept_queue']})"
-            if listener["role"] == "service" else f"{listener['address']} ({listener['role']})"
-            for listener in snap["listeners"]) or "-"),
+            if listener["role"] == "service" and listener["accept_queue"] is not None
+            else f"{listener['address']} ({listener['role']})"
+            for listener in snap["listeners"]) or (f"? ({snap['listeners_hidden']})"
+                                                    if "listeners_hidden" in snap else "-")),
         "  balancer: " + balancer_line(snap["balancer"]),
         f"  reloads: {r['count']} ({r['failures']} failed), last {last}"
         + (" - reload under way" if r["pending"] else ""),
@@ -306,7 +341,7 @@ def run(pid_file: str, as_json: bool, watch: float | None, interval: float = 0.5
             print(json.dumps({"schema": SCHEMA, "state": state_name(e.code), "problem": str(e),
                               "pid_file": pid_file}))
         else:
-            print(f"lancelotd: {e}", file=sys.stderr)
+            print(explain(e, "status"), file=sys.stderr)
         return e.code
     previous = None
     try:

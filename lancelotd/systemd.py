@@ -1,4 +1,4 @@
-"""systemd integration: sd_notify messages and socket activation (SPEC §6).
+"""systemd integration: sd_notify messages and socket activation (docs/PROMISES.md §5).
 
 Both are a few lines of protocol (sd_notify(3), sd_listen_fds(3)); there is no
 maintained library worth a dependency, so they are ours.  Everything here is

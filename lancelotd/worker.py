@@ -1,4 +1,4 @@
-"""A worker: one process, one epoll loop, many connections (SPEC §2).
+"""A worker: one process, one epoll loop, many connections (docs/PROMISES.md §1).
 
 The loop is written for the hot path: a request is one recv(), one dict
 lookup and one send().  Everything that is not per-request (idle timeouts,
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
-from . import handoff, logs
+from . import connlog, handoff, logs
 from .accepting import Accepting
 from .access import make_gate
 from .clients import ClientTable
@@ -372,4 +372,6 @@ def run_worker(spec: WorkerSpec) -> int:
     if failing:
         log.error("failing at boot (LANCELOTD_TEST_FAIL_BOOT*)")
         return 3
-    return Worker(spec).run()
+    worker = Worker(spec)
+    connlog.install(worker)  # the access log, when [log] access is set; the generation for JSON lines
+    return worker.run()

@@ -4,7 +4,7 @@
                                       +-- br0 in <prefix>-lb (198.18.0.1, HAProxy :1060)
     <prefix>-hN (198.18.0.1N) --veth--+   each hN: lancelotd :1060, agent :1061
 
-The commands are those of ../shared/design/scale-out.md section 4.2.  Addresses exist only
+The layout is README's "Several hosts" (etc/haproxy/lancelotd.cfg).  Addresses exist only
 inside the namespaces (198.18.0.0/15 is set aside for benchmarks and never routed); each veth
 is created with its far end already in its namespace, so nothing is added to the root
 namespace.  The prefix holds our PID, so parallel runs and leftovers do not collide.

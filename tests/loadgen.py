@@ -1,10 +1,9 @@
 """The load generator for the integration tests: the C loadgen, or its Python twin.
 
-`build()` compiles ../shared/tools/loadgen/loadgen.c into a directory and returns the
-command that runs it; where the source or a C compiler is missing, or when
-LANCELOTD_TEST_PYLOAD=1 asks for it, it returns the command of tests/pyload.py,
-which takes the same options and prints the same result line.  So a clone without
-../shared runs these tests too, with the slower generator.  `load()` runs the
+`build()` compiles the repo's benchmarks/c/loadgen.c into a directory and returns the
+command that runs it; where a C compiler is missing, or when LANCELOTD_TEST_PYLOAD=1
+asks for it, it returns the command of tests/pyload.py, which takes the same options
+and prints the same result line (the slower generator).  `load()` runs the
 command in the background for the length of a `with` block and fills in its result
 line.  conftest's session-scoped `loadgen` fixture builds it once per run.
 """
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from helpers import scaled
 
-LOADGEN_SRC = Path(__file__).resolve().parents[2] / "shared" / "tools" / "loadgen" / "loadgen.c"
+LOADGEN_SRC = Path(__file__).resolve().parents[1] / "benchmarks" / "c" / "loadgen.c"
 PYLOAD = [sys.executable, str(Path(__file__).resolve().with_name("pyload.py"))]
 
 

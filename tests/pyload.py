@@ -1,4 +1,4 @@
-"""Closed-loop load generator in Python: the fallback for ../shared/tools/loadgen (C).
+"""Closed-loop load generator in Python: the fallback for benchmarks/c/loadgen.c.
 
     python pyload.py -H 127.0.0.1 -p 1060 -c 50 -d 3 [-r] [-t threads] [-w s] [-T ms] [-l label] [-S n]
 

@@ -1,4 +1,4 @@
-"""SPEC §9 with real daemons, no balancer yet: the agent port, `lancelotd drain`/`undrain`,
+"""docs/PROMISES.md §8 with real daemons, no balancer yet: the agent port, `lancelotd drain`/`undrain`,
 drain_delay at TERM, /ready and /live, closing drained and old connections at idle points,
 and `lancelot ask` asking again once when its connection ends under a question.
 
@@ -24,7 +24,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import Daemon
 from helpers import (
@@ -39,6 +38,7 @@ from helpers import (
     recv_all,
     recv_until,
     scaled,
+    tcp_sockets,
     wait_child_exit,
     wait_for,
     wait_log,
@@ -252,7 +252,7 @@ def test_usr2_successor_serves_the_agent_port_and_keeps_the_drain(start_daemon):
     wait_log(d.log_file, rf"upgrade: new master {new} is ready")
     assert d.wait_exit() == 0  # the old master is gone: whoever answers now is the new one
     assert agent(fixed) == DRAIN
-    listeners = {c.laddr.port for c in psutil.Process(new).net_connections("tcp") if c.status == "LISTEN"}
+    listeners = {c.laddr.port for c in tcp_sockets(new) if c.status == "LISTEN"}
     assert fixed in listeners
     result = lancelotd_cli("undrain", "--pid-file", str(d.pid_file))
     assert result.returncode == 0 and f"master {new}: the agent says ready" in result.stdout, result

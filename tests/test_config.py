@@ -1,4 +1,4 @@
-"""Config validation (SPEC §4): every problem reported, with its key."""
+"""Config validation (docs/PROMISES.md §3): every problem reported, with its key."""
 
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ from helpers import (
     live_children,
     read_pid,
     scaled,
+    tcp_sockets,
     wait_child_exit,
     wait_log,
     wait_pool,
@@ -196,7 +197,7 @@ class ExactlyOnce(Client):
 def held(pid: int, port: int) -> int:
     """Established connections on `port` that process `pid` holds (psutil: its descriptors)."""
     try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
+        conns = tcp_sockets(pid)
     except psutil.Error:
         return 0
     return sum(1 for c in conns if c.laddr.port == port and c.raddr and c.status == psutil.CONN_ESTABLISHED)

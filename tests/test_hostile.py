@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from helpers import NAME_A, NAME_Q, ask_on, scaled, wait_for
+from helpers import NAME_A, NAME_Q, ask_on, scaled, tcp_sockets, wait_for
 
 from lancelotd.client import main as lancelot
 from lancelotd.connections import Conn, Connections, _unsent
@@ -214,7 +214,7 @@ def test_a_client_that_neither_asks_nor_reads_is_closed_as_idle(start_daemon):
         sock.sendall(NAME_Q * 20_000)  # and never reads
 
         def held() -> bool:
-            conns = psutil.Process(daemon.workers()[0].pid).net_connections()
+            conns = tcp_sockets(daemon.workers()[0].pid)
             return any(c.raddr and c.raddr.port == sock.getsockname()[1] for c in conns)
         # Seen first: psutil's read of /proc/net/tcp can miss a socket among many TIME_WAIT lines,
         # which would pass for "closed" at once.

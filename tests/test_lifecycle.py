@@ -1,4 +1,4 @@
-"""SPEC §2-§3 with real daemons: reload, upgrade, pool size, log reopen, supervision.
+"""docs/PROMISES.md §1-§2 with real daemons: reload, upgrade, pool size, log reopen, supervision.
 
 Every test runs real `lancelotd serve` processes (the `start_daemon` fixture,
 which kills and reaps the whole process group at teardown), sends them real
@@ -13,7 +13,7 @@ answered, never reset; the retired process is gone once its client is), and
 where a retired process must stay, they make it stay the same way for both:
 a `Backlog` client owes it answers it cannot send yet.
 
-The loads come from the C load generator in ../shared/tools/loadgen (or, where
+The loads come from the C load generator benchmarks/c/loadgen.c (or, where
 it cannot be built, its Python twin tests/pyload.py), built once per session by
 conftest's `loadgen` fixture.  The test session is a child subreaper (conftest),
 so the new master of a USR2, orphaned when the old one exits, is ours to reap

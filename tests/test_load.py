@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import recv_all, recv_until, wait_for
-from helpers import COLOR_A, COLOR_Q, NAME_A, NAME_Q, scaled
+from helpers import COLOR_A, COLOR_Q, NAME_A, NAME_Q, scaled, tcp_sockets
 
 EXITING = re.compile(
     r"\[(\d+)\] worker (\d+): exiting: (\d+) connections accepted in (\d+) listener wake-ups \((\d+) empty\)"
@@ -33,7 +33,7 @@ def server_connections(daemon) -> int:
     """Established connections the workers hold on the daemon's port."""
     total = 0
     for worker in daemon.workers():
-        total += sum(1 for c in worker.net_connections("tcp")
+        total += sum(1 for c in tcp_sockets(worker.pid)
                      if c.laddr and c.laddr.port == daemon.port and c.status == "ESTABLISHED")
     return total
 

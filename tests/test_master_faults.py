@@ -1,4 +1,4 @@
-"""SPEC §7, the master's promise, with real daemons: no fault short of SIGKILL to the master ends
+"""docs/PROMISES.md §6, the master's promise, with real daemons: no fault short of SIGKILL to the master ends
 the service, and a fault in a lifecycle operation leaves the service as it was.
 
 Each test provokes one fault that once took the master down (or would have), then checks that the
@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import Daemon
-from helpers import NAME_A, NAME_Q, lancelotd_cli, recv_until, wait_for, wait_log
+from helpers import NAME_A, NAME_Q, lancelotd_cli, recv_until, tcp_sockets, wait_for, wait_log
 
 from lancelotd.scoreboard import SERVING, Scoreboard
 from lancelotd.strays import STRAY
@@ -187,7 +187,7 @@ def test_term_closes_the_masters_listeners_first(start_daemon):
     master = psutil.Process(d.proc.pid)
 
     def listening_fds(proc: psutil.Process) -> int:
-        return sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+        return sum(1 for c in tcp_sockets(proc.pid) if c.status == psutil.CONN_LISTEN
                    and c.laddr.port == d.port)
 
     assert listening_fds(master) == 1

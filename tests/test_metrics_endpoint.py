@@ -15,7 +15,7 @@ import socket
 import time
 
 import psutil
-from helpers import lancelotd_cli, scaled, wait_for, wait_pool, workers_of
+from helpers import lancelotd_cli, scaled, tcp_sockets, wait_for, wait_pool, workers_of
 from test_status import metrics_url, scrape
 
 MAX_SCRAPERS = 8  # lancelotd.metrics.MAX_SCRAPERS
@@ -46,7 +46,7 @@ def open_non_reader(port: int) -> socket.socket:
 
 def held_by(pid: int, port: int) -> int:
     """Connections to `port` the process holds (accepted, not yet closed)."""
-    return sum(1 for c in psutil.Process(pid).net_connections(kind="tcp")
+    return sum(1 for c in tcp_sockets(pid)
                if c.laddr and c.laddr.port == port and c.raddr)
 
 

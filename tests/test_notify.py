@@ -1,4 +1,4 @@
-"""SPEC §6 without systemd: sd_notify messages, LISTEN_FDS adoption, --daemon.
+"""docs/PROMISES.md §5 without systemd: sd_notify messages, LISTEN_FDS adoption, --daemon.
 
 The test plays systemd's part: its own AF_UNIX datagram socket (a path, or an
 abstract "@name") is the daemon's NOTIFY_SOCKET, with SO_PASSCRED so every
@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import Daemon, wait_for
-from helpers import NAME_A, NAME_Q, ask, read_pid, scaled, wait_child_exit
+from helpers import NAME_A, NAME_Q, ask, read_pid, scaled, tcp_sockets, wait_child_exit
 
 STATUS_LINE = re.compile(r"gen (\d+), (\d+) workers, (\d+) questions answered, last reload: (.+)")
 LISTEN_VARS = (b"LISTEN_PID=", b"LISTEN_FDS=", b"LISTEN_FDNAMES=")
@@ -197,7 +197,7 @@ def environ(pid: int) -> bytes:
 
 
 def listening_ports(pid: int) -> set[int]:
-    return {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"}
+    return {c.laddr.port for c in tcp_sockets(pid) if c.status == "LISTEN"}
 
 
 def monotonic_usec() -> int:
@@ -323,8 +323,9 @@ def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(spawn, notify):
 def test_listen_fds_adopted(spawn, notify):
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     port = listener.getsockname()[1]
-    # -b would bind somewhere else: with an activated socket it must not.
-    d = spawn("-b", "127.0.0.1:0", "-w", "2", listen=listener, own_pid=("LISTEN_PID",),
+    # -b names the activated socket's address: it is adopted, not bound again (test_activation.py
+    # has the addresses that disagree).
+    d = spawn("-b", f"127.0.0.1:{port}", "-w", "2", listen=listener, own_pid=("LISTEN_PID",),
               env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "lancelotd.socket", "NOTIFY_SOCKET": notify.address})
     listener.close()  # the daemon's now: only it can answer there
     master = d.wait_pid_file()

@@ -1,4 +1,4 @@
-"""SPEC §2-§5 with real processes: titles, PID file, signals, supervision, CLI.
+"""docs/PROMISES.md §1-§4 with real processes: titles, PID file, signals, supervision, CLI.
 
 Every daemon is a real `lancelotd serve` started by the `start_daemon`
 fixture (which SIGKILLs and reaps the whole process group at teardown).

@@ -1,4 +1,4 @@
-"""Unit tests of the pure protocol parser (SPEC §1)."""
+"""Unit tests of the pure protocol parser (docs/PROTOCOL.md)."""
 
 from __future__ import annotations
 

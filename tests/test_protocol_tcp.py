@@ -1,4 +1,4 @@
-"""SPEC §1 over real TCP: a real lancelotd on 127.0.0.1, real sockets, no mocks.
+"""docs/PROTOCOL.md over real TCP: a real lancelotd on 127.0.0.1, real sockets, no mocks.
 
 Each test starts its own daemon (ephemeral port) with the `start_daemon`
 fixture; waits are on readiness signals or on the socket itself.

@@ -17,9 +17,8 @@ import socket
 import time
 from collections import Counter
 
-import psutil
 from conftest import Daemon
-from helpers import NAME_A, NAME_Q, recv_until, scaled, wait_for, wait_pool
+from helpers import NAME_A, NAME_Q, recv_until, scaled, tcp_sockets, wait_for, wait_pool
 
 BURST = 40
 SPREAD = "[server]\nspread_connections = true\n"
@@ -54,7 +53,7 @@ def holders(socks: list[socket.socket], workers: list[int]) -> Counter[int]:
     ours = {sock.getsockname() for sock in socks}
     counts: Counter[int] = Counter()
     for pid in workers:
-        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+        for conn in tcp_sockets(pid):
             if conn.raddr and (conn.raddr.ip, conn.raddr.port) in ours:
                 counts[pid] += 1
     return counts

@@ -1,4 +1,4 @@
-"""SPEC §6 against a real systemd: the units as systemd/install.sh installs them.
+"""docs/PROMISES.md §5 against a real systemd: the units as systemd/install.sh installs them.
 
 One sandbox per module (tests/sdsandbox.py: this machine's systemd as PID 1 of
 private namespaces, on a throw-away overlay root, with a network namespace of
@@ -42,6 +42,7 @@ WHEELS = "/usr/local/src/lancelotd-wheels"
 UNIT = "lancelotd.service"
 SOCKET = "lancelotd.socket"
 DROP_IN_DIR = "/etc/systemd/system/lancelotd.service.d"
+SOCKET_DROP_IN_DIR = "/etc/systemd/system/lancelotd.socket.d"
 CONFIG = "/etc/lancelotd/lancelotd.toml"
 PID_FILE = "/run/lancelotd/lancelotd.pid"
 LANCELOT = "/opt/lancelotd/bin/lancelot"
@@ -101,7 +102,7 @@ def fresh(sandbox: Sandbox) -> Iterator[Sandbox]:
     yield sandbox
     sandbox.systemctl("stop", SOCKET, UNIT, timeout=90)
     sandbox.systemctl("reset-failed", UNIT, SOCKET)
-    sandbox.run("rm", "-rf", DROP_IN_DIR)
+    sandbox.run("rm", "-rf", DROP_IN_DIR, SOCKET_DROP_IN_DIR)
     sandbox.run("install", "-D", "-m", "0644", f"{SRC}/etc/lancelotd.toml", CONFIG, timeout=30)
     sandbox.systemctl("daemon-reload")
 
@@ -403,6 +404,49 @@ def test_socket_activation(sandbox):
     assert ask(sb, NAME_Q) == NAME_A + "\n"
     assert main_pid(sb) not in (0, first)
     assert sb.systemctl("is-active", UNIT).stdout.strip() == "active"
+
+
+# HAProxy's `server ... send-proxy-v2`, played by the test: the v2 header, then a question.
+PROXY_CLIENT = """
+import socket, sys
+from lancelotd.proxyproto import PROXY, build
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as sock:
+    sock.sendall(build(PROXY, ("198.18.0.2", 31222), ("198.18.0.1", 1070)) + b"What is your name?")
+    answer = b""
+    while not answer.endswith(b".") and (chunk := sock.recv(4096)):
+        answer += chunk
+print(answer.decode())
+"""
+
+
+def proxied_ask(sb: Sandbox, port: int) -> str:
+    proc = sb.net_popen([sys.executable, "-c", PROXY_CLIENT, str(port)], stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO)})
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_socket_activation_with_a_proxy_listener(sandbox):
+    """Issue 21: the activated sockets serve the config's listeners, PROXY settings included."""
+    sb = sandbox
+    shipped = (REPO / "etc/lancelotd.toml").read_text()
+    sb.write(CONFIG, shipped + '\n[[listener]]\nbind = "127.0.0.1:1070"\nproxy_protocol = true\n'
+             'proxy_protocol_from = ["127.0.0.1"]\n')
+    sb.write(f"{SOCKET_DROP_IN_DIR}/proxy.conf", "[Socket]\nListenStream=127.0.0.1:1070\n")
+    ok(sb.systemctl("daemon-reload"))
+    start(sb, SOCKET)
+    assert proxied_ask(sb, 1070) == NAME_A + "\n"  # the first connection starts the service
+    assert ask(sb, NAME_Q) == NAME_A + "\n"
+    log = journal(sb, f"_PID={main_pid(sb)}")
+    assert "socket-activated 127.0.0.1:1070 is 127.0.0.1:1070 (PROXY protocol v2)" in log, log
+    assert "not in the configuration" not in log, log
+    # The listener leaves the config, the socket stays systemd's: served with the defaults, and said.
+    sb.write(CONFIG, shipped)
+    ok(sb.systemctl("reload", UNIT))
+    log = journal(sb, f"_PID={main_pid(sb)}")
+    assert "socket-activated 127.0.0.1:1070 is not in the configuration: served with the defaults" in log, log
+    assert ask(sb, NAME_Q) == NAME_A + "\n"
 
 
 def test_watchdog_restarts_a_stopped_master(sandbox):

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 from conftest import Daemon, recv_until, wait_for
-from helpers import NAME_A, NAME_Q, read, ready_from, wait_log
+from helpers import NAME_A, NAME_Q, read, ready_from, tcp_sockets, wait_log
 
 from lancelotd.connections import Connections
 from lancelotd.limits import nofile_advice
@@ -150,7 +150,7 @@ def test_descriptor_exhaustion_pauses_accepting_and_logs_once_per_episode(start_
 def connections(pid: int, port: int, status: str) -> int:
     """How many TCP sockets on our `port` in `status` process `pid` holds."""
     try:
-        conns = psutil.Process(pid).net_connections("tcp")
+        conns = tcp_sockets(pid)
     except psutil.NoSuchProcess:
         return 0
     return sum(c.status == status and c.laddr.port == port for c in conns)
