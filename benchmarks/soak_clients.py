@@ -5,8 +5,9 @@
     python soak_clients.py mixed -p PORT -d 3600 --out FILE [--slow 4 --flood 1 --idle 20 ...]
 
 probe: chaos_probe.Probe (tests/pyload.py's closed loop, the colour question every fourth) with
-the client contract of SPEC §9: a question whose connection ends unanswered is asked once more on a
-new connection.  Both failures are recorded (the second with "retry": true: the question is lost).
+the client contract of docs/PROMISES.md §8: a question whose connection ends unanswered is asked
+once more on a new connection.  Both failures are recorded (the second with "retry": true: the
+question is lost).
 
 mixed: one thread per connection, of three kinds:
   slow   pipelines --batch questions at once, reads their answers 256 bytes every 20 ms through a

@@ -240,7 +240,7 @@ def judge(rep: Report, soak: Any, out: Path, leftovers: list[str], stopped_clean
     say(f"  other failures (bugs): {len(m_other)}")
     for f in sorted(m_other, key=lambda f: f["t"])[:40]:
         say(f"    [{f['client']}] " + describe_failure(rep, f))
-    say(f"  probes, retry once (SPEC §9): asked again {retries['asked again']}, "
+    say(f"  probes, retry once (docs/PROMISES.md §8): asked again {retries['asked again']}, "
         f"rescued {retries['rescued']}, lost (the retry failed too) {retries['lost']}")
 
     say("\n== soak: upgrades (USR2)")
@@ -340,7 +340,7 @@ def write_markdown(rep: Report, soak: Any, out: Path, targets: list, judged: lis
         "## Clients", "",
         "Answers (approximate, from 10 s bins and loadgen segments): "
         + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(totals.items())) + ".", "",
-        f"Mixed clients: `{mixed.get('result', '-')}`. Probes' retries (SPEC §9): asked again "
+        f"Mixed clients: `{mixed.get('result', '-')}`. Probes' retries (docs/PROMISES.md §8): asked again "
         f"{retries['asked again']}, rescued {retries['rescued']}, lost {retries['lost']}.", "",
         f"## Memory and descriptors (after {args.warmup_minutes:g} min; limit {limit:g} %/10 min)", "",
         "| series | level | slope %/10 min (± std. error) | samples | regressed on | |",

@@ -1,4 +1,4 @@
-"""`user` and `group`: a master started as root runs its workers unprivileged (SPEC §10).
+"""`user` and `group`: a master started as root runs its workers unprivileged (docs/PROMISES.md §3).
 
 As nginx (`user`), php-fpm (`user`/`group`) and gunicorn (`--user`/`--group`) do.
 The master keeps root, as nginx's does: a reload may bind a new privileged

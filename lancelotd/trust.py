@@ -1,4 +1,4 @@
-"""What a command run as root may believe of files in a directory another user can write (SPEC §7).
+"""What a command run as root may believe of files another user can write (docs/PROMISES.md §6).
 
 The PID file, its start records, the scoreboard and the drain file live in
 the runtime directory, which belongs to the service's user (DynamicUser=, or
