@@ -20,6 +20,7 @@ check_prefix() {
         *[!A-Za-z0-9/._+-]*) refuse "PREFIX '$PREFIX' holds characters a unit's ExecStart= cannot take as they are" ;;
     esac
     case "$PREFIX" in  # said plainly: no '.', '..' or empty component to resolve elsewhere
+        /) ;;  # refused below, as a system directory
         *//*|*/./*|*/../*|*/.|*/..|*/) refuse "PREFIX '$PREFIX' is not a plain path (no '.', '..' or '//')" ;;
     esac
     p=$(realpath -m -- "$PREFIX")

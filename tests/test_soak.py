@@ -3,7 +3,7 @@
 Three minutes of mixed clients (retrying, slow, flooding, idle) while HUP, TTIN/TTOU, SIGKILLs,
 max_requests recycling and USR2s (every second one to a broken release) go on; see
 benchmarks/README.md.  It runs soak.py as a subprocess (it is a subreaper and stops everything it
-started, also on failure).  Needs a C compiler and the loadgen source (skipped otherwise) and `ss`.
+started, also on failure).  Needs a C compiler (skipped otherwise) and `ss`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SOAK = REPO / "benchmarks" / "soak.py"
-LOADGEN_SRC = REPO.parent / "shared" / "tools" / "loadgen" / "loadgen.c"
+LOADGEN_SRC = REPO / "benchmarks" / "c" / "loadgen.c"  # the repo's own C tools
 
 
 @pytest.mark.slow
