@@ -903,3 +903,48 @@ def test_hand_off_without_a_pid_file(start_daemon):
     d.signal(signal.SIGTERM)
     assert d.wait_exit(10) == 0
     assert not inbox[by_number[1]].exists()
+
+
+def test_a_client_that_pipelines_without_pause_is_handed_over_at_a_reload(start_daemon):
+    """A client that keeps a batch of 4096 questions always ahead of the answers it reads: its
+    worker holds input back and answers a slice per turn, yet each time the held input is used up
+    the connection is at a question boundary as far as the worker knows (the kernel's unread bytes
+    travel with the socket), so a reload hands it over rather than closing it at graceful_timeout."""
+    d = start_daemon(config=conf(workers=1))
+    master = d.proc.pid
+    (old,) = wait_pool(master, 1, generation=1)
+    failures: list[str] = []
+    rounds = [0]
+    stop = threading.Event()
+
+    def flood() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(10)) as sock:
+                sock.sendall(b"?" * 4096)  # one batch always ahead: never at a question boundary
+                while not stop.is_set():
+                    sock.sendall(b"?" * 4096)
+                    want = len(b"No idea.") * 4096
+                    got = 0
+                    while got < want:
+                        chunk = sock.recv(min(65536, want - got))
+                        if not chunk:
+                            raise EOFError(f"closed after {got} of {want} bytes")
+                        got += len(chunk)
+                    rounds[0] += 1
+        except BaseException as e:  # noqa: BLE001 - every kind of failure counts
+            failures.append(repr(e))
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: rounds[0] > 5 or failures, 10, "the flood to run")
+        d.signal(signal.SIGHUP)
+        wait_pool(master, 1, generation=2)
+        wait_for(lambda: gone(old) or failures, GRACE + 5, "the old worker to hand the flood over and exit")
+        before = rounds[0]
+        wait_for(lambda: rounds[0] > before + 5 or failures, 10, "the flood to go on in generation 2")
+    finally:
+        stop.set()
+        thread.join(scaled(10))
+    assert not failures, failures
+    assert "handed 1 connections over" in d.log(), d.log()[-3000:]
