@@ -75,6 +75,8 @@ class HandOff(Receiving):
         self.sent: dict[int, int] = {}  # target pid -> connections it took, for a fair spread
         self.resting: dict[int, float] = {}  # target pid -> when to try it again
         self.last_id = 0
+        self.no_target = ""  # what the last look at the scoreboard found, when it found no target
+        self.why_none = ""  # why the last offer sent nothing (retirement._hand_off logs it)
         self.adopted = 0  # connections our targets adopted
         self.taken = 0  # connections we adopted
 
@@ -91,6 +93,7 @@ class HandOff(Receiving):
         large) stays; the others still go.
         """
         targets = self._targets(now)
+        self.why_none = "" if targets else self.no_target
         sent: list[Held] = []
         for conn in conns:
             if not targets:
@@ -163,14 +166,24 @@ class HandOff(Receiving):
         try:
             current = board.read_header().generation
             found = []
+            seen = {"serving": 0, "resting": 0, "full": 0}
             for _, slot in board.slots():
                 pid = slot.pid
-                if (slot.generation != current or slot.state != SERVING or pid == self.rendezvous.pid
-                        or self.resting.get(pid, 0.0) > now):
+                if slot.generation != current or slot.state != SERVING or pid == self.rendezvous.pid:
+                    continue
+                seen["serving"] += 1
+                if self.resting.get(pid, 0.0) > now:
+                    seen["resting"] += 1
                     continue
                 load = slot.connections + self.sent.get(pid, 0)
                 if load < self.max_connections:
                     found.append((load, pid))
+                else:
+                    seen["full"] += 1
+            # Why a hand-off may find nobody, for the worker's log line (retirement._hand_off).
+            self.no_target = (f"generation {current} of master {board.read_header().master_pid} has "
+                              f"{seen['serving']} other serving workers, {seen['resting']} resting after a "
+                              f"refusal, {seen['full']} full")
         finally:
             if board is not self.own_board:
                 board.close()

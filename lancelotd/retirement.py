@@ -20,6 +20,7 @@ from .sockets import describe
 if TYPE_CHECKING:
     from .worker import Worker
 
+STUCK_LOG_EVERY = 5.0  # seconds between two "wait for a target" lines of a retiring worker
 RECENT = 1.0  # at TERM, a connection active this recently is served this long more (see _stop)
 
 
@@ -104,7 +105,11 @@ class Retirement:
         ready = [c for c in self.conns.values() if c.state == OPEN and not c.writing]  # nothing owed or held
         if not ready:
             return
-        sent = self.handoff.offer(ready, time.monotonic())  # each lent to it as it went (lend)
+        now = time.monotonic()
+        sent = self.handoff.offer(ready, now)  # each lent to it as it went (lend)
+        if not sent and now >= self.stuck_logged + STUCK_LOG_EVERY:
+            self.stuck_logged = now  # the soak's open case: a retiring worker that never finds a target
+            log.info("%d connections wait for a target: %s", len(ready), self.handoff.why_none or "all busy")
         if sent:
             log.info("handed %d connections over (%d left)", len(sent), len(self.conns))
 

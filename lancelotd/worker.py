@@ -93,6 +93,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         self.state = STARTING
         self.deadline = 0.0  # when a drain or stop gives up
         self.stop_wait_ends = 0.0  # at TERM: the end of the wait for questions on their way (retirement.py)
+        self.stuck_logged = 0.0  # retirement._hand_off: when "N connections wait for a target" was logged
         self.pending_signals: list[int] = []
         self.counters = Counters()
         self.answered = 0  # hot-path counters, folded into self.counters per tick
