@@ -200,6 +200,8 @@ class Connections:
             self._want_output(conn)  # the rest next turn
         else:
             self._want_input(conn)
+            if self.state == DRAINING:  # every answer is out: for a client that pipelines without
+                self._hand_off()  # pause this instant may be its only question boundary
 
     def _protocol_error(self: Worker, conn: Conn, out: bytes) -> None:
         if out.endswith(TOO_LONG):
