@@ -136,10 +136,15 @@ class Soak(Chaos):
             return
         old, text = up["old"], self.log_since(up["offset"])
         failed = next((line for line in text.splitlines() if f"[{old}] master: upgrade failed" in line), None)
-        refused = f"[{old}] master: USR2 " in text
+        # "USR2: an upgrade or reload is under way: ignored", "USR2 ignored: ...", "USR2 refused: ..."
+        refused = f"[{old}] master: USR2" in text
         age = time.monotonic() - up["sent"]
         new = self.master()
-        if up["kind"] is not None:
+        if up["kind"] is not None and refused and failed is None:
+            up["outcome"] = "refused (a reload or upgrade under way)"  # the daemon's rule: not a failure
+            up["log"] = ""
+            self.clear_fault()
+        elif up["kind"] is not None:
             if failed is None and age < RESOLVE_TIMEOUT:
                 return
             if failed is not None and not up.get("answered"):
