@@ -117,6 +117,8 @@ class Accepting:
         """Closed at once, and counted by cause (access.py)."""
         refuse(sock)
         log.debug("refused %s: %s", describe(addr), cause)
+        if self.access is not None:
+            self.access.record(addr, 0.0, 0, 0, 0, "refused", cause)
         setattr(self.counters, cause, getattr(self.counters, cause) + 1)
 
     def _pause_accepting(self: Worker, error: OSError, now: float) -> None:

@@ -14,10 +14,9 @@ import termios
 import time
 from typing import TYPE_CHECKING
 
-from .connlog import mark
 from .logs import log
 from .protocol import NOT_ASCII, TOO_LONG, AnswerTable, Session
-from .scoreboard import DRAINING, SERVING
+from .scoreboard import DRAINING, SERVING, STOPPING
 from .sockets import describe
 
 if TYPE_CHECKING:
@@ -61,6 +60,26 @@ class Conn:
         self.peer = peer  # the client's address: the socket's peer, or a PROXY header's source
 
 
+class CountedConn(Conn):
+    """A connection while the access log is on (connlog.py): the loop counts what it answers."""
+
+    __slots__ = ("started", "answers", "bytes_in", "bytes_out", "ended")
+
+    def __init__(self, sock: socket.socket, table: AnswerTable, now: float,
+                 peer: tuple | None = None) -> None:
+        Conn.__init__(self, sock, table, now, peer)
+        self.started = now  # when this worker took it
+        self.answers = self.bytes_in = self.bytes_out = 0  # bytes out: queued (conn.out: not sent yet)
+        self.ended = ""  # the server's own reason to close it, for its line (mark)
+
+
+def mark(conn: Conn, why: str, protocol_error: bool = False) -> None:
+    """Say why the server closes `conn` (idle, drain, error), for its access-log line; a no-op when off."""
+    if type(conn) is CountedConn and not conn.ended:
+        conn.ended = why
+        conn.answers -= protocol_error  # its error line is no answer
+
+
 def bound_send_buffers(listeners: list[socket.socket]) -> None:
     """Accepted sockets inherit the listener's SO_SNDBUF: set it once, not per accept."""
     for sock in listeners:
@@ -89,7 +108,7 @@ class Connections:
                 self.gate.release(client)
             sock.close()
             raise
-        conn = Conn(sock, self.table, now, peer)
+        conn = self.conn_type(sock, self.table, now, peer)
         conn.client = client
         self.recent.append(peer)
         if last is not None:
@@ -142,7 +161,7 @@ class Connections:
             except BlockingIOError:
                 return
             except OSError:
-                self._close(conn)
+                self._broken(conn)
                 return
             if sent:
                 conn.last = now  # it reads its answers: progress
@@ -162,12 +181,15 @@ class Connections:
         """Send answers; what the kernel does not take waits in conn.out.  False: the connection failed
         (closed).  The loop's hot path does the same inline."""
         self.bytes_out += len(out)
+        if self.access is not None:  # the access log's counts (connlog.py)
+            conn.answers += out.count(b".")
+            conn.bytes_out += len(out)
         try:
             sent = conn.sock.send(out)
         except BlockingIOError:
             sent = 0
         except OSError:
-            self._close(conn)
+            self._broken(conn)
             return False
         conn.out = out[sent:]
         return True
@@ -182,12 +204,15 @@ class Connections:
             except BlockingIOError:
                 data = b""
             except OSError:
+                mark(conn, "error")
                 self._forget(conn)
                 return
             if not data:  # everything received is answered
                 self._close_after_flush(conn)
                 return
             self.bytes_in += len(data)
+            if self.access is not None:
+                conn.bytes_in += len(data)
             out, must_close = session.feed(data)
         if out:
             conn.last = now
@@ -239,6 +264,11 @@ class Connections:
                 pass
         self._forget(conn)
 
+    def _broken(self: Worker, conn: Conn) -> None:
+        """A send or recv failed (a reset, most often): close it, and say so in its access-log line."""
+        mark(conn, "error")
+        self._close(conn)
+
     def _may_resume_accepting(self: Worker) -> bool:
         """After a close: accept again, unless retired, stopping, full, paused or yielding (spread.py)."""
         return (not self.accepting and self.state == SERVING and not self._full()
@@ -247,6 +277,9 @@ class Connections:
     def _forget(self: Worker, conn: Conn) -> None:
         del self.conns[conn.fd]
         conn.sock.close()  # also leaves the epoll set
+        if self.access is not None:  # its line: the worker stops with it open, or the client closed it
+            self.access.closed(conn, "stop" if self.state == STOPPING or conn.state == FINISHING
+                               else "client_close")
         if conn.client:
             self.gate.release(conn.client)
         if self._may_resume_accepting():

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .agent import DRAINED, STOPPING
-from .connections import OPEN, Conn
-from .connlog import mark
+from .connections import OPEN, Conn, mark
 from .logs import log
 from .scoreboard import SERVING
 

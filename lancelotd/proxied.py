@@ -211,7 +211,7 @@ class ProxyHeaders:
                           refused)
                 self._linger(waiting, now)
                 return
-        conn = Conn(waiting.sock, self.table, now, peer)
+        conn = self.conn_type(waiting.sock, self.table, now, peer)
         conn.client = client
         self.conns[conn.fd] = conn  # already in the epoll set, for input
         self.recent.append(peer)
@@ -225,6 +225,8 @@ class ProxyHeaders:
     def _first_read(self: Worker, conn: Conn, data: bytes, now: float) -> None:
         """The bytes that came with the header, as the loop would serve a read of them."""
         self.bytes_in += len(data)
+        if self.access is not None:
+            conn.bytes_in += len(data)
         out, must_close = conn.session.feed(data, READ_SLICE)
         if not out:
             return

@@ -10,8 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import rendezvous as wire
-from .connections import EPOLLIN, LINGER_SECONDS, OPEN, Conn
-from .connlog import mark
+from .connections import EPOLLIN, LINGER_SECONDS, OPEN, Conn, mark
 from .limits import CLIENT_GONE
 from .logs import log
 from .scoreboard import DRAINING, SERVING, STOPPING
@@ -68,6 +67,8 @@ class Retirement:
 
     def handed(self: Worker, conn: Conn) -> None:
         """A connection we sent was adopted: it no longer counts against its client here."""
+        if self.access is not None:
+            self.access.closed(conn, "handoff")  # the new worker writes its own line when it ends
         if conn.client:
             self.gate.release(conn.client)
 

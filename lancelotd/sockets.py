@@ -30,15 +30,13 @@ _DROP_SYN = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02),
 _DROP_SYN_CODE = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in _DROP_SYN))
 
 
-def acceptor(listener: socket.socket,
-             make: type = _socket.socket) -> Callable[[], tuple[_socket.socket, Any]]:
+def acceptor(listener: socket.socket) -> Callable[[], tuple[_socket.socket, Any]]:
     """`listener.accept()` for the hot path: a non-blocking connection as a plain `_socket.socket`.
 
     socket.socket's Python layer (enum conversions of family and type on
     every accept, a Python-level close) costs 3-5 us per connection, a tenth
     of a worker's CPU per connect-per-request client.  The C object has every
     method a connection needs (recv, send, close, shutdown, fileno, detach).
-    `make`: that class or a subclass (the access log's CountingSocket, connlog.py).
     """
     take = listener._accept  # (fd, address): accept4() with SOCK_CLOEXEC, no Python socket built
     family = int(listener.family)
@@ -46,7 +44,7 @@ def acceptor(listener: socket.socket,
     def accept() -> tuple[_socket.socket, Any]:
         fd, address = take()
         try:
-            sock = make(family, socket.SOCK_STREAM, 0, fd)
+            sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
         except OSError:  # the descriptor is ours until a socket object owns it
             os.close(fd)
             raise

@@ -87,6 +87,8 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         self.master_pid = spec.master_pid
         self.table = AnswerTable(cfg.answers, cfg.unknown_answer, cfg.max_question_bytes)
         self.conns: dict[int, Conn] = {}
+        self.access: connlog.AccessLog | None = None  # the access log, when on (connlog.install)
+        self.conn_type: type[Conn] = Conn  # CountedConn while the access log is on
         self.epoll = select.epoll()
         self.accepting = False
         self.held = spec.held  # accepting.py: until our master's header says accepts_held = 0
@@ -186,6 +188,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         poll = self.epoll.poll
         exact = self.table.exact.get
         tick = self.tick
+        counting = self.access is not None  # per-connection counts for the access log (connlog.py)
         next_tick = time.monotonic() + tick
         while True:
             events = poll(tick)
@@ -216,7 +219,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                 except BlockingIOError:
                     continue
                 except OSError:
-                    self._close(conn)
+                    self._broken(conn)
                     continue
                 if not data:  # half-close: all it sent is answered (and sent) already
                     self._forget(conn)
@@ -224,6 +227,8 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                 if conn.state == LINGERING:
                     continue  # closing: what it still sends is read and dropped
                 bytes_in += len(data)
+                if counting:
+                    conn.bytes_in += len(data)
                 session = conn.session
                 out = None if session.pending else exact(data)
                 if out is not None:  # one whole known question, as most clients send
@@ -238,12 +243,15 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                         self._want_output(conn)
                 conn.last = now
                 bytes_out += len(out)
+                if counting:
+                    conn.answers += out.count(b".")  # one each, and one an error line (mark)
+                    conn.bytes_out += len(out)
                 try:
                     sent = sock.send(out)
                 except BlockingIOError:
                     sent = 0
                 except OSError:
-                    self._close(conn)
+                    self._broken(conn)
                     continue
                 if sent != len(out):
                     # Back-pressure: stop reading from this client until it reads.
@@ -283,6 +291,8 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
             log.warning("master %d is gone: retiring", self.master_pid)
             self.held = False
             self._drain(now)
+        if self.access is not None:
+            self.access.flush()  # the lines of the last tick
         self._expire(now)
         self._expire_headers(now)  # PROXY headers not complete in time (proxied.py)
         self._shed(now)  # a drained host, max_connection_age (draining.py)
@@ -340,6 +350,10 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
     def _exit_code(self) -> int:
         self.handoff.stop_receiving()
         self._publish(time.monotonic())  # the master folds our last counters into its totals
+        if self.access is not None:
+            for conn in self.conns.values():  # still open as the worker goes: they end with it
+                self.access.closed(conn, "stop")
+            self.access.flush()
         log.info(
             "exiting: %d connections accepted in %d listener wake-ups (%d empty), %d questions answered, "
             "%d connections handed over, %d gone before accept, %d yields to other workers",
