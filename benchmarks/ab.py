@@ -68,25 +68,6 @@ def export(source: str, into: Path) -> Path:
     return into
 
 
-def start_floor(run_dir: Path, servers: list[Server]) -> Server:
-    """floor_server.py with bench.WORKERS workers, ready once it says so; its workers are its children."""
-    port = bench.free_port()
-    cmd = [sys.executable, str(REPO / "benchmarks" / "floor_server.py"), str(port), str(bench.WORKERS)]
-    log = run_dir / "floor.log"
-    server = Server("floor", port, bench.start_process(cmd, log), log, cmd)
-    servers.append(server)
-
-    def ready() -> bool:
-        if "READY" not in bench.tail(log, 5):
-            return False
-        server.pid = server.proc.pid
-        server.extra = psutil.Process(server.pid).children()
-        return len(server.extra) == bench.WORKERS
-
-    bench.wait_until(server, ready, 30)
-    return server
-
-
 def cpu(server: Server) -> tuple[float, float]:
     """User and system CPU seconds of the server's workers (or of ref_epoll itself)."""
     procs = server.extra or [psutil.Process(server.pid)]
@@ -109,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = args.build_dir / f"ab-{i}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if variant == "floor":
-                    running[f"{i}:floor"] = start_floor(run_dir, servers)
+                    running[f"{i}:floor"] = bench.start_forking(
+                        "floor", [sys.executable, str(REPO / "benchmarks" / "floor_server.py")], run_dir,
+                        servers, bench.WORKERS)
                     continue
                 source, _, config = variant.partition(":")
                 where = export(source, Path(tmp) / f"v{i}")

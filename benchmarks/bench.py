@@ -212,6 +212,27 @@ def start_ref(ref_bin: Path, run_dir: Path, timeout: float, servers: list[Server
     return server
 
 
+def start_forking(name: str, cmd: list[str], run_dir: Path, servers: list[Server], workers: int,
+                  timeout: float = 30) -> Server:
+    """A server script that forks `workers` children and then prints READY (floor_server.py,
+    peer_asyncio.py); `cmd` gets the port and the worker count appended."""
+    port = free_port()
+    cmd = [*cmd, str(port), str(workers)]
+    log = run_dir / f"{name}.log"
+    server = Server(name, port, start_process(cmd, log), log, cmd)
+    servers.append(server)
+
+    def ready() -> bool:
+        if "READY" not in tail(log, 5):
+            return False
+        server.pid = server.proc.pid
+        server.extra = psutil.Process(server.pid).children()
+        return len(server.extra) == workers
+
+    wait_until(server, ready, timeout)
+    return server
+
+
 def stop_process(proc: subprocess.Popen | psutil.Process, name: str, grace: float) -> None:
     """SIGTERM, wait up to `grace` seconds, then SIGKILL; always reaped."""
     try:
@@ -272,8 +293,10 @@ def uss(pid: int) -> int:
 
 
 def run_loadgen(loadgen: Path, port: int, load: Load, args: argparse.Namespace, label: str,
-                commands: list[str], procs: list[subprocess.Popen]) -> dict:
-    cmd = [str(loadgen), "-H", HOST, "-p", str(port), "-c", str(load.conns), "-d", str(args.duration),
+                commands: list[str], procs: list[subprocess.Popen], cpu: str = "") -> dict:
+    """One loadgen run and its figures; `cpu`: pin it to those CPUs (taskset -c)."""
+    cmd = ["taskset", "-c", cpu] if cpu else []
+    cmd += [str(loadgen), "-H", HOST, "-p", str(port), "-c", str(load.conns), "-d", str(args.duration),
            "-w", str(args.warmup)]
     if load.cpr:
         cmd.append("-r")

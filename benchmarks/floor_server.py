@@ -6,10 +6,11 @@
 A master binds 127.0.0.1:PORT and forks WORKERS processes; each polls the
 shared listener (EPOLLEXCLUSIVE) and its connections, and answers a read
 that is one whole known question with one dict lookup and one send, as
-lancelotd's hot path does.  Nothing else: no idle timeouts, no limits, no
-fairness, no back-pressure, no lifecycle, no status.  Pipelined questions
-are answered too, so that loadgen sees no errors.  Not a server to run: a
-yardstick for `ab.py floor` (see README.md).  SIGTERM stops it.
+lancelotd's hot path does; other reads by peer_protocol.py (pipelined
+questions, an unfinished one kept for the next read, errors).  Nothing else:
+no idle timeouts, no limits, no fairness, no back-pressure, no lifecycle, no
+status.  Not a server to run: a yardstick for `ab.py floor` and the bare
+epoll peer of `peers.py` (see README.md).  SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -21,17 +22,7 @@ import signal
 import socket
 import sys
 
-ANSWERS = {
-    b"What is your name?": b"My name is Sir Lancelot of Camelot.",
-    b"What is your quest?": b"To seek the Holy Grail.",
-    b"What is your favorite color?": b"Blue.",
-}
-UNKNOWN = b"I don't know that."
-
-
-def answer_each(data: bytes) -> bytes:
-    """Pipelined reads: every complete question (loadgen never splits one)."""
-    return b"".join(ANSWERS.get(q.strip() + b"?", UNKNOWN) for q in data.split(b"?")[:-1])
+from peer_protocol import ANSWERS, answer
 
 
 def serve(listener: socket.socket) -> None:
@@ -40,6 +31,7 @@ def serve(listener: socket.socket) -> None:
     epoll.register(listen_fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
     accept = listener._accept  # a descriptor and a plain _socket.socket, as lancelotd's acceptor does
     socks: dict[int, _socket.socket] = {}
+    rests: dict[int, bytes] = {}  # an unfinished question, by connection
     exact = ANSWERS.get
     poll = epoll.poll
     while True:
@@ -63,15 +55,23 @@ def serve(listener: socket.socket) -> None:
                 data = b""
             if not data:
                 del socks[fd]
+                rests.pop(fd, None)
                 sock.close()
                 continue
-            out = exact(data)
+            out = None if fd in rests else exact(data)
+            close = False
             if out is None:
-                out = answer_each(data)
+                out, rest, close = answer(rests.pop(fd, b"") + data)
+                if rest:
+                    rests[fd] = rest
             try:
-                sock.send(out)
+                if out:
+                    sock.send(out)
             except OSError:
+                close = True
+            if close:
                 del socks[fd]
+                rests.pop(fd, None)
                 sock.close()
 
 
