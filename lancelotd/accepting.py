@@ -75,6 +75,8 @@ class Accepting:
         gate = self.gate
         share = self._share()
         accept = self.acceptors[listener.fileno()]
+        conns = self.conns
+        room = self.cfg.max_connections - len(self.awaiting)  # _full(), without a call per connection
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 sock, addr = accept()
@@ -99,9 +101,9 @@ class Accepting:
                 self._pause_accepting(e, now)
                 break
             accepted += 1
-            if self._full():
+            if len(conns) >= room:
                 break
-            if len(self.conns) > share:
+            if len(conns) > share:
                 self._yield_accepts()
                 break
         self.counters.accepted += accepted

@@ -41,15 +41,22 @@ SEND_BUFFER = 65536
 OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
 
 
-class Conn:
-    __slots__ = ("sock", "fd", "session", "out", "last", "state", "writing", "unsent", "looked", "client",
-                 "peer")
+class Conn(Session):
+    """A connection: the protocol's Session (its unanswered input) with its socket and timers.
+
+    One object per connection, not a Conn holding a Session: a connect-per-request client
+    costs one allocation and one __init__ less.
+    """
+
+    __slots__ = ("sock", "fd", "out", "last", "state", "writing", "unsent", "looked", "client", "peer")
 
     def __init__(self, sock: socket.socket, table: AnswerTable, now: float,
                  peer: tuple | None = None) -> None:
+        self.table = table  # Session's three, set here: no second __init__ call
+        self.pending = b""
+        self.held = False
         self.sock = sock
         self.fd = sock.fileno()
-        self.session = Session(table)
         self.out = b""  # answers the kernel has not taken yet (at most one slice)
         self.last = now  # the last progress: a complete question, answers taken (or accept)
         self.state = OPEN
@@ -170,7 +177,7 @@ class Connections:
                 return
         if conn.state == CLOSE_AFTER_FLUSH:
             self._close(conn)
-        elif conn.session.held or conn.state == FINISHING:
+        elif conn.held or conn.state == FINISHING:
             self._next_slice(conn, now)
         else:
             self._want_input(conn)
@@ -195,7 +202,7 @@ class Connections:
         return True
 
     def _next_slice(self: Worker, conn: Conn, now: float) -> None:
-        session = conn.session
+        session = conn  # its protocol state
         if session.held:
             out, must_close = session.resume()
         else:  # FINISHING: the next piece of what the client sent before the stop
@@ -282,7 +289,7 @@ class Connections:
                                else "client_close")
         if conn.client:
             self.gate.release(conn.client)
-        if self._may_resume_accepting():
+        if not self.accepting and self._may_resume_accepting():  # accepting: the common case, no call
             self._start_accepting()
 
     def _expire(self: Worker, now: float) -> None:

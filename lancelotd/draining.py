@@ -107,7 +107,7 @@ class Draining:
 
 def idle(conn: Conn) -> bool:
     """At a question boundary with every answer sent and nothing unread: closing loses nothing."""
-    if conn.state != OPEN or conn.out or conn.session.pending:
+    if conn.state != OPEN or conn.out or conn.pending:
         return False
     try:
         conn.sock.recv(1, PEEK)

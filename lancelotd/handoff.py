@@ -98,7 +98,7 @@ class HandOff(Receiving):
         for conn in conns:
             if not targets:
                 break
-            pending = conn.session.pending
+            pending = conn.pending
             if len(pending) > wire.MAX_PENDING:
                 continue
             while targets:

@@ -227,11 +227,11 @@ class ProxyHeaders:
         self.bytes_in += len(data)
         if self.access is not None:
             conn.bytes_in += len(data)
-        out, must_close = conn.session.feed(data, READ_SLICE)
+        out, must_close = conn.feed(data, READ_SLICE)
         if not out:
             return
         self.answered += out.count(b".") - must_close
-        if conn.session.held:
+        if conn.held:
             self._want_output(conn)
         conn.last = now
         if not self._send(conn, out):

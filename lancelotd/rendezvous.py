@@ -34,7 +34,6 @@ from typing import Protocol
 
 from . import runtime
 from .config import default_pid_file
-from .protocol import Session
 
 MAX_PENDING = 65536  # an unfinished question travels with its connection (max_question_bytes <= 65536)
 # b"V", the format's version, id, deadline, the connection's last progress (its idle timer:
@@ -158,7 +157,7 @@ class Held(Protocol):
 
     sock: socket.socket
     fd: int
-    session: Session
+    pending: bytes  # its unfinished question (connections.Conn is a protocol Session)
     last: float  # its last progress: the idle timer travels with it
     peer: tuple | None  # the client's address (a PROXY header's source), None: the socket's peer
 

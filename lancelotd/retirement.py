@@ -57,7 +57,7 @@ class Retirement:
             log.warning("cannot watch a connection handed over from %s: %s", describe(peer), e.strerror)
             return False
         if permitted:
-            conn.session.pending = pending
+            conn.pending = pending
         else:
             self.counters.denied_open += 1
             mark(conn, "refused")  # for the access log (connlog.py)

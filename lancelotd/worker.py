@@ -229,7 +229,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                 bytes_in += len(data)
                 if counting:
                     conn.bytes_in += len(data)
-                session = conn.session
+                session = conn  # its protocol state (Conn is a Session)
                 out = None if session.pending else exact(data)
                 if out is not None:  # one whole known question, as most clients send
                     answered += 1

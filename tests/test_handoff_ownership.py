@@ -22,7 +22,6 @@ import pytest
 
 from lancelotd import handoff
 from lancelotd import rendezvous as wire
-from lancelotd.protocol import AnswerTable, Session
 from lancelotd.rendezvous import Channel
 
 TARGET = 4242  # the target worker's PID, as the channel knows it (no process is signalled)
@@ -34,7 +33,7 @@ class Conn:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.session = Session(AnswerTable({"Q?": "A."}, "?", 1024))
+        self.pending = b""  # the unfinished question (Conn is a protocol Session)
         self.last = time.monotonic()
         self.peer = None
         self.client = 0
