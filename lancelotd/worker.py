@@ -291,8 +291,6 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
             log.warning("master %d is gone: retiring", self.master_pid)
             self.held = False
             self._drain(now)
-        if self.access is not None:
-            self.access.flush()  # the lines of the last tick
         self._expire(now)
         self._expire_headers(now)  # PROXY headers not complete in time (proxied.py)
         self._shed(now)  # a drained host, max_connection_age (draining.py)
@@ -308,6 +306,8 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
             self._drain(now)
         self._publish(now)
         self._spread_tick()
+        if self.access is not None:
+            self.access.flush()  # the lines of this tick's closes too (idle, drain, hand-off)
         if self.state != SERVING:
             if self._done(now):
                 return self._exit_code()
