@@ -37,14 +37,8 @@ from bench import REPO, BenchError, Load, Server, median, say
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("variants", nargs="+", help="SOURCE[:CONFIG]; SOURCE a git revision or '.'; or 'floor'")
-    p.add_argument("--loads", default="50,2000,50r",
-                   help="connection counts, comma-separated; 'r': connect-per-request (default 50,2000,50r)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--duration", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    bench.add_load_arguments(p, rounds=5)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--loadgen-src", type=Path, default=bench.DEFAULT_LOADGEN_SRC)
-    p.add_argument("--build-dir", type=Path, default=Path("/tmp/lancelotd-bench"))
     return p.parse_args(argv)
 
 

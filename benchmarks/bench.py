@@ -440,6 +440,17 @@ def say_summary(loads: list[dict], args: argparse.Namespace) -> None:
 # --- main ---------------------------------------------------------------------
 
 
+def add_load_arguments(p: argparse.ArgumentParser, rounds: int) -> None:
+    """The arguments of the side-by-side scripts (ab.py, peers.py): which loads, how long, the C tools."""
+    p.add_argument("--loads", default="50,2000,50r",
+                   help="connection counts, comma-separated; 'r': connect-per-request (default 50,2000,50r)")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--duration", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--loadgen-src", type=Path, default=DEFAULT_LOADGEN_SRC)
+    p.add_argument("--build-dir", type=Path, default=Path("/tmp/lancelotd-bench"))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--loadgen-src", type=Path, default=DEFAULT_LOADGEN_SRC,

@@ -16,13 +16,11 @@ epoll peer of `peers.py` (see README.md).  SIGTERM stops it.
 from __future__ import annotations
 
 import _socket
-import os
 import select
-import signal
 import socket
 import sys
 
-from peer_protocol import ANSWERS, answer
+from peer_protocol import ANSWERS, answer, prefork
 
 
 def serve(listener: socket.socket) -> None:
@@ -76,30 +74,7 @@ def serve(listener: socket.socket) -> None:
 
 
 def main() -> int:
-    port, workers = int(sys.argv[1]), int(sys.argv[2])
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
-    listener.listen(4096)
-    listener.setblocking(False)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    pids = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-            try:
-                serve(listener)
-            finally:
-                os._exit(1)
-        pids.append(pid)
-    print(f"READY floor_server port={port} pid={os.getpid()} workers={workers}", flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    for pid in pids:
-        os.waitpid(pid, 0)
-    return 0
+    return prefork(int(sys.argv[1]), int(sys.argv[2]), serve, "floor_server")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import socket
 import sys
 
-from peer_protocol import ANSWERS, answer
+from peer_protocol import ANSWERS, answer, prefork
 
 
 class Lancelot(asyncio.Protocol):
@@ -59,30 +57,8 @@ def main() -> int:
     args = p.parse_args()
     if args.loop == "uvloop":
         import uvloop  # noqa: F401  (fail here, before forking, if it is not installed)
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", args.port))
-    listener.listen(4096)
-    listener.setblocking(False)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    pids = []
-    for _ in range(args.workers):
-        pid = os.fork()
-        if pid == 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-            try:
-                serve(listener, args.loop)
-            finally:
-                os._exit(1)
-        pids.append(pid)
-    print(f"READY peer_asyncio loop={args.loop} port={args.port} pid={os.getpid()} workers={args.workers}",
-          flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    for pid in pids:
-        os.waitpid(pid, 0)
-    return 0
+    return prefork(args.port, args.workers, lambda listener: serve(listener, args.loop),
+                   f"peer_asyncio loop={args.loop}")
 
 
 if __name__ == "__main__":

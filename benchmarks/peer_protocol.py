@@ -8,6 +8,11 @@ makes) is answered with one dict lookup, as lancelotd's hot path does.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+from collections.abc import Callable
+
 ANSWERS = {
     b"What is your name?": b"My name is Sir Lancelot of Camelot.",
     b"What is your quest?": b"To seek the Holy Grail.",
@@ -36,3 +41,31 @@ def answer(buffer: bytes) -> tuple[bytes, bytes, bool]:
     if len(rest.lstrip(WHITESPACE)) > MAX_QUESTION_BYTES:
         return b"".join(out) + TOO_LONG, b"", True
     return b"".join(out), rest, False
+
+
+def prefork(port: int, workers: int, serve: Callable[[socket.socket], None], name: str) -> int:
+    """Bind 127.0.0.1:PORT, fork `workers` processes that serve(listener), print READY, and on
+    SIGTERM or SIGINT kill and reap them."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4096)
+    listener.setblocking(False)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            try:
+                serve(listener)
+            finally:
+                os._exit(1)
+        pids.append(pid)
+    print(f"READY {name} port={port} pid={os.getpid()} workers={workers}", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return 0

@@ -46,13 +46,7 @@ SERVER_CPU, LOADGEN_CPU = 1, 0
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="pinned,unpinned", help="pinned, unpinned or both (default both)")
-    p.add_argument("--loads", default="50,2000,50r",
-                   help="connection counts, comma-separated; 'r': connect-per-request (default 50,2000,50r)")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--duration", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--loadgen-src", type=Path, default=bench.DEFAULT_LOADGEN_SRC)
-    p.add_argument("--build-dir", type=Path, default=Path("/tmp/lancelotd-bench"))
+    bench.add_load_arguments(p, rounds=7)
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as JSON")
     return p.parse_args(argv)
 
