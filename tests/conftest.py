@@ -18,7 +18,10 @@ LISTENING are re-exported here for the modules that import them from conftest.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -301,3 +304,87 @@ def no_leaked_processes() -> Iterator[None]:
 @pytest.fixture
 def subreaper() -> None:
     """Kept for tests that name it: the whole session is a child subreaper already."""
+
+
+# --- markers, by rule -------------------------------------------------------------------------
+# Applied here, from what a test and its fixtures say, so that no test can forget its marker:
+#   unit      starts no process (checked: a unit test that reaps a child fails, see below)
+#   load      runs a load generator;  slow: minutes (the soak);  scaleout: the HAProxy cluster
+#   systemd   boots a real systemd;   root: needs root (skips otherwise)
+# Tiers (README): `pytest -m unit` (seconds), `pytest -m "not load and not slow and not scaleout"`
+# (real daemons, no storms or clusters), `pytest` (everything: what .ci/run runs).
+
+PROCESS_SIGNS = ("start_daemon", "subprocess", "popen", "lancelotd_cli", "fork", "sdsandbox", "cluster",
+                 "spawn", "loadgen", "pyload", "lancelot_load", "daemon(", "os.system", "unshare", "run_cli")
+LOAD_SIGNS = ("loadgen", "pyload", "lancelot_load")
+MODULE_MARKERS = {"test_soak": "slow", "test_scaleout": "scaleout", "test_systemd": "systemd"}
+CALL = re.compile(r"\b([A-Za-z_]\w*)\(")
+TESTS = Path(__file__).resolve().parent
+HARNESS = {"session_subreaper", "no_leaked_processes", "unit_starts_no_process"}  # every test uses them
+
+
+def _sources(item: pytest.Item) -> str:
+    """The source of the test, of every fixture it uses, and of the tests' own functions they call
+    (three calls deep: a module's helper that starts the daemon is a sign too)."""
+    funcs = [getattr(item, "function", None)]
+    for name in getattr(item, "fixturenames", ()):
+        if name not in HARNESS:
+            funcs += [fixturedef.func for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ())]  # noqa: SLF001
+    texts: list[str] = []
+    seen: set[object] = set()
+    for _depth in range(4):
+        called = []
+        for func in funcs:
+            if func in seen or not callable(func):
+                continue
+            seen.add(func)
+            try:
+                text = inspect.getsource(func)
+            except (OSError, TypeError):
+                continue
+            texts.append(text)
+            scope = getattr(func, "__globals__", {})
+            found = (inspect.unwrap(scope[name]) for name in CALL.findall(text) if callable(scope.get(name)))
+            called += [f for f in found if inspect.isfunction(f) and _ours(f)]  # unwrap: @contextmanager
+        funcs = called
+    return "\n".join(texts).lower()  # the signs are matched in lower case
+
+
+def _ours(func: Callable) -> bool:
+    """A function of the tests' own (tests/), not of lancelotd or a library."""
+    try:
+        return Path(inspect.getsourcefile(func) or "").parent == TESTS
+    except TypeError:
+        return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if getattr(item, "module", None) else ""
+        text = _sources(item)
+        marks = {MODULE_MARKERS[module]} if module in MODULE_MARKERS else set()
+        if any(sign in text for sign in LOAD_SIGNS):
+            marks.add("load")
+        if "sdsandbox" in text:
+            marks.add("systemd")
+        skips = " ".join(str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+        if "geteuid" in text or "root" in skips:
+            marks.add("root")
+        if not marks and not any(sign in text for sign in PROCESS_SIGNS):
+            marks.add("unit")
+        for mark in marks:
+            item.add_marker(getattr(pytest.mark, mark))
+
+
+@pytest.fixture(autouse=True)
+def unit_starts_no_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked unit must not start a process: any child reaped meanwhile shows in RUSAGE_CHILDREN."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    yield
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if (after.ru_minflt, after.ru_utime, after.ru_stime) != (before.ru_minflt, before.ru_utime,
+                                                              before.ru_stime):
+        pytest.fail("marked unit (conftest.py's rule) but started a process: teach PROCESS_SIGNS its sign")
