@@ -164,7 +164,8 @@ class HandOff(Receiving):
         except (OSError, ValueError):
             pass
         try:
-            current = board.read_header().generation
+            header = board.read_header()  # once: a second read could see another master's header
+            current = header.generation
             found = []
             seen = {"serving": 0, "resting": 0, "full": 0}
             for _, slot in board.slots():
@@ -181,7 +182,7 @@ class HandOff(Receiving):
                 else:
                     seen["full"] += 1
             # Why a hand-off may find nobody, for the worker's log line (retirement._hand_off).
-            self.no_target = (f"generation {current} of master {board.read_header().master_pid} has "
+            self.no_target = (f"generation {current} of master {header.master_pid} has "
                               f"{seen['serving']} other serving workers, {seen['resting']} resting after a "
                               f"refusal, {seen['full']} full")
         finally:
