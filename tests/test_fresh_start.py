@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import recv_until, wait_for
+from helpers import scaled
 
 from lancelotd import runtime
 
@@ -171,19 +172,26 @@ def private_tmp(setup: str = "") -> list[str]:
     """The command prefix that runs lancelotd with a /tmp of its own (an empty tmpfs in a private
     mount namespace; the test's home, under the real /tmp, is bound back at its path), after the
     shell commands `setup` ran there.  /tmp/lancelotd-UID is then nobody else's: the real one,
-    perhaps a running lancelotd's, is neither read nor removed.  Skips where that cannot be made."""
-    if not ROOT:
-        pytest.skip("the /tmp fallback is one shared path: these tests need root for a private /tmp")
+    perhaps a running lancelotd's, is neither read nor removed.  Skips where that cannot be made.
+
+    As root, a mount namespace (as_user() then drops to nobody).  As a user, a user namespace
+    where we are root to mount, and in it a second one that maps us back to our own uid, so
+    lancelotd runs as the user it would be."""
     if not shutil.which("unshare"):
-        pytest.skip("no unshare(1) for a private /tmp")
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                            "mount -t tmpfs lancelotd-test /tmp"], capture_output=True, text=True)
+        pytest.skip("no unshare(1) for a private /tmp (the /tmp fallback is one shared path)")
+    namespace = ["unshare", "--mount", "--propagation", "private"]
+    back_to_us = "" if ROOT else f"unshare --user --map-user={USER_UID} "
+    if not ROOT:
+        namespace.insert(1, "--map-root-user")
+    probe = subprocess.run([*namespace, "sh", "-c", f"mount -t tmpfs t /tmp && {back_to_us}true"],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=scaled(30))
     if probe.returncode != 0:
-        pytest.skip(f"cannot mount a private /tmp: {probe.stderr.strip()}")
-    # The home is held at /mnt (in the namespace only) while /tmp is covered, then moved back.
+        pytest.skip(f"cannot mount a private /tmp (the /tmp fallback is one shared path): "
+                    f"{probe.stderr.strip()}")
+    # The home is held at /mnt (in the namespace only) while /tmp is covered, then bound back.
     script = ('mount --bind "$HOME" /mnt && mount -t tmpfs -o mode=1777 lancelotd-test /tmp && '
-              'mkdir -p "$HOME" && mount --move /mnt "$HOME" && ' + setup + 'exec "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+              'mkdir -p "$HOME" && mount --bind /mnt "$HOME" && ' + setup + f'exec {back_to_us}"$@"')
+    return [*namespace, "sh", "-c", script, "sh"]
 
 
 def inside(run: Run, path: Path) -> Path:
