@@ -31,6 +31,7 @@ from conftest import reap_group
 from helpers import (
     NAME_A,
     NAME_Q,
+    SYS_PIDFD_GETFD,
     Backlog,
     ask_on,
     clean_env,
@@ -233,9 +234,6 @@ def test_usr2_is_refused_during_an_upgrade_and_while_the_old_master_drains(start
 
 
 # --- the accepted socket's send buffer -------------------------------------------------------
-
-SYS_PIDFD_GETFD = 438
-
 
 def duplicate(pid: int, fd: int) -> socket.socket:
     """Our copy of descriptor `fd` of process `pid` (pidfd_getfd: the same open socket)."""
