@@ -29,6 +29,7 @@ import os
 import queue
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import read, read_pid, scaled, wait_for
+import psutil
+from helpers import gone, read, read_pid, scaled, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = REPO / "etc" / "haproxy" / "lancelotd.cfg"
@@ -364,6 +366,52 @@ class Cluster:
 
     def load(self, **kwargs: float) -> Load:
         return Load(self, **kwargs)  # type: ignore[arg-type]
+
+    # --- putting it back between tests -------------------------------------------------------
+
+    def restore(self, timeout: float = 30) -> list[str]:
+        """Whatever the last test left (a host stopped, drained, SIGSTOPped, mid-upgrade or
+        mid-stop; HAProxy told to drain or disable a server), put every host back running,
+        undrained, UP and ready in HAProxy.  Returns what had to be put back.  A dead HAProxy is
+        not restarted (a process started inside a test is that test's): it fails, with its log."""
+        done: list[str] = []
+        self.haproxy_alive()
+        for n in HOSTS:
+            done += self.restore_host(n)
+            for command in ("enable agent", "enable health", "set server"):  # undo runtime API changes
+                self.api(f"{command} lancelotd/h{n}" + (" state ready" if command == "set server" else ""))
+        for n in HOSTS:
+            self.wait_server(n, up=True, ready=True, timeout=timeout)
+        return done
+
+    def restore_host(self, n: int) -> list[str]:
+        done = []
+        pid = read_pid(self.pid_file(n))
+        try:
+            if pid and psutil.Process(pid).status() == psutil.STATUS_STOPPED:  # SIGSTOPped: its group
+                os.killpg(os.getpgid(pid), signal.SIGCONT)
+                done.append(f"h{n} continued")
+        except (psutil.Error, ProcessLookupError):
+            pass  # gone: started below
+        oldbin = read_pid(Path(f"{self.pid_file(n)}.oldbin"))
+        if oldbin and not gone(oldbin):  # an upgrade under way: let it end (its own rules decide)
+            wait_for(lambda: gone(oldbin), 60, f"h{n}'s old master {oldbin} to leave")
+            done.append(f"h{n}'s upgrade finished")
+            pid = read_pid(self.pid_file(n))
+        if pid and not gone(pid):
+            report = self.lancelotd(n, "status", "--json")
+            state = json.loads(report.stdout).get("balancer", {}).get("state") if report.stdout else None
+            if state == "stopping":  # a TERM the test sent: let the stop end, then start again
+                wait_for(lambda: gone(pid), 60, f"h{n}'s stopping master {pid} to exit")
+                done.append(f"h{n} was stopping")
+        if not pid or gone(pid):
+            self.start_host(n)
+            done.append(f"h{n} started")
+        if Path(f"{self.pid_file(n)}.drain").exists():
+            result = self.lancelotd(n, "undrain")
+            assert result.returncode == 0, result.stdout + result.stderr
+            done.append(f"h{n} undrained")
+        return done
 
     # --- cleaning up ------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import psutil
+import pytest
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -97,6 +98,44 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+# The system calls a test may wait for a process to sleep in, by their numbers on this machine.
+SLEEP_CALLS = {
+    "x86_64": {"epoll_wait": (232, 281, 441), "nanosleep": (35, 230)},  # epoll_(p)wait(2), clock_
+    "aarch64": {"epoll_wait": (22, 441), "nanosleep": (101, 115)},
+}
+
+
+def sleeping_in(pid: int, call: str) -> bool:
+    """True while process `pid` sleeps in system call `call` ("epoll_wait" or "nanosleep").
+
+    The kernel's wait channel names the function where kernel symbols are shown; where they
+    are hidden, wchan reads "0" and /proc/PID/syscall gives the call's number instead.  A test
+    that can read neither is skipped with the reason (it would otherwise time out).
+    """
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return False  # gone
+    if wchan not in ("", "0"):
+        return call in wchan
+    return syscall_is(pid, call)
+
+
+def syscall_is(pid: int, call: str) -> bool:
+    """sleeping_in's way where wchan hides kernel symbols: the call's number, or a skip."""
+    numbers = SLEEP_CALLS.get(os.uname().machine, {}).get(call)
+    if numbers is None:
+        pytest.skip(f"/proc/PID/wchan hides kernel symbols and {call}'s numbers on "
+                    f"{os.uname().machine} are not known to tests/helpers.py")
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except PermissionError:
+        pytest.skip("/proc/PID/wchan hides kernel symbols and /proc/PID/syscall is not ours to read")
+    except OSError:
+        return False  # gone
+    return bool(fields) and fields[0].isdigit() and int(fields[0]) in numbers
 
 
 def live_children(pid: int) -> list[psutil.Process] | None:

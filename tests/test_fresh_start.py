@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import recv_until, wait_for
+from helpers import scaled
 
 from lancelotd import runtime
 
@@ -167,33 +168,49 @@ def test_bare_command_creates_its_runtime_directory_under_xdg(home: Path, spawn)
     serve_and_stop(run, xdg / "lancelotd" / "lancelotd.pid", 0o700, USER_UID)
 
 
-@contextlib.contextmanager
-def fallback_directory() -> Iterator[Path]:
-    """/tmp/lancelotd-UID of the test user, absent at the start and removed at the end."""
-    base = Path(f"/tmp/lancelotd-{USER_UID}")
-    if os.path.lexists(base):
-        if not ROOT:
-            pytest.skip(f"{base} exists (your own lancelotd's?): not touching it")
-        remove_tree(base)
-    try:
-        yield base
-    finally:
-        remove_tree(base)
+def private_tmp(setup: str = "") -> list[str]:
+    """The command prefix that runs lancelotd with a /tmp of its own (an empty tmpfs in a private
+    mount namespace; the test's home, under the real /tmp, is bound back at its path), after the
+    shell commands `setup` ran there.  /tmp/lancelotd-UID is then nobody else's: the real one,
+    perhaps a running lancelotd's, is neither read nor removed.  Skips where that cannot be made.
+
+    As root, a mount namespace (as_user() then drops to nobody).  As a user, a user namespace
+    where we are root to mount, and in it a second one that maps us back to our own uid, so
+    lancelotd runs as the user it would be."""
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1) for a private /tmp (the /tmp fallback is one shared path)")
+    namespace = ["unshare", "--mount", "--propagation", "private"]
+    back_to_us = "" if ROOT else f"unshare --user --map-user={USER_UID} "
+    if not ROOT:
+        namespace.insert(1, "--map-root-user")
+    probe = subprocess.run([*namespace, "sh", "-c", f"mount -t tmpfs t /tmp && {back_to_us}true"],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=scaled(30))
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a private /tmp (the /tmp fallback is one shared path): "
+                    f"{probe.stderr.strip()}")
+    # The home is held at /mnt (in the namespace only) while /tmp is covered, then bound back.
+    script = ('mount --bind "$HOME" /mnt && mount -t tmpfs -o mode=1777 lancelotd-test /tmp && '
+              'mkdir -p "$HOME" && mount --bind /mnt "$HOME" && ' + setup + f'exec {back_to_us}"$@"')
+    return [*namespace, "sh", "-c", script, "sh"]
 
 
-def remove_tree(path: Path) -> None:
-    if path.is_symlink():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+def inside(run: Run, path: Path) -> Path:
+    """`path` as the process of `run` sees it (its own mount namespace), while it runs."""
+    return Path(f"/proc/{run.proc.pid}/root{path}")
+
+
+FALLBACK = Path(f"/tmp/lancelotd-{USER_UID}")  # in the private /tmp only
 
 
 def test_bare_command_without_xdg_uses_a_private_directory_in_tmp(home: Path, spawn) -> None:
-    with fallback_directory() as base:
-        run = spawn(as_user() + lancelotd(), environment(home, None), home, home / "out.log")
-        serve_and_stop(run, base / "lancelotd" / "lancelotd.pid", 0o700, USER_UID)
-        st = os.lstat(base)
-        assert stat.S_ISDIR(st.st_mode) and st.st_uid == USER_UID and stat.S_IMODE(st.st_mode) == 0o700
+    prefix = private_tmp()
+    run = spawn(prefix + as_user() + lancelotd(), environment(home, None), home, home / "out.log")
+    pid_file = inside(run, FALLBACK / "lancelotd" / "lancelotd.pid")
+    run.wait_pid_file(pid_file)
+    st = os.lstat(inside(run, FALLBACK))
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == USER_UID and stat.S_IMODE(st.st_mode) == 0o700
+    serve_and_stop(run, pid_file, 0o700, USER_UID)
+    assert not FALLBACK.exists() or FALLBACK.stat().st_ino != st.st_ino  # made in the private /tmp
 
 
 def refused(run: Run, *phrases: str) -> None:
@@ -203,14 +220,13 @@ def refused(run: Run, *phrases: str) -> None:
 
 
 def test_the_tmp_fallback_refuses_a_planted_symlink(home: Path, spawn) -> None:
-    with fallback_directory() as base:
-        target = home / "planted"
-        target.mkdir(mode=0o700)
-        chown_to_user(target)
-        base.symlink_to(target)
-        run = spawn(as_user() + lancelotd(), environment(home, None), home, home / "out.log")
-        refused(run, f"{base} is a symbolic link")
-        assert not list(target.iterdir()), "lancelotd wrote through the planted link"
+    target = home / "planted"
+    target.mkdir(mode=0o700)
+    chown_to_user(target)
+    prefix = private_tmp(setup=f"ln -s '{target}' '{FALLBACK}' && ")
+    run = spawn(prefix + as_user() + lancelotd(), environment(home, None), home, home / "out.log")
+    refused(run, f"{FALLBACK} is a symbolic link")
+    assert not list(target.iterdir()), "lancelotd wrote through the planted link"
 
 
 @pytest.mark.parametrize("case", ["group-writable", "world-writable", "symlink", "other-owner"])

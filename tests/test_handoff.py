@@ -17,13 +17,17 @@ tick) - never fixed sleeps, except the pacing of the HUP storm, which is the loa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -33,14 +37,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LISTENING, Daemon, recv_until, wait_for
+from conftest import LISTENING, Daemon, reap_group, recv_until, wait_for
 from helpers import (
     NAME_A,
     NAME_Q,
+    clean_env,
     gone,
     holder_of,
     lancelotd_cli,
     live_children,
+    read,
     read_pid,
     scaled,
     tcp_sockets,
@@ -805,59 +811,128 @@ def test_aborted_reload_hands_the_new_generations_clients_back(start_daemon):
 # (h) the rendezvous: names in our own directory, nobody else's to take
 # =================================================================================
 
-def next_pids(count: int) -> list[int]:
-    """The PIDs the kernel will most likely hand out next."""
-    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
-    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    return [pid for pid in ((last + i) % pid_max for i in range(1, count + 1)) if pid > 300]
+CLONE_NEWNET = 0x40000000
+
+
+def private_namespaces_or_skip() -> None:
+    """The squat test runs in a PID and network namespace of its own: root and unshare(1)."""
+    if os.geteuid() != 0 or not all(map(shutil.which, ("unshare", "nsenter", "ip"))):
+        pytest.skip("needs root, unshare(1), nsenter(1) and ip(8): the names it squats (1000 abstract "
+                    "sockets, named after the next PIDs) must be in namespaces of its own, not the host's")
+    probe = subprocess.run(["unshare", "--pid", "--net", "--fork", "--mount-proc", "ip", "link", "set", "lo",
+                            "up"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           timeout=scaled(30))
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a PID and network namespace here: {probe.stderr.strip()}")
+
+
+@contextmanager
+def in_netns_of(pid: int) -> Iterator[None]:
+    """This thread in the network namespace of process `pid`: the sockets made meanwhile (ours,
+    a sock_diag query) live there.  setns(2) moves the calling thread only, and it comes back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    theirs = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        if libc.setns(theirs, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into the network namespace of {pid}")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back into our own network namespace")
+    finally:
+        os.close(own)
+        os.close(theirs)
+
+
+def ns_pid(pid: int) -> int:
+    """The PID of host process `pid` in its own (innermost) PID namespace."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    raise AssertionError(f"no NSpid line for {pid}")
 
 
 @pytest.mark.parametrize("squat", ["socket", "directory"])
-def test_squatted_rendezvous_names_do_not_stop_workers(start_daemon, squat):
-    """Before a reload, the names the next workers would use are taken: the old abstract
-    names (bound, as another user could) and the file names beside the PID file (a stale
-    socket a dead worker left, or a directory).  The new workers boot all the same; over a
-    stale socket they bind their own and receive the old generation's client."""
-    d = start_daemon(config=conf(workers=1))
-    master = d.proc.pid
-    (old,) = wait_pool(master, 1, generation=1)
-    pids = next_pids(1000)
-    squatters = []
+def test_squatted_rendezvous_names_do_not_stop_workers(tmp_path, squat):
+    """Before a reload, the names the next workers will use are taken: the old abstract names
+    (bound, as another user could) and the file names beside the PID file (a stale socket a dead
+    worker left, or a directory).  The new workers boot all the same; over a stale socket they
+    bind their own and receive the old generation's client.
+
+    The daemon runs in a PID and network namespace of its own, where nothing else forks: the
+    next 1000 PIDs there are certain, not guessed, and the 1000 abstract names squatted there
+    are nobody else's (in the host's namespace they could be a real lancelotd's workers')."""
+    private_namespaces_or_skip()
+    config, pid_file, log = (tmp_path / name for name in ("lancelotd.toml", "lancelotd.pid", "lancelotd.log"))
+    config.write_text(conf(workers=1))
+    cmd = ["unshare", "--pid", "--net", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
+           'ip link set lo up && exec "$@"', "sh", sys.executable, "-m", "lancelotd", "serve",
+           "-b", "127.0.0.1:0", "--pid-file", str(pid_file), "-c", str(config)]
+    with open(log, "ab") as out:
+        outer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                 start_new_session=True, env=clean_env())
+    squatters: list[socket.socket] = []
     try:
+        def the_master() -> int | None:
+            assert outer.poll() is None, f"unshare exited with {outer.returncode}:\n{read(log)}"
+            children = live_children(outer.pid)
+            return children[0].pid if children and LISTENING.search(read(log)) and pid_file.exists() else None
+        master = wait_for(the_master, 15, "the master, PID 1 of its namespace")
+        port = int(LISTENING.search(read(log)).group(2))
+        (old,) = wait_pool(master, 1, generation=1)
+        # Nothing else forks in the namespace: its next PIDs follow its last one, which only a
+        # process in it can read (ns_last_pid is the reader's namespace's).
+        last = int(subprocess.run(["nsenter", "--target", str(master), "--pid", "cat",
+                                   "/proc/sys/kernel/ns_last_pid"], capture_output=True, text=True,
+                                  check=True, timeout=scaled(30)).stdout)
+        pids = list(range(last + 1, last + 1001))
+        with in_netns_of(master):
+            for pid in pids:
+                abstract = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                squatters.append(abstract)
+                abstract.bind(f"\0lancelotd-handoff-{pid}")
+                abstract.listen(1)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as late, \
+                    pytest.raises(OSError, match="in use"):  # the daemon's namespace holds them
+                late.bind(f"\0lancelotd-handoff-{pids[-1]}")
+            sock = socket.create_connection(("127.0.0.1", port), timeout=scaled(5))
         for pid in pids:
-            abstract = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            abstract.bind(f"\0lancelotd-handoff-{pid}")
-            abstract.listen(1)
-            squatters.append(abstract)
-            name = f"{d.pid_file}.handoff-{pid}"
+            name = f"{pid_file}.handoff-{pid}"
             if squat == "directory":
                 os.mkdir(name)
             else:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as stale:
                     stale.bind(name)
-        sock = d.connect()
         with sock, ExactlyOnce(sock) as client:
-            rewrite(d, conf(workers=2))
-            d.signal(signal.SIGHUP)
-            wait_log(d.log_file, r"reload done: generation 2", timeout=10)
+            config.write_text(conf(workers=2))
+            os.kill(master, signal.SIGHUP)
+            wait_log(log, r"reload done: generation 2", timeout=10)
             gen2 = wait_pool(master, 2, generation=2, timeout=5) if squat == "socket" else \
                 {pid: v for pid, v in workers_of(master).items() if v[1] == 2}
             client.wait_more(20)
-            holder = holder_of(sock, [old, *gen2])
+            with in_netns_of(master):
+                holder = holder_of(sock, [old, *gen2])
+        client.check()
+        inner = {ns_pid(pid): pid for pid in gen2}
+        assert len(gen2) == 2 and set(inner) <= set(pids), f"generation 2: {list(inner)}"
+        text = read(log)
+        if squat == "socket":
+            assert holder in gen2, text[-3000:]
+            for pid in inner:
+                assert stat.S_ISSOCK(os.stat(f"{pid_file}.handoff-{pid}").st_mode)
+        else:
+            assert holder == old  # no inbox on either new worker: the old one drains
+            assert len(re.findall(r"no hand-off inbox", text)) == 2, text[-3000:]
+        assert "failing" not in text and "reload failed" not in text, text[-3000:]
     finally:
         for s in squatters:
             s.close()
-    client.check()
-    assert len(gen2) == 2 and set(gen2) <= set(pids), f"generation 2 {list(gen2)} not among the squatted PIDs"
-    log = d.log()
-    if squat == "socket":
-        assert holder in gen2, log[-3000:]
-        for pid in gen2:
-            assert stat.S_ISSOCK(os.stat(f"{d.pid_file}.handoff-{pid}").st_mode)
-    else:
-        assert holder == old  # no inbox on either new worker: the old one drains
-        assert len(re.findall(r"no hand-off inbox", log)) == 2, log[-3000:]
-    assert "failing" not in log and "reload failed" not in log, log[-3000:]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(outer.pid, signal.SIGKILL)
+        outer.wait(scaled(10))
+        reap_group(outer.pid)
 
 
 def test_inboxes_are_private_and_removed(start_daemon):

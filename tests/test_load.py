@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import recv_all, recv_until, wait_for
-from helpers import COLOR_A, COLOR_Q, NAME_A, NAME_Q, scaled, tcp_sockets
+from helpers import COLOR_A, COLOR_Q, NAME_A, NAME_Q, scaled, sleeping_in, tcp_sockets
 
 EXITING = re.compile(
     r"\[(\d+)\] worker (\d+): exiting: (\d+) connections accepted in (\d+) listener wake-ups \((\d+) empty\)"
@@ -105,15 +105,8 @@ def test_fresh_client_answered_fast_among_2000_idle_and_500_slowloris(start_daem
 # --- accepting: wake-ups and sharing ----------------------------------------------------------
 
 def waiting_in_epoll(pids: list[int]) -> bool:
-    """Every one of these processes is asleep in epoll_wait (the kernel's wait channel says so)."""
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/wchan") as f:
-                if "epoll_wait" not in f.read():
-                    return False
-        except OSError:
-            return False
-    return True
+    """Every one of these processes is asleep in epoll_wait (helpers.sleeping_in)."""
+    return all(sleeping_in(pid, "epoll_wait") for pid in pids)
 
 
 def test_idle_server_wakes_about_one_worker_per_connection(start_daemon):

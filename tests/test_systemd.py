@@ -406,6 +406,30 @@ def test_socket_activation(sandbox):
     assert sb.systemctl("is-active", UNIT).stdout.strip() == "active"
 
 
+def test_restart_with_the_socket_unit_refuses_nothing_under_load(sandbox):
+    """README: with lancelotd.socket enabled, `systemctl restart lancelotd` refuses nothing:
+    systemd holds port 1060 while the old master stops and the new one starts, so clients
+    connecting meanwhile wait in its queue and are answered by the new master.  One-question
+    clients (no retry) connect all the way through the restart: not one refused, reset or
+    left unanswered."""
+    sb = sandbox
+    start(sb, SOCKET)
+    start(sb)
+    first = main_pid(sb)
+    with Load(sb, persistent=0, per_request=8) as load:
+        wait_for(lambda: load.mark()[0] > 200, 30, "answers before the restart")
+        ok(sb.systemctl("restart", UNIT, timeout=120))  # returns once the new master is READY
+        second = main_pid(sb)
+        before, _ = load.mark()
+        wait_for(lambda: load.mark()[0] > before + 200, 30, "answers from the new master")
+        summary = load.finish()
+    assert second not in (0, first)
+    assert summary["kinds"].get("refused", 0) == 0, summary
+    assert summary["errors"] == 0, summary
+    assert "listening on 0.0.0.0:1060 (inherited)" in journal(sb, f"_PID={second}")
+    assert sb.systemctl("is-active", SOCKET).stdout.strip() == "active"
+
+
 # HAProxy's `server ... send-proxy-v2`, played by the test: the v2 header, then a question.
 PROXY_CLIENT = """
 import socket, sys

@@ -22,13 +22,12 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
 from conftest import Daemon, recv_until, wait_for
-from helpers import NAME_A, NAME_Q, read, ready_from, tcp_sockets, wait_log
+from helpers import NAME_A, NAME_Q, read, ready_from, sleeping_in, tcp_sockets, wait_log
 
 from lancelotd.connections import Connections
 from lancelotd.limits import nofile_advice
@@ -38,10 +37,7 @@ from lancelotd.sockets import _DROP_SYN, _DROP_SYN_CODE, SO_ATTACH_FILTER
 
 def in_boot_delay(pid: int) -> bool:
     """The worker sleeps in LANCELOTD_TEST_BOOT_DELAY (nothing else in a worker sleeps)."""
-    try:
-        return "nanosleep" in Path(f"/proc/{pid}/wchan").read_text()
-    except OSError:
-        return False
+    return sleeping_in(pid, "nanosleep")
 
 
 # =================================================================================
