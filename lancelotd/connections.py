@@ -32,10 +32,6 @@ RECV_SIZE = 16384  # also the most unparsed input a connection holds back (Sessi
 READ_SLICE = 4096
 TURN_BUDGET = 0.010
 LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
-# The kernel's send buffer of a connection (it doubles the figure for its own
-# bookkeeping).  Left to autotuning it grows to tcp_wmem's maximum (4 MB): a
-# client that never reads would make us answer 4 MB of questions and hold them.
-SEND_BUFFER = 65536
 
 # Connection states.  FINISHING: the worker stops; answer what the client sent, then close.
 OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
@@ -85,15 +81,6 @@ def mark(conn: Conn, why: str, protocol_error: bool = False) -> None:
     if type(conn) is CountedConn and not conn.ended:
         conn.ended = why
         conn.answers -= protocol_error  # its error line is no answer
-
-
-def bound_send_buffers(listeners: list[socket.socket]) -> None:
-    """Accepted sockets inherit the listener's SO_SNDBUF: set it once, not per accept."""
-    for sock in listeners:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        except OSError as e:  # serve on with the kernel's default
-            log.warning("cannot bound the send buffer of %s: %s", sock.getsockname(), e.strerror)
 
 
 class Connections:

@@ -93,10 +93,15 @@ def parse_address(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+MAPPED = "::ffff:"  # an IPv4 client of a dual-stack [::] listener: named and judged by its IPv4 address
+
+
 def format_address(sockaddr: tuple | str | bytes) -> str:
     if isinstance(sockaddr, (str, bytes)):  # AF_UNIX
         return UNIX + os.fsdecode(sockaddr)
     host, port = sockaddr[0], sockaddr[1]
+    if host.startswith(MAPPED) and "." in host:
+        return f"{host[len(MAPPED):]}:{port}"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -109,10 +114,13 @@ def pack_address(sockaddr: tuple | None) -> tuple[int, bytes, int]:
     """A client's address in fixed size, for the scoreboard and the hand-off:
     (4 or 6, 16 bytes, port), or (0, zeros, 0) for none (or not an IP address)."""
     if isinstance(sockaddr, tuple) and len(sockaddr) >= 2 and isinstance(sockaddr[0], str):
+        host = sockaddr[0]
+        if host.startswith(MAPPED) and "." in host:
+            host = host[len(MAPPED):]
         try:
-            if ":" in sockaddr[0]:
-                return 6, socket.inet_pton(socket.AF_INET6, sockaddr[0].partition("%")[0]), sockaddr[1]
-            return 4, socket.inet_pton(socket.AF_INET, sockaddr[0]).ljust(16, b"\0"), sockaddr[1]
+            if ":" in host:
+                return 6, socket.inet_pton(socket.AF_INET6, host.partition("%")[0]), sockaddr[1]
+            return 4, socket.inet_pton(socket.AF_INET, host).ljust(16, b"\0"), sockaddr[1]
         except OSError:
             pass
     return 0, bytes(16), 0
@@ -213,6 +221,23 @@ def bind(address: str, backlog: int, unix: UnixOptions | None = None) -> socket.
     return sock
 
 
+# The kernel's send buffer of a connection (it doubles the figure for its own
+# bookkeeping).  Left to autotuning it grows to tcp_wmem's maximum (4 MB): a
+# client that never reads would make us answer 4 MB of questions and hold them.
+SEND_BUFFER = 65536
+
+
+def bound_send_buffers(listeners: list[socket.socket]) -> None:
+    """Accepted sockets inherit the listener's SO_SNDBUF when their handshake completes: set it
+    on the listener as soon as the master has it (before any worker serves), not per accept."""
+    for sock in listeners:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError as e:  # serve on with the kernel's default
+            log.warning("cannot bound the send buffer of %s: %s", format_address(sock.getsockname()),
+                        e.strerror)
+
+
 def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
     """Sockets for cfg.addresses (bind, [[listener]]): existing ones reused (queues survive), the rest bound.
 
@@ -247,6 +272,7 @@ def open_listeners(cfg: Config, existing: dict[str, socket.socket]) -> dict[str,
     for key in unnamed:
         log.warning("%s", activation.unnamed_warning(key))
         listeners[key] = existing[key]
+    bound_send_buffers(list(listeners.values()))  # inherited and activated ones too
     return listeners
 
 

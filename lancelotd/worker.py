@@ -35,7 +35,7 @@ from .accepting import Accepting
 from .access import make_gate
 from .clients import ClientTable
 from .config import Config
-from .connections import EPOLLIN, LINGERING, READ_SLICE, RECV_SIZE, Conn, Connections, bound_send_buffers
+from .connections import EPOLLIN, LINGERING, READ_SLICE, RECV_SIZE, Conn, Connections
 from .draining import Draining
 from .limits import AcceptPause
 from .logs import log, set_role
@@ -149,7 +149,6 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         setproctitle(f"lancelotd: worker {self.number} [gen {self.generation}]")
         self._install_signals()
         self.handoff.start()
-        bound_send_buffers(list(self.listeners.values()))
         self._start_accepting()
         self._set_state(SERVING, time.monotonic())
         log.debug("serving (gen %d)", self.generation)

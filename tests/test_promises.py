@@ -304,11 +304,6 @@ def test_accepted_sockets_send_buffer_is_64_kib(start_daemon):
             assert theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * SEND_BUFFER
 
 
-@pytest.mark.xfail(strict=True, raises=BrokenPromise, reason=(
-    "README 'Kernel memory': each accepted socket's send buffer is 64 KiB, but only the worker "
-    "bounds the listener (connections.bound_send_buffers, from Worker.run), and a connection "
-    "inherits the listener's value when its handshake completes: one queued before the first "
-    "worker serves keeps the kernel's autotuning buffer.  The master could bound it at bind."))
 def test_a_connection_queued_before_the_first_worker_serves_gets_the_64_kib_send_buffer(start_daemon):
     """The first worker boots slowly; a client connects meanwhile (the PID file says the master
     listens) and is accepted once the worker serves.  Only the promise itself may fail as
@@ -425,10 +420,6 @@ def test_an_ipv4_mapped_client_is_judged_and_counted_as_its_ipv4_address(dual_st
         assert ask_on(first, NAME_Q) == NAME_A
 
 
-@pytest.mark.xfail(strict=True, raises=BrokenPromise, reason=(
-    "README/issue 23: an IPv4-mapped client is its IPv4 address end to end, but status's "
-    "recent_clients (and the access log) show it as [::ffff:127.0.0.3]:PORT; only the access "
-    "rules and the per-client count unmap it (access.client_of)"))
 def test_an_ipv4_mapped_client_is_named_by_its_ipv4_address_in_status_and_the_access_log(dual_stack):
     port, pid_file, access_log = dual_stack
     with connect(port, "127.0.0.3") as sock:
