@@ -13,6 +13,7 @@ test, not the patience of the test.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import select
@@ -20,7 +21,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -79,6 +82,39 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.01)
+
+
+# --- threads ---------------------------------------------------------------------
+
+class CheckedThread(threading.Thread):
+    """A test's helper thread (a daemon) whose failure the test sees: whatever ends `target` with an
+    exception is kept in `error`, and `finish()` joins the thread and raises it in the main thread.
+
+    Without it an exception only ends the thread; pytest turns that into an error of whichever
+    test is running when it notices (pyproject.toml), but a thread's loop that should go on
+    must record its failures itself (Asker, handoff Client) and the test must assert on them.
+    """
+
+    def __init__(self, target: Callable[..., object], *args: object, name: str | None = None) -> None:
+        super().__init__(target=target, args=args, name=name, daemon=True)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as e:  # noqa: BLE001 - every kind of failure counts, raised by check()
+            self.error = e
+
+    def check(self) -> None:
+        """Raise here what ended the thread, if anything did."""
+        if self.error is not None:
+            raise AssertionError(f"{self.name} failed: {self.error!r}") from self.error
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Join the thread (it must end within scaled(`timeout`)), then check()."""
+        self.join(scaled(timeout))
+        assert not self.is_alive(), f"{self.name} still running after {scaled(timeout):g}s"
+        self.check()
 
 
 # --- processes -------------------------------------------------------------------
@@ -409,3 +445,77 @@ class Backlog:
                     pass
         assert got == NAME_A * questions
         sock.settimeout(5)
+
+
+def outcome(sock: socket.socket) -> str:
+    """What became of the question sent on `sock`: "answered", or what went wrong instead."""
+    try:
+        answer = recv_until(sock, b".")
+    except ConnectionResetError:
+        return "reset"
+    except EOFError:
+        return "EOF without answer"
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, repr(e))
+    except Exception as e:  # noqa: BLE001 - whatever it is, the test counts it
+        return repr(e)
+    return "answered" if answer == NAME_A else f"wrong answer {answer!r}"
+
+
+class Asker(CheckedThread):
+    """Clients asking NAME_Q in a loop, each question on a new connection, in a thread; every
+    outcome counted by kind ("answered", "refused", or outcome()'s name of what went wrong).
+
+    `burst` connections are opened before any answer is read, so that connections queue on the
+    listener now and then, as a busy server has them.  As a context manager it waits for the
+    first outcome, and at the end stops and joins the thread (raising what ended it, if anything).
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", burst: int = 1, pause: float = 0.005,
+                 timeout: float = 5.0) -> None:
+        super().__init__(self._loop, name=f"asker of {host}:{port}")
+        self.port, self.host, self.burst, self.pause, self.timeout = port, host, burst, pause, timeout
+        self.outcomes: Counter[str] = Counter()
+        self.stop = threading.Event()
+
+    @property
+    def ok(self) -> int:
+        return self.outcomes["answered"]
+
+    def bad(self, *also_fine: str) -> Counter[str]:
+        """The outcomes other than "answered" and `also_fine`."""
+        return Counter({k: n for k, n in self.outcomes.items() if k != "answered" and k not in also_fine})
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            socks = []
+            for _ in range(self.burst):
+                try:
+                    sock = socket.create_connection((self.host, self.port), timeout=scaled(self.timeout))
+                except ConnectionRefusedError:
+                    self.outcomes["refused"] += 1
+                    continue
+                except OSError as e:
+                    self.outcomes[errno.errorcode.get(e.errno or 0, repr(e))] += 1
+                    continue
+                socks.append(sock)
+                try:
+                    sock.sendall(NAME_Q)
+                except OSError:
+                    pass  # the reading tells what became of it
+            for sock in socks:
+                with sock:
+                    self.outcomes[outcome(sock)] += 1
+            self.stop.wait(self.pause)
+
+    def __enter__(self) -> Asker:
+        self.start()
+        wait_for(lambda: self.outcomes or self.error, 5, "the first outcome of the asker")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if exc[0] is None:
+            self.finish()
+        else:  # the test failed already: that is the news
+            self.join(scaled(10))

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from helpers import (
     NAME_A,
     NAME_Q,
     Backlog,
+    CheckedThread,
     ask_on,
     clean_env,
     lancelotd_cli,
@@ -397,7 +397,7 @@ class Hangup:
         self.port = self.listener.getsockname()[1]
         self.answer_from = answer_from
         self.connections = 0
-        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread = CheckedThread(self.serve, name="hangup server")
         self.thread.start()
 
     def serve(self) -> None:
@@ -417,7 +417,7 @@ class Hangup:
 
     def close(self) -> None:
         self.listener.close()
-        self.thread.join(scaled(10))
+        self.thread.finish()
 
 
 def lancelot(port: int, *questions: str) -> subprocess.CompletedProcess[str]:

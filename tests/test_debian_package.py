@@ -36,6 +36,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 import pytest
+from helpers import CheckedThread
 from sdsandbox import Sandbox, booted, unavailable
 from test_systemd import Load
 
@@ -259,14 +260,14 @@ def test_package_upgrade_hands_over_like_usr2(sandbox: Sandbox) -> None:
         before = load.mark()
         states: list[str] = []
         done = threading.Event()
-        watcher = threading.Thread(target=watch_state, args=(sb, states, done), daemon=True)
+        watcher = CheckedThread(watch_state, sb, states, done, name="unit state watcher")
         watcher.start()
         started = time.monotonic()
         try:
             out = apt_get(sb, "install", "./lancelotd_*.deb", cwd="/root/debs/newer")
         finally:
             done.set()
-            watcher.join(30)
+            watcher.finish(30)
         took = time.monotonic() - started
         after = load.mark()
         time.sleep(1)  # a second more of questions to the new master's workers

@@ -12,10 +12,11 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 
 import psutil
-from helpers import lancelotd_cli, scaled, tcp_sockets, wait_for, wait_pool, workers_of
+from helpers import CheckedThread, lancelotd_cli, scaled, tcp_sockets, wait_for, wait_pool, workers_of
 from test_status import metrics_url, scrape
 
 MAX_SCRAPERS = 8  # lancelotd.metrics.MAX_SCRAPERS
@@ -106,10 +107,9 @@ class Crowd:
     """50 idle connections and 10 slow scrapers (a byte every 0.2 s) on a port, re-opened when dropped."""
 
     def __init__(self, port: int, idle: int = 50, slow: int = 10) -> None:
-        import threading
         self.port, self.idle, self.slow = port, idle, slow
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread = CheckedThread(self.run, name="crowd")
         self.opened = 0
 
     def __enter__(self) -> Crowd:
@@ -118,7 +118,10 @@ class Crowd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        self.thread.join(10)
+        if exc[0] is None:
+            self.thread.finish()
+        else:  # the test failed already: that is the news
+            self.thread.join(scaled(10))
 
     def run(self) -> None:
         import select
