@@ -416,6 +416,7 @@ class Hangup:
             return
 
     def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way (close() would not)
         self.listener.close()
         self.thread.finish()
 
