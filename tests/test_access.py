@@ -9,42 +9,27 @@ sent nothing before we closed), not a reset, and be counted by cause in `status 
 
 from __future__ import annotations
 
-import json
 import socket
-from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import Daemon
-from helpers import NAME_A, NAME_Q, ask_on, holder_of, lancelotd_cli, scaled, wait_for, wait_pool
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    ask_on,
+    closed_by_server,
+    connect,
+    holder_of,
+    lancelotd_cli,
+    wait_for,
+    wait_pool,
+    wait_refused,
+)
 
 from lancelotd.access import Rules, client_of
 
 
 def config(workers: int = 1, access: str = "", protocol: str = "") -> str:
     return f"[server]\nworkers = {workers}\n[protocol]\n{protocol}\n[access]\n{access}\n"
-
-
-def status_json(pid_file: Path) -> dict[str, Any]:
-    result = lancelotd_cli("status", "--json", "--pid-file", str(pid_file))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def wait_refused(d: Daemon, **expected: int) -> None:
-    def counted() -> bool:
-        refused = status_json(d.pid_file)["totals"]["refused"]
-        return all(refused[cause] == n for cause, n in expected.items())
-    wait_for(counted, 10, f"status to count refusals {expected}")
-
-
-def connect(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(scaled(5))
-    sock.bind((source, 0))
-    sock.connect((host, port))
-    return sock
 
 
 def admitted(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> bool:
@@ -62,12 +47,6 @@ def served(sock: socket.socket) -> bool:
     data = sock.recv(4096)  # ConnectionResetError here: refused with a reset, which we never do
     assert data in (b"", NAME_A), data
     return data == NAME_A
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    """The server closed `sock` with a FIN, having sent nothing more."""
-    sock.settimeout(scaled(10))
-    return sock.recv(4096) == b""
 
 
 # --- the rules, without a daemon -------------------------------------------------------------

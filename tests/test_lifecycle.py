@@ -33,13 +33,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LISTENING, Daemon, recv_all, wait_for
 from helpers import (
+    LISTENING,
     NAME_A,
     NAME_Q,
     TOO_LONG,
     Asker,
     Backlog,
+    Daemon,
     ask,
     ask_on,
     clean_env,
@@ -49,9 +50,11 @@ from helpers import (
     read,
     read_pid,
     ready_from,
+    recv_all,
     scaled,
     title,
     wait_child_exit,
+    wait_for,
     wait_log,
     wait_pool,
     workers_of,

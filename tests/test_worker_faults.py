@@ -25,8 +25,19 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from conftest import Daemon, recv_until, wait_for
-from helpers import NAME_A, NAME_Q, Asker, outcome, read, ready_from, tcp_sockets, wait_log
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    Asker,
+    Daemon,
+    held,
+    outcome,
+    read,
+    ready_from,
+    recv_until,
+    wait_for,
+    wait_log,
+)
 
 from lancelotd.connections import Connections
 from lancelotd.limits import nofile_advice
@@ -145,15 +156,6 @@ def test_descriptor_exhaustion_pauses_accepting_and_logs_once_per_episode(start_
 # B. Graceful stop: connections queued at TERM are served or refused, never reset
 # =================================================================================
 
-def connections(pid: int, port: int, status: str) -> int:
-    """How many TCP sockets on our `port` in `status` process `pid` holds."""
-    try:
-        conns = tcp_sockets(pid)
-    except psutil.NoSuchProcess:
-        return 0
-    return sum(c.status == status and c.laddr.port == port for c in conns)
-
-
 def test_a_connection_epoll_cannot_watch_is_closed_and_uncounted():
     """Connections._adopt when epoll_ctl fails: out of kernel memory (ENOMEM) or at
     fs.epoll.max_user_watches (ENOSPC), neither of which a test may cause on a shared machine;
@@ -209,9 +211,9 @@ def test_a_question_on_its_way_at_term_is_answered(start_daemon):
     d = start_daemon(workers=1)
     worker = d.workers()[0]
     with d.connect() as sock:
-        wait_for(lambda: connections(worker.pid, d.port, psutil.CONN_ESTABLISHED), 5, "the accept")
+        wait_for(lambda: held(worker.pid, d.port, psutil.CONN_ESTABLISHED), 5, "the accept")
         d.signal(signal.SIGTERM)
-        wait_for(lambda: not connections(worker.pid, d.port, psutil.CONN_LISTEN), 5, "the worker stopping")
+        wait_for(lambda: not held(worker.pid, d.port, psutil.CONN_LISTEN), 5, "the worker stopping")
         sock.sendall(NAME_Q)
         assert recv_until(sock, b".") == NAME_A
         assert sock.recv(100) == b""  # then closed, gracefully
