@@ -67,7 +67,7 @@ class Client:
     def __init__(self, sock: socket.socket, expected: list[bytes], question: bytes = HANDOFF_Q,
                  pause: float = 0.003, name: str = "client") -> None:
         self.sock, self.expected, self.question, self.pause, self.name = sock, expected, question, pause, name
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
         self.answers: list[tuple[float, bytes]] = []  # (monotonic time received, answer)
         self.errors: list[str] = []
         self.stopping = threading.Event()
@@ -100,7 +100,7 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
-        self.thread.join(10)
+        self.thread.join(scaled(10))
 
     @property
     def last(self) -> bytes | None:

@@ -104,7 +104,7 @@ class Backlog:
                 except BlockingIOError:
                     pass
         assert got == NAME_A * questions
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
 
 
 class CheckedThread(threading.Thread):
