@@ -22,6 +22,7 @@ NOT_ASCII = b"Error: questions must be ASCII."
 
 
 def recv_until(sock: socket.socket, suffix: bytes, limit: int = 1 << 20) -> bytes:
+    """Everything up to `suffix`; EOFError when the server closes first."""
     data = b""
     while not data.endswith(suffix):
         chunk = sock.recv(4096)
@@ -213,6 +214,7 @@ class Asker(CheckedThread):
 
 
 def connect(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
+    """A connection to `host`:`port` from the local address `source` (the client the access rules see)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(scaled(5))
