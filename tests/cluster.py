@@ -22,27 +22,22 @@ processes a test leaked.  `python cluster.py keeper` runs it.
 from __future__ import annotations
 
 import csv
-import ctypes
 import io
 import json
 import os
-import queue
 import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
-from helpers import gone, read, read_pid, scaled, wait_for
+from helpers import LOAD_CLIENT, REPO, LoadClient, become_subreaper, gone, read, read_pid, scaled, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = REPO / "etc" / "haproxy" / "lancelotd.cfg"
-LOAD_CLIENT = Path(__file__).resolve().with_name("lancelot_load.py")
 
 LB, CLIENT = "198.18.0.1", "198.18.0.2"
 HOSTS = {n: f"198.18.0.1{n}" for n in (1, 2, 3)}
@@ -73,16 +68,11 @@ def cannot_build() -> str | None:
 
 # --- the keeper: runs commands and reaps every orphan they leave --------------------------
 
-PR_SET_CHILD_SUBREAPER = 36
-
-
 def keeper_main() -> int:
     """One JSON command a line on stdin ({"argv": [...], "timeout": s}), one JSON result a line
     ({"rc": N, "out": "..."}); meanwhile every child that exits is reaped.  At EOF it reaps
     what is left (the fixture has killed it) for up to 10 s and exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    become_subreaper()
     exited: dict[int, int] = {}
 
     def reap() -> bool:
@@ -153,62 +143,16 @@ class Keeper:
 
 # --- the load client in the client namespace ----------------------------------------------
 
-class Load:
-    """lancelot_load.py in the client namespace, with one retry, driven line by line."""
+class Load(LoadClient):
+    """lancelot_load.py in the client namespace, with one retry."""
 
     def __init__(self, cluster: Cluster, persistent: int = 30, per_request: int = 6, think: float = 0.0
                  ) -> None:
-        self.proc = subprocess.Popen(
+        super().__init__(subprocess.Popen(
             cluster.netns("cl", sys.executable, str(LOAD_CLIENT), "--host", LB, "--port", str(PORT),
                           "--persistent", str(persistent), "--per-request", str(per_request),
                           "--retry", "--think", str(think)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put("")
-
-    def line(self, timeout: float = 30.0) -> str:
-        try:
-            return self.lines.get(timeout=scaled(timeout))
-        except queue.Empty:
-            raise AssertionError(f"no output from the load client within {timeout}s") from None
-
-    def answers(self) -> int:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("mark\n")
-        self.proc.stdin.flush()
-        line = self.line()
-        assert line.startswith("mark "), line
-        return int(line.split()[1])
-
-    def finish(self) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        summary = self.line()
-        assert self.proc.wait(scaled(30)) == 0, self.proc.stderr.read() if self.proc.stderr else ""
-        return json.loads(summary)
-
-    def __enter__(self) -> Load:
-        try:
-            first = self.line()
-            assert first == "running", f"load client: {first!r}"
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(scaled(30))
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
 # --- the cluster ---------------------------------------------------------------------------

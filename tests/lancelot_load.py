@@ -180,7 +180,13 @@ class Client:
         while not stop.is_set():
             question, expected = QA[i % len(QA)]
             i += 1
-            if not self.one(question, expected):
+            try:
+                answered = self.one(question, expected)
+            except Exception as e:  # noqa: BLE001 - counted, never a silent end of this client
+                self.close()
+                self.stats.failed(type(e).__name__, repr(e))
+                answered = False
+            if not answered:
                 time.sleep(0.01)  # no busy loop against a port nobody serves
             elif self.args.think:
                 stop.wait(self.args.think)

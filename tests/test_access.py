@@ -9,65 +9,29 @@ sent nothing before we closed), not a reset, and be counted by cause in `status 
 
 from __future__ import annotations
 
-import json
 import socket
-from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import Daemon
-from helpers import NAME_A, NAME_Q, ask_on, holder_of, lancelotd_cli, scaled, wait_for, wait_pool
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    admitted,
+    ask_on,
+    closed_by_server,
+    connect,
+    holder_of,
+    lancelotd_cli,
+    served,
+    wait_for,
+    wait_pool,
+    wait_refused,
+)
 
 from lancelotd.access import Rules, client_of
 
 
 def config(workers: int = 1, access: str = "", protocol: str = "") -> str:
     return f"[server]\nworkers = {workers}\n[protocol]\n{protocol}\n[access]\n{access}\n"
-
-
-def status_json(pid_file: Path) -> dict[str, Any]:
-    result = lancelotd_cli("status", "--json", "--pid-file", str(pid_file))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def wait_refused(d: Daemon, **expected: int) -> None:
-    def counted() -> bool:
-        refused = status_json(d.pid_file)["totals"]["refused"]
-        return all(refused[cause] == n for cause, n in expected.items())
-    wait_for(counted, 10, f"status to count refusals {expected}")
-
-
-def connect(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(scaled(5))
-    sock.bind((source, 0))
-    sock.connect((host, port))
-    return sock
-
-
-def admitted(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> bool:
-    """Ask one question from `source`: True if answered, False if closed at once (with a FIN)."""
-    with connect(port, source, host) as sock:
-        return served(sock)
-
-
-def served(sock: socket.socket) -> bool:
-    """One question on `sock`: True if answered; False on EOF (a reset fails the test)."""
-    try:
-        sock.sendall(NAME_Q)
-    except BrokenPipeError:
-        return False
-    data = sock.recv(4096)  # ConnectionResetError here: refused with a reset, which we never do
-    assert data in (b"", NAME_A), data
-    return data == NAME_A
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    """The server closed `sock` with a FIN, having sent nothing more."""
-    sock.settimeout(scaled(10))
-    return sock.recv(4096) == b""
 
 
 # --- the rules, without a daemon -------------------------------------------------------------
@@ -110,14 +74,14 @@ def test_deny_an_ipv4_address(start_daemon):
     d = start_daemon(config=config(access='deny = ["127.0.0.3"]'), workers=1)
     assert not admitted(d.port, "127.0.0.3")
     assert admitted(d.port, "127.0.0.2") and admitted(d.port, "127.0.0.1")
-    wait_refused(d, denied=1, per_client_limit=0)
+    wait_refused(d.pid_file, denied=1, per_client_limit=0)
 
 
 def test_allow_a_cidr_block(start_daemon):
     d = start_daemon(config=config(access='allow = ["127.0.0.2/31"]'), workers=1)
     assert admitted(d.port, "127.0.0.2") and admitted(d.port, "127.0.0.3")
     assert not admitted(d.port, "127.0.0.1") and not admitted(d.port, "127.0.0.4")
-    wait_refused(d, denied=2)
+    wait_refused(d.pid_file, denied=2)
 
 
 def test_deny_wins_over_allow(start_daemon):
@@ -127,7 +91,7 @@ def test_deny_wins_over_allow(start_daemon):
                                           'deny = ["127.0.0.2/31"]'), workers=1)
     assert not admitted(d.port, "127.0.0.3") and not admitted(d.port, "127.0.0.2")
     assert admitted(d.port, "127.0.0.4")
-    wait_refused(d, denied=2)
+    wait_refused(d.pid_file, denied=2)
 
 
 def ipv6_loopback() -> bool:
@@ -143,7 +107,7 @@ def ipv6_loopback() -> bool:
 def test_ipv6_rules(start_daemon):
     deny = start_daemon("-b", "[::1]:0", config=config(access='deny = ["::1"]'), workers=1)
     assert not admitted(deny.port, "::1", "::1")
-    wait_refused(deny, denied=1)
+    wait_refused(deny.pid_file, denied=1)
     allow = start_daemon("-b", "[::1]:0", config=config(access='allow = ["::1/128"]\ndeny = ["127.0.0.1"]'),
                          workers=1)
     assert admitted(allow.port, "::1", "::1")
@@ -165,7 +129,7 @@ def test_reload_applies_new_rules_to_open_connections(start_daemon):
         assert served(still_allowed)
         assert ask_on(still_allowed, NAME_Q) == NAME_A
     assert not admitted(d.port, "127.0.0.2") and admitted(d.port, "127.0.0.3")
-    wait_refused(d, denied=1, denied_open=1)
+    wait_refused(d.pid_file, denied=1, denied_open=1)
 
 
 # --- max_connections_per_client, server-wide ------------------------------------------------
@@ -185,7 +149,7 @@ def test_per_client_limit_holds_across_workers(start_daemon):
         other = connect(d.port, "127.0.0.3")  # the worker with room takes another address
         with other:
             assert served(other)
-            wait_refused(d, per_client_limit=1, denied=0)
+            wait_refused(d.pid_file, per_client_limit=1, denied=0)
         mine.pop().close()  # one of ours leaves: its count goes with it
         wait_for(lambda: admitted(d.port, "127.0.0.2"), 10, "a connection from 127.0.0.2 admitted again")
     finally:

@@ -16,15 +16,12 @@ import sys
 import tomllib
 from pathlib import Path
 
-from conftest import wait_for
-from helpers import NAME_A, NAME_Q, ask, ask_on, recv_all, wait_log
-from test_notify import WRAPPER, spawn  # noqa: F401 (a fixture)
+from helpers import NAME_A, NAME_Q, REPO, WRAPPER, ask, ask_on, recv_all, wait_for, wait_log
 
 from lancelotd import activation
 from lancelotd.activation import ACTIVATED
 from lancelotd.proxyproto import PROXY, build
 
-REPO = Path(__file__).resolve().parents[1]
 UNNAMED = r"socket-activated 127\.0\.0\.1:{port} is not in the configuration: served with the defaults"
 
 
@@ -59,7 +56,7 @@ def test_report_names_both_sides():
 
 # --- the daemon -----------------------------------------------------------------------------
 
-def test_activated_socket_takes_its_listeners_proxy_settings(spawn, tmp_path):  # noqa: F811
+def test_activated_socket_takes_its_listeners_proxy_settings(spawn, tmp_path):
     listener, port = activated_socket()
     config = tmp_path / "proxy.toml"
     config.write_text(proxy_config(port))
@@ -82,7 +79,7 @@ def test_activated_socket_takes_its_listeners_proxy_settings(spawn, tmp_path):  
     assert "not in the configuration" not in d.log()
 
 
-def test_unnamed_activated_socket_is_served_with_a_warning_and_the_config_is_bound(spawn):  # noqa: F811
+def test_unnamed_activated_socket_is_served_with_a_warning_and_the_config_is_bound(spawn):
     listener, port = activated_socket()
     try:
         d = spawn("-w", "1", "-b", "127.0.0.1:0", listen=listener, own_pid=("LISTEN_PID",),
@@ -101,7 +98,7 @@ def test_unnamed_activated_socket_is_served_with_a_warning_and_the_config_is_bou
     assert ask(port) == NAME_A and ask(own) == NAME_A
 
 
-def test_address_held_by_a_dual_stack_activated_socket_names_the_mismatch(spawn):  # noqa: F811
+def test_address_held_by_a_dual_stack_activated_socket_names_the_mismatch(spawn):
     listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True, backlog=8)
     port = listener.getsockname()[1]
     try:
@@ -150,7 +147,7 @@ def test_shipped_socket_unit_and_config_agree():
     assert set(matched) == set(addresses) and not unnamed, (streams, addresses)
 
 
-def test_no_warning_without_activation(spawn):  # noqa: F811
+def test_no_warning_without_activation(spawn):
     d = spawn("-w", "1", "-b", "127.0.0.1:0")
     d.wait_pid_file()
     wait_for(lambda: "listening on" in d.log(), 10, "the listening line")

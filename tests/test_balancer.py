@@ -10,41 +10,40 @@ tests wait on the agent's answer, the log, the PID file or a socket's EOF.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
 from helpers import (
     LISTENING,
     NAME_A,
     NAME_Q,
     Backlog,
+    CheckedThread,
+    Daemon,
+    NotifySocket,
     ask_on,
-    clean_env,
+    assert_running_schema,
+    lancelot_cli,
     lancelotd_cli,
+    listening_ports,
     read_pid,
     recv_all,
     recv_until,
     scaled,
-    tcp_sockets,
+    status_json,
     wait_child_exit,
     wait_for,
     wait_log,
 )
-from test_notify import NotifySocket
-from test_status import assert_running_schema
 
 from lancelotd.config import ConfigError, from_dict
 
@@ -115,12 +114,6 @@ def get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def status_json(d: Daemon) -> dict:
-    result = lancelotd_cli("status", "--pid-file", str(d.pid_file), "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
-
-
 def drain_cmd(d: Daemon, command: str = "drain") -> subprocess.CompletedProcess[str]:
     return lancelotd_cli(command, "--pid-file", str(d.pid_file))
 
@@ -163,7 +156,7 @@ def test_drain_and_undrain_through_agent_ready_status_metrics_and_systemd(start_
         wait_agent(port, READY)
         assert get(url + "/ready") == (200, "ready\n")
         assert get(url + "/live") == (200, "alive\n")
-        snap = status_json(d)
+        snap = status_json(d.pid_file)
         assert snap["balancer"] == {"state": "ready", "drained": False, "agent": "ready 100%"}
         assert {"agent", "metrics", "service"} == {entry["role"] for entry in snap["listeners"]}
 
@@ -174,7 +167,7 @@ def test_drain_and_undrain_through_agent_ready_status_metrics_and_systemd(start_
         assert agent(port) == DRAIN  # at once: the command waited for the master to see it
         assert get(url + "/ready") == (503, "drained\n")
         assert get(url + "/live") == (200, "alive\n")
-        snap = status_json(d)
+        snap = status_json(d.pid_file)
         assert_running_schema(snap)
         assert snap["balancer"] == {"state": "drained", "drained": True, "agent": "drain"}
         human = lancelotd_cli("status", "--pid-file", str(d.pid_file)).stdout
@@ -191,7 +184,7 @@ def test_drain_and_undrain_through_agent_ready_status_metrics_and_systemd(start_
         assert "the agent says ready" in result.stdout, result.stdout
         assert agent(port) == READY
         assert get(url + "/ready") == (200, "ready\n")
-        assert status_json(d)["balancer"]["state"] == "ready"
+        assert status_json(d.pid_file)["balancer"]["state"] == "ready"
         assert metric(url, "lancelotd_drained") == 0
         notify.wait(lambda m: re.fullmatch(r"gen \d+, [^;]*", m.get("STATUS") or ""),
                     what="STATUS= without drained", after=said)
@@ -252,8 +245,7 @@ def test_usr2_successor_serves_the_agent_port_and_keeps_the_drain(start_daemon):
     wait_log(d.log_file, rf"upgrade: new master {new} is ready")
     assert d.wait_exit() == 0  # the old master is gone: whoever answers now is the new one
     assert agent(fixed) == DRAIN
-    listeners = {c.laddr.port for c in tcp_sockets(new) if c.status == "LISTEN"}
-    assert fixed in listeners
+    assert fixed in listening_ports(new)
     result = lancelotd_cli("undrain", "--pid-file", str(d.pid_file))
     assert result.returncode == 0 and f"master {new}: the agent says ready" in result.stdout, result
     assert agent(fixed) == READY
@@ -397,7 +389,7 @@ class Hangup:
         self.port = self.listener.getsockname()[1]
         self.answer_from = answer_from
         self.connections = 0
-        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread = CheckedThread(self.serve, name="hangup server")
         self.thread.start()
 
     def serve(self) -> None:
@@ -416,20 +408,15 @@ class Hangup:
             return
 
     def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way (close() would not)
         self.listener.close()
-        self.thread.join(scaled(10))
-
-
-def lancelot(port: int, *questions: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "import sys; from lancelotd.client import main; "
-                           "sys.exit(main())", "ask", "-p", str(port), *questions],
-                          capture_output=True, text=True, timeout=scaled(20), env=clean_env())
+        self.thread.finish()
 
 
 def test_lancelot_ask_asks_again_once_when_the_connection_ends():
     server = Hangup()
     try:
-        result = lancelot(server.port, NAME_Q.decode())
+        result = lancelot_cli("ask", "-p", str(server.port), NAME_Q.decode())
     finally:
         server.close()
     assert result.returncode == 1
@@ -440,7 +427,7 @@ def test_lancelot_ask_asks_again_once_when_the_connection_ends():
 def test_lancelot_ask_gets_the_answer_on_the_second_connection():
     server = Hangup(answer_from=2)
     try:
-        result = lancelot(server.port, NAME_Q.decode())
+        result = lancelot_cli("ask", "-p", str(server.port), NAME_Q.decode())
     finally:
         server.close()
     assert (result.returncode, result.stdout) == (0, NAME_A.decode() + "\n"), result.stderr

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from helpers import NAME_A, clean_env, lancelotd_cli
-from test_fresh_start import as_user
+from helpers import NAME_A, as_user, lancelotd_cli
 
 BROKEN = "workers = 0\n"  # [server] workers must be 1..256
 
@@ -64,8 +62,7 @@ def test_invalid_config_with_pid_file_still_stops(configured):
 def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root: the daemon runs as root and the command as nobody")
-    return subprocess.run([*as_user(), sys.executable, "-m", "lancelotd", *args], capture_output=True,
-                          text=True, timeout=30, env=clean_env(), stdin=subprocess.DEVNULL)
+    return lancelotd_cli(*args, prefix=as_user())
 
 
 @pytest.mark.parametrize(("command", "signame"), [("reload", "SIGHUP"), ("stop", "SIGTERM"),

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from helpers import REPO, lancelotd_cli, wait_for
 
 from lancelotd import checks, config
 from lancelotd.config import Config, ConfigError, from_dict
 from lancelotd.scoreboard import SLOTS
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def problems(data: dict) -> list[str]:
@@ -214,12 +209,6 @@ def test_overrides_are_validated_and_name_the_option() -> None:
 # --- the same verdicts from the real command ------------------------------------------------
 
 
-def run_lancelotd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LANCELOTD_CONFIG"}
-    return subprocess.run([sys.executable, "-m", "lancelotd", *args], capture_output=True, text=True,
-                          timeout=30, env=env, stdin=subprocess.DEVNULL)
-
-
 def test_check_config_reports_bounds_with_their_keys(tmp_path: Path) -> None:
     path = tmp_path / "bounds.toml"
     path.write_text(f"""
@@ -231,7 +220,7 @@ backlog = 100000
 [log]
 file = "{tmp_path}/missing/lancelotd.log"
 """)
-    result = run_lancelotd("check-config", "-c", str(path))
+    result = lancelotd_cli("check-config", "-c", str(path))
     assert result.returncode == 1, result
     assert result.stdout == ""
     for key in ("server.bind", "server.workers", "server.backlog", "log.file"):

@@ -14,8 +14,7 @@ import socket
 import struct
 from pathlib import Path
 
-from conftest import wait_for
-from helpers import NAME_A, NAME_Q, ask, ask_on, lancelotd_cli, recv_all
+from helpers import NAME_A, NAME_Q, ask, ask_on, lancelotd_cli, recv_all, wait_for
 
 QUEST_Q, QUEST_A = b"What is your quest?", b"To seek the Holy Grail."
 

@@ -36,12 +36,11 @@ from email.utils import formatdate
 from pathlib import Path
 
 import pytest
+from helpers import REPO, CheckedThread, sandbox_load
 from sdsandbox import Sandbox, booted, unavailable
-from test_systemd import Load
 
 from lancelotd import __version__
 
-REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LANCELOTD_TEST_CACHE", "/var/cache/lancelotd-tests"))
 # The recipe's version is in the name: a changed recipe makes a new root, never reuses an old one.
 ROOT_NAME = "bookworm-root-1"
@@ -255,18 +254,18 @@ def test_package_upgrade_hands_over_like_usr2(sandbox: Sandbox) -> None:
     ok(sb.run("sh", "-c", f"echo '# kept: the admin changed this file' >> {CONFIG}"))
     old = main_pid(sb)
     clients = 8
-    with Load(sb, persistent=clients, per_request=0) as load:  # every client has had an answer
+    with sandbox_load(sb, persistent=clients, per_request=0) as load:  # every client has had an answer
         before = load.mark()
         states: list[str] = []
         done = threading.Event()
-        watcher = threading.Thread(target=watch_state, args=(sb, states, done), daemon=True)
+        watcher = CheckedThread(watch_state, sb, states, done, name="unit state watcher")
         watcher.start()
         started = time.monotonic()
         try:
             out = apt_get(sb, "install", "./lancelotd_*.deb", cwd="/root/debs/newer")
         finally:
             done.set()
-            watcher.join(30)
+            watcher.finish(30)
         took = time.monotonic() - started
         after = load.mark()
         time.sleep(1)  # a second more of questions to the new master's workers

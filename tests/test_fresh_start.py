@@ -11,7 +11,6 @@ is nobody: the daemon runs as uid 65534 in a private directory of its own.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -26,43 +25,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import recv_until, wait_for
-from helpers import scaled
+from helpers import NOBODY, ROOT, as_user, recv_until, scaled, wait_for
 
 from lancelotd import runtime
 
-ROOT = os.geteuid() == 0
-NOBODY = 65534
 USER_UID = NOBODY if ROOT else os.geteuid()
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)$", re.M)
 CONFIG = '[server]\nbind = ["127.0.0.1:0"]\nworkers = 1\n'
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 
 
 def lancelotd() -> list[str]:
     """The console script the README runs, else the module."""
     script = Path(sys.executable).parent / "lancelotd"
     return [str(script)] if script.exists() else [sys.executable, "-m", "lancelotd"]
-
-
-def as_user() -> list[str]:
-    """The command prefix that runs a process as the ordinary user of these tests."""
-    if not ROOT:
-        return []
-    if not shutil.which("setpriv"):
-        pytest.skip("as root these tests run lancelotd as nobody through setpriv(1), which is missing")
-    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    if not reachable_by_others(sys.executable):
-        # This interpreter lives where nobody cannot go (a pyenv under /root): let it search
-        # directories.  What is tested depends on the euid alone, not on this capability.
-        drop += ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
-    return drop
-
-
-def reachable_by_others(path: str) -> bool:
-    real = Path(os.path.realpath(path))
-    return all(os.stat(d).st_mode & stat.S_IXOTH for d in real.parents) and bool(
-        os.stat(real).st_mode & stat.S_IXOTH)
 
 
 def chown_to_user(path: Path) -> None:
@@ -280,19 +255,6 @@ def test_bare_command_as_root_creates_run_lancelotd(home: Path, spawn) -> None:
     serve_and_stop(run, seen_from_inside, 0o750, 0)  # 0750: the scoreboard holds client addresses
 
 
-@contextlib.contextmanager
-def subreaper() -> Iterator[None]:
-    """Become the parent of what --daemon detaches, so the test can reap it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    before = ctypes.c_int(0)
-    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, before.value, 0, 0, 0)
-
-
 def reap(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -307,25 +269,24 @@ def test_serve_daemon_with_the_default_pid_file(home: Path) -> None:
     env = environment(home, xdg)
     pid_file = xdg / "lancelotd" / "lancelotd.pid"
     log_file = home / "lancelotd.log"
-    tree: list[int] = []
-    with subreaper():
-        try:
-            launcher = subprocess.run(
-                [*as_user(), *lancelotd(), "serve", "--daemon", "-c", env["LANCELOTD_CONFIG"],
-                 "--log-file", str(log_file)],
-                env=env, cwd=home, capture_output=True, text=True, timeout=60)
-            assert launcher.returncode == 0, launcher.stderr + log_file.read_text(errors="replace")
-            master = int(pid_file.read_text())
-            tree = [master, *(p.pid for p in psutil.Process(master).children())]
-            assert stat.S_IMODE(os.stat(pid_file.parent).st_mode) == 0o700
-            assert ask(log_file.read_text()) == b"My name is Sir Lancelot of Camelot."
-            stop = subprocess.run([*as_user(), *lancelotd(), "stop"], env=env, cwd=home, capture_output=True,
-                                  text=True, timeout=60)
-            assert stop.returncode == 0, stop.stderr
-            assert f"stopped master {master}" in stop.stdout
-            assert not pid_file.exists()
-        finally:
-            reap(tree)
+    tree: list[int] = []  # what --daemon detaches is ours to reap: the session is a subreaper (conftest)
+    try:
+        launcher = subprocess.run(
+            [*as_user(), *lancelotd(), "serve", "--daemon", "-c", env["LANCELOTD_CONFIG"],
+             "--log-file", str(log_file)],
+            env=env, cwd=home, capture_output=True, text=True, timeout=60)
+        assert launcher.returncode == 0, launcher.stderr + log_file.read_text(errors="replace")
+        master = int(pid_file.read_text())
+        tree = [master, *(p.pid for p in psutil.Process(master).children())]
+        assert stat.S_IMODE(os.stat(pid_file.parent).st_mode) == 0o700
+        assert ask(log_file.read_text()) == b"My name is Sir Lancelot of Camelot."
+        stop = subprocess.run([*as_user(), *lancelotd(), "stop"], env=env, cwd=home, capture_output=True,
+                              text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert f"stopped master {master}" in stop.stdout
+        assert not pid_file.exists()
+    finally:
+        reap(tree)
 
 
 # --- the directory rules themselves, on the real filesystem --------------------------------------

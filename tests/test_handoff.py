@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import re
 import resource
@@ -37,20 +36,33 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LISTENING, Daemon, reap_group, recv_until, wait_for
 from helpers import (
+    BLUE,
+    GRACE,
+    GREEN,
+    LISTENING,
     NAME_A,
     NAME_Q,
+    Client,
+    Daemon,
+    ExactlyOnce,
     clean_env,
     gone,
+    handed,
+    handoff_conf,
+    held,
     holder_of,
-    lancelotd_cli,
     live_children,
     read,
     read_pid,
+    reap_group,
+    recv_until,
+    rewrite,
     scaled,
-    tcp_sockets,
+    server_rx_queue,
+    status_json,
     wait_child_exit,
+    wait_for,
     wait_log,
     wait_pool,
     workers_of,
@@ -61,180 +73,12 @@ from lancelotd.rendezvous import Rendezvous
 from lancelotd.scoreboard import SERVING, Scoreboard
 
 COLOR_Q = b"Color?"
-BLUE, GREEN = b"Blue.", b"Green."
-# "[pid] worker N: handed K connections over (L left)"
-HANDED = re.compile(r"\[(\d+)\] worker \d+: handed (\d+) connections over \((\d+) left\)")
-GRACE = 30  # graceful_timeout: a drain (the fallback) is never mistaken for a hand-off
-# Questions an ExactlyOnce client asks in turn, each with its own answer (in every config).
-ROTATION = [(f"Q{i}?".encode(), f"A{i}.".encode()) for i in range(7)]
-ROTATION_ANSWERS = "\n".join(f'"{q.decode()}" = "{a.decode()}"' for q, a in ROTATION)
-
-
-def conf(workers: int = 2, color: str = "Blue.", max_connections: int | None = None,
-         lifecycle: str = "") -> str:
-    """A complete config: the default questions (loadgen checks them) plus `Color?`."""
-    limit = f"max_connections = {max_connections}" if max_connections else ""
-    return f"""
-[server]
-workers = {workers}
-
-[protocol]
-unknown_answer = "No idea."
-{limit}
-
-[lifecycle]
-graceful_timeout = {GRACE}
-{lifecycle}
-
-[answers]
-"What is your name?" = "My name is Sir Lancelot of Camelot."
-"What is your quest?" = "To seek the Holy Grail."
-"What is your favorite color?" = "Blue."
-"Color?" = "{color}"
-{ROTATION_ANSWERS}
-"""
-
-
-def rewrite(d: Daemon, text: str) -> None:
-    """Replace the config file atomically: a HUP never reads half a file."""
-    tmp = d.config_file.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, d.config_file)
 
 
 # --- the client under test -------------------------------------------------------
 
-class Client:
-    """One persistent connection asking `question` every `pause` seconds, in a thread.
-
-    `expected` lists the acceptable answers from oldest config to newest: an answer
-    outside it, or older than one already seen, is an error, as are EOF, a reset and a
-    timeout.  The first error ends the client.
-    """
-
-    def __init__(self, sock: socket.socket, expected: list[bytes], question: bytes = COLOR_Q,
-                 pause: float = 0.003, name: str = "client") -> None:
-        self.sock, self.expected, self.question, self.pause, self.name = sock, expected, question, pause, name
-        sock.settimeout(5)
-        self.answers: list[tuple[float, bytes]] = []  # (monotonic time received, answer)
-        self.errors: list[str] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        newest = 0
-        while not self.stopping.is_set():
-            try:
-                self.sock.sendall(self.question)
-                answer = recv_until(self.sock, b".")
-            except (OSError, EOFError) as e:
-                self.errors.append(f"{self.name}: {e!r} after {len(self.answers)} answers")
-                return
-            self.answers.append((time.monotonic(), answer))
-            if answer not in self.expected:
-                self.errors.append(f"{self.name}: wrong answer {answer!r}")
-                return
-            index = self.expected.index(answer)
-            if index < newest:
-                self.errors.append(f"{self.name}: {answer!r} after {self.expected[newest]!r}")
-                return
-            newest = index
-            time.sleep(self.pause)
-
-    def __enter__(self) -> Client:
-        self.thread.start()
-        self.wait_more(3)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self.thread.join(10)
-
-    @property
-    def last(self) -> bytes | None:
-        return self.answers[-1][1] if self.answers else None
-
-    def wait_more(self, count: int, timeout: float = 5.0) -> None:
-        """Wait for `count` more answers (fails at once when the client has failed)."""
-        target = len(self.answers) + count
-
-        def more() -> bool:
-            assert not self.errors, self.errors
-            return len(self.answers) >= target
-        wait_for(more, timeout, f"{count} more answers for {self.name}")
-
-    def first(self, answer: bytes) -> float | None:
-        """When `answer` first arrived."""
-        return next((t for t, a in self.answers if a == answer), None)
-
-    def check(self) -> None:
-        assert not self.errors, self.errors
-        assert not self.thread.is_alive(), f"{self.name} still running"
-
-
-class ExactlyOnce(Client):
-    """Asks the ROTATION questions in turn, one at a time: a question answered twice or never
-    shows as a wrong answer (the next one's) or a timeout, as does EOF or a reset."""
-
-    def __init__(self, sock: socket.socket, name: str = "client") -> None:
-        super().__init__(sock, [a for _, a in ROTATION], name=name)
-        sock.settimeout(scaled(10))  # a connection in flight waits for its target's answer
-
-    def _run(self) -> None:
-        for i in range(1 << 30):
-            if self.stopping.is_set():
-                return
-            question, expected = ROTATION[i % len(ROTATION)]
-            try:
-                self.sock.sendall(question)
-                answer = recv_until(self.sock, b".")
-            except (OSError, EOFError) as e:
-                self.errors.append(f"{self.name}: {e!r} after {len(self.answers)} answers")
-                return
-            self.answers.append((time.monotonic(), answer))
-            if answer != expected:
-                self.errors.append(f"{self.name}: {answer!r} to {question!r}: an answer lost or repeated")
-                return
-            time.sleep(self.pause)
-
 
 # --- who holds what ----------------------------------------------------------------
-
-def held(pid: int, port: int) -> int:
-    """Established connections on `port` that process `pid` holds (psutil: its descriptors)."""
-    try:
-        conns = tcp_sockets(pid)
-    except psutil.Error:
-        return 0
-    return sum(1 for c in conns if c.laddr.port == port and c.raddr and c.status == psutil.CONN_ESTABLISHED)
-
-
-def server_rx_queue(sock: socket.socket) -> int | None:
-    """Bytes the server has not read yet from the client socket `sock` (/proc/net/tcp)."""
-    def hexaddr(addr: tuple[str, int]) -> str:
-        return f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
-    server_side, client_side = hexaddr(sock.getpeername()), hexaddr(sock.getsockname())
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == server_side and fields[2] == client_side:
-            return int(fields[4].split(":")[1], 16)
-    return None
-
-
-def status(d: Daemon, pid_file: Path | None = None) -> dict:
-    """`lancelotd status --json`: the scoreboard as operators see it."""
-    out = lancelotd_cli("status", "--json", "--pid-file", str(pid_file or d.pid_file), timeout=20)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout)
-
-
-def handed(log: str) -> dict[int, list[tuple[int, int]]]:
-    """pid -> [(handed, left), ...] from the workers' hand-off lines."""
-    found: dict[int, list[tuple[int, int]]] = {}
-    for m in HANDED.finditer(log):
-        found.setdefault(int(m.group(1)), []).append((int(m.group(2)), int(m.group(3))))
-    return found
-
 
 def wait_tick(board: Scoreboard, pid: int) -> None:
     """Wait for the next loop tick of worker `pid` (its heartbeat on the scoreboard moves), or its exit."""
@@ -307,14 +151,14 @@ def connect_to(d: Daemon, pid: int, pool: dict[int, tuple[int, int]], count: int
 # =================================================================================
 
 def test_hup_hands_a_persistent_connection_over(start_daemon):
-    d = start_daemon(config=conf(workers=2, color="Blue."))
+    d = start_daemon(config=handoff_conf(workers=2, color="Blue."))
     master = d.proc.pid
     gen1 = wait_pool(master, 2, generation=1)
     sock = d.connect()
     with sock, Client(sock, [BLUE, GREEN]) as client:
         old = holder_of(sock, list(gen1))
         assert old is not None
-        rewrite(d, conf(workers=2, color="Green."))
+        rewrite(d, handoff_conf(workers=2, color="Green."))
         hup = time.monotonic()
         d.signal(signal.SIGHUP)
         wait_for(lambda: client.first(GREEN), 5, "the first answer from the new config")
@@ -336,7 +180,7 @@ def test_hup_hands_a_persistent_connection_over(start_daemon):
 
 @pytest.mark.parametrize("split", [1, 5], ids=["C|olor?", "Color|?"])
 def test_question_split_across_the_hand_off(start_daemon, split):
-    d = start_daemon(config=conf(workers=2, color="Blue."))
+    d = start_daemon(config=handoff_conf(workers=2, color="Blue."))
     gen1 = wait_pool(d.proc.pid, 2, generation=1)
     with d.connect() as sock:
         # A whole question and the first part of the next in one segment: once the answer to
@@ -347,7 +191,7 @@ def test_question_split_across_the_hand_off(start_daemon, split):
         old = holder_of(sock, list(gen1))
         assert old is not None
 
-        rewrite(d, conf(workers=2, color="Green."))
+        rewrite(d, handoff_conf(workers=2, color="Green."))
         d.signal(signal.SIGHUP)
         wait_log(d.log_file, rf"\[{old}\] worker \d+: handed 1 connections over \(0 left\)", timeout=5)
         wait_for(lambda: gone(old), 5, "the old worker to exit")
@@ -364,7 +208,7 @@ def test_question_split_across_the_hand_off(start_daemon, split):
 # =================================================================================
 
 def test_ttou_hands_the_retired_workers_connection_over(start_daemon):
-    d = start_daemon(config=conf(workers=3))
+    d = start_daemon(config=handoff_conf(workers=3))
     master = d.proc.pid
     pool = wait_pool(master, 3, generation=1)
     by_number = {number: pid for pid, (number, _) in pool.items()}
@@ -383,7 +227,7 @@ def test_ttou_hands_the_retired_workers_connection_over(start_daemon):
 
 
 def test_max_requests_recycling_hands_the_connection_over(start_daemon):
-    d = start_daemon(config=conf(workers=1, lifecycle="max_requests = 100"))
+    d = start_daemon(config=handoff_conf(workers=1, lifecycle="max_requests = 100"))
     master = d.proc.pid
     (first,) = wait_pool(master, 1, generation=1)
     sock = d.connect()
@@ -407,14 +251,14 @@ def test_max_requests_recycling_hands_the_connection_over(start_daemon):
 
 
 def test_usr2_hands_connections_to_the_new_masters_workers(start_daemon):
-    d = start_daemon(config=conf(workers=2, color="Blue."))
+    d = start_daemon(config=handoff_conf(workers=2, color="Blue."))
     old_master = d.proc.pid
     old_workers = wait_pool(old_master, 2, generation=1)
     sock = d.connect()
     with sock, Client(sock, [BLUE, GREEN]) as client:
         old = holder_of(sock, list(old_workers))
         assert old is not None
-        rewrite(d, conf(workers=2, color="Green."))  # the new master reads the file again
+        rewrite(d, handoff_conf(workers=2, color="Green."))  # the new master reads the file again
         usr2 = time.monotonic()
         d.signal(signal.SIGUSR2)
         new_master = wait_for(lambda: (read_pid(d.pid_file) or old_master) != old_master
@@ -444,7 +288,7 @@ def test_usr2_hands_connections_to_the_new_masters_workers(start_daemon):
 def test_hup_storm_with_persistent_clients(start_daemon, loadgen):
     workers, hups = 2, 40
     colors = [f"Color{i}.".encode() for i in range(hups + 1)]
-    d = start_daemon(config=conf(workers=workers, color=colors[0].decode()))
+    d = start_daemon(config=handoff_conf(workers=workers, color=colors[0].decode()))
     master = d.proc.pid
     wait_pool(master, workers, generation=1)
     socks = [d.connect() for _ in range(4)]
@@ -454,7 +298,7 @@ def test_hup_storm_with_persistent_clients(start_daemon, loadgen):
             c.__enter__()
         try:
             for i in range(1, hups + 1):
-                rewrite(d, conf(workers=workers, color=colors[i].decode()))
+                rewrite(d, handoff_conf(workers=workers, color=colors[i].decode()))
                 d.signal(signal.SIGHUP)
                 last_hup = time.monotonic()
                 if i < hups:
@@ -495,20 +339,21 @@ def test_hup_storm_with_persistent_clients(start_daemon, loadgen):
 
 def test_connections_are_spread_over_the_new_generation(start_daemon):
     count = 40
-    d = start_daemon(config=conf(workers=4, color="Blue."))
+    d = start_daemon(config=handoff_conf(workers=4, color="Blue."))
     master = d.proc.pid
     pool = wait_pool(master, 4, generation=1)
     fourth = next(pid for pid, (number, _) in pool.items() if number == 4)
     socks = connect_to(d, fourth, pool, count)  # every connection on worker 4
     try:
-        rewrite(d, conf(workers=4, color="Green."))
+        rewrite(d, handoff_conf(workers=4, color="Green."))
         d.signal(signal.SIGHUP)
         gen2 = wait_pool(master, 4, generation=2, timeout=5)  # generation 1 handed all and left
         lines = handed(d.log()).get(fourth, [])
         assert sum(n for n, _ in lines) == count and lines[-1][1] == 0, d.log()[-3000:]
 
         def published() -> dict[int, int] | None:  # workers publish once per tick (~1 s)
-            shares = {w["pid"]: w["connections"] for w in status(d)["workers"] if w["generation"] == 2}
+            workers = status_json(d.pid_file)["workers"]
+            shares = {w["pid"]: w["connections"] for w in workers if w["generation"] == 2}
             return shares if sum(shares.values()) == count else None
         shares = wait_for(published, 10, f"the scoreboard to show {count} connections in generation 2")
         for s in socks:
@@ -529,7 +374,7 @@ def test_connections_are_spread_over_the_new_generation(start_daemon):
 def test_ttou_fallback_when_the_others_are_full(start_daemon):
     """One sender, one config: workers 1 and 2 are at max_connections, so retired worker 3
     keeps serving its clients (draining), and hands them over one by one as room appears."""
-    d = start_daemon(config=conf(workers=3, max_connections=2))
+    d = start_daemon(config=handoff_conf(workers=3, max_connections=2))
     master = d.proc.pid
     pool = wait_pool(master, 3, generation=1)
     by_number = {number: pid for pid, (number, _) in pool.items()}
@@ -604,7 +449,7 @@ def test_hup_fallback_when_the_new_generation_is_full(start_daemon, old_limit, o
     limit-lowered-one-sender: the old config has no limit, one old worker holds 4; the new says 2.
     """
     limit = 2
-    d = start_daemon(config=conf(workers=old_workers, max_connections=old_limit or None))
+    d = start_daemon(config=handoff_conf(workers=old_workers, max_connections=old_limit or None))
     master = d.proc.pid
     gen1 = wait_pool(master, old_workers, generation=1)
     socks = []
@@ -621,7 +466,7 @@ def test_hup_fallback_when_the_new_generation_is_full(start_daemon, old_limit, o
     try:
         for c in clients:
             c.__enter__()
-        rewrite(d, conf(workers=1, color="Green.", max_connections=limit))
+        rewrite(d, handoff_conf(workers=1, color="Green.", max_connections=limit))
         d.signal(signal.SIGHUP)
         wait_log(d.log_file, r"reload done: generation 2")
         (new,) = wait_for(lambda: [pid for pid, (_, g) in workers_of(master).items() if g == 2], 5,
@@ -639,7 +484,7 @@ def test_hup_fallback_when_the_new_generation_is_full(start_daemon, old_limit, o
         most = max(most, held(new, d.port))
         # A full target sends a connection back to its sender, which logs it.
         moved = sum(n for lines in handed(d.log()).values() for n, _ in lines) - d.log().count("came back")
-        draining = [w for w in status(d)["workers"] if w["generation"] == 1]
+        draining = [w for w in status_json(d.pid_file)["workers"] if w["generation"] == 1]
         green = sum(c.last == GREEN for c in clients)
     finally:
         for c in clients:
@@ -710,7 +555,7 @@ def test_target_retires_or_dies_with_a_connection_in_flight(start_daemon, fault)
     is in flight, queued on the target's inbox or channel; then the target retires (USR2) or
     is killed (SIGKILL) before it reads it.  Worker 3 takes the connection back (refusal, or
     the channel closing) and hands it over later to a worker that adopts it."""
-    d = start_daemon(config=conf(workers=3))
+    d = start_daemon(config=handoff_conf(workers=3))
     third, targets, sock, client = retire_worker_3(d)
     try:
         for pid in targets:
@@ -745,7 +590,7 @@ def test_target_at_its_descriptor_limit(start_daemon, where):
     target refuses), or no room for the channel either (accept: EMFILE, no answer; worker 3
     takes the connection back after the deadline).  The client stays with worker 3 until the
     limit is lifted, then moves."""
-    d = start_daemon(config=conf(workers=3))
+    d = start_daemon(config=handoff_conf(workers=3))
     third, targets, sock, client = retire_worker_3(d)
     limits = {pid: resource.prlimit(pid, resource.RLIMIT_NOFILE) for pid in targets}
     try:
@@ -781,7 +626,7 @@ def test_aborted_reload_hands_the_new_generations_clients_back(start_daemon):
     generation had already accepted a client: it is retired, not stopped, so the client's
     connection moves to the old generation and keeps being answered."""
     boot = scaled(3)
-    d = start_daemon(config=conf(workers=2), env={"LANCELOTD_TEST_FAIL_BOOT": "2:2",
+    d = start_daemon(config=handoff_conf(workers=2), env={"LANCELOTD_TEST_FAIL_BOOT": "2:2",
                                                   "LANCELOTD_TEST_BOOT_DELAY": f"{boot}@2:2"})
     master = d.proc.pid
     gen1 = wait_pool(master, 2, generation=1)
@@ -866,7 +711,7 @@ def test_squatted_rendezvous_names_do_not_stop_workers(tmp_path, squat):
     are nobody else's (in the host's namespace they could be a real lancelotd's workers')."""
     private_namespaces_or_skip()
     config, pid_file, log = (tmp_path / name for name in ("lancelotd.toml", "lancelotd.pid", "lancelotd.log"))
-    config.write_text(conf(workers=1))
+    config.write_text(handoff_conf(workers=1))
     cmd = ["unshare", "--pid", "--net", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
            'ip link set lo up && exec "$@"', "sh", sys.executable, "-m", "lancelotd", "serve",
            "-b", "127.0.0.1:0", "--pid-file", str(pid_file), "-c", str(config)]
@@ -906,7 +751,7 @@ def test_squatted_rendezvous_names_do_not_stop_workers(tmp_path, squat):
                 with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as stale:
                     stale.bind(name)
         with sock, ExactlyOnce(sock) as client:
-            config.write_text(conf(workers=2))
+            config.write_text(handoff_conf(workers=2))
             os.kill(master, signal.SIGHUP)
             wait_log(log, r"reload done: generation 2", timeout=10)
             gen2 = wait_pool(master, 2, generation=2, timeout=5) if squat == "socket" else \
@@ -937,7 +782,7 @@ def test_squatted_rendezvous_names_do_not_stop_workers(tmp_path, squat):
 
 def test_inboxes_are_private_and_removed(start_daemon):
     """An inbox is a 0600 socket beside the PID file, named after its worker, gone with it."""
-    d = start_daemon(config=conf(workers=2))
+    d = start_daemon(config=handoff_conf(workers=2))
     master = d.proc.pid
     gen1 = wait_pool(master, 2, generation=1)
     for pid in gen1:  # (a worker takes its title a moment before it opens its inbox)
@@ -956,7 +801,7 @@ def test_hand_off_without_a_pid_file(start_daemon):
     """--pid-file '': no directory of ours beside a PID file, so the inboxes live in the
     default runtime directory (made private there, as the master would); TTOU still hands
     the retired worker's client over, and the inboxes are gone with their workers."""
-    d = start_daemon("--pid-file", "", config=conf(workers=2), wait=False)
+    d = start_daemon("--pid-file", "", config=handoff_conf(workers=2), wait=False)
     match = wait_log(d.log_file, LISTENING.pattern, timeout=10)[0]
     d.port = int(match.group(2))
     master = d.proc.pid
@@ -985,7 +830,7 @@ def test_a_client_that_pipelines_without_pause_is_handed_over_at_a_reload(start_
     worker holds input back and answers a slice per turn, yet each time the held input is used up
     the connection is at a question boundary as far as the worker knows (the kernel's unread bytes
     travel with the socket), so a reload hands it over rather than closing it at graceful_timeout."""
-    d = start_daemon(config=conf(workers=1))
+    d = start_daemon(config=handoff_conf(workers=1))
     master = d.proc.pid
     (old,) = wait_pool(master, 1, generation=1)
     failures: list[str] = []

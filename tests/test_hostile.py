@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from helpers import NAME_A, NAME_Q, ask_on, scaled, tcp_sockets, wait_for
+from helpers import NAME_A, NAME_Q, CheckedThread, ask_on, scaled, tcp_sockets, wait_for
 
 from lancelotd.client import main as lancelot
 from lancelotd.connections import Conn, Connections, _unsent
@@ -45,7 +45,7 @@ class Flood:
         self.payload = payload
         self.sent = 0
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = CheckedThread(self._run, name="flood")
         self.thread.start()
 
     def _run(self) -> None:
@@ -65,9 +65,11 @@ class Flood:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join()
-        for s in self.socks:
-            s.close()
+        try:
+            self.thread.finish()
+        finally:
+            for s in self.socks:
+                s.close()
 
 
 def probe_latencies(port: int, seconds: float, question: bytes = NAME_Q,

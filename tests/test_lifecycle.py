@@ -28,18 +28,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LISTENING, Daemon, recv_all, wait_for
 from helpers import (
+    LISTENING,
     NAME_A,
     NAME_Q,
     TOO_LONG,
+    Asker,
     Backlog,
+    Daemon,
     ask,
     ask_on,
     clean_env,
@@ -49,9 +50,11 @@ from helpers import (
     read,
     read_pid,
     ready_from,
+    recv_all,
     scaled,
     title,
     wait_child_exit,
+    wait_for,
     wait_log,
     wait_pool,
     workers_of,
@@ -137,39 +140,6 @@ def listening(path: Path) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in LISTENING.finditer(read(path))}
 
 
-# --- talking ---------------------------------------------------------------------
-
-class Asker:
-    """Light load: one client thread asking on a new connection every few ms; records failures."""
-
-    def __init__(self, port: int, host: str = "127.0.0.1", pause: float = 0.005) -> None:
-        self.port, self.host, self.pause = port, host, pause
-        self.ok = 0
-        self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                answer = ask(self.port, NAME_Q, self.host, timeout=5)
-                if answer == NAME_A:
-                    self.ok += 1
-                else:
-                    self.errors.append(f"wrong answer {answer!r}")
-            except (OSError, EOFError) as e:
-                self.errors.append(repr(e))
-            time.sleep(self.pause)
-
-    def __enter__(self) -> Asker:
-        self.thread.start()
-        wait_for(lambda: self.ok or self.errors, 5, "the first answer of the light load")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-
 # =================================================================================
 # 1. HUP applies every kind of setting
 # =================================================================================
@@ -250,7 +220,7 @@ def test_hup_changes_bind_addresses(start_daemon):
             ask(removed, NAME_Q, "127.0.0.2", timeout=2)
         assert ask(kept, NAME_Q) == NAME_A
         wait_for(lambda: asker.ok > 20, 5, "more answers on the kept address")
-    assert asker.errors == [], asker.errors[:5]
+    assert not asker.bad(), asker.outcomes
     assert "no longer listening on 127.0.0.2:0" in d.log()
     assert listening(d.log_file)["127.0.0.1"] == kept  # never re-bound
 
@@ -654,7 +624,7 @@ def test_signal_burst_then_term(start_daemon):
                     signal.SIGTTIN, signal.SIGHUP):
             os.kill(master, sig)
         generation = settled(d, 2)
-    assert asker.errors == [], asker.errors[:5]
+    assert not asker.bad(), asker.outcomes
     assert asker.ok > 0
     assert generation >= 2
     board = Scoreboard.open(str(d.pid_file) + ".scoreboard")

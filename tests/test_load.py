@@ -12,8 +12,18 @@ import threading
 import time
 
 import pytest
-from conftest import recv_all, recv_until, wait_for
-from helpers import COLOR_A, COLOR_Q, NAME_A, NAME_Q, scaled, sleeping_in, tcp_sockets
+from helpers import (
+    COLOR_A,
+    COLOR_Q,
+    NAME_A,
+    NAME_Q,
+    held,
+    recv_all,
+    recv_until,
+    scaled,
+    sleeping_in,
+    wait_for,
+)
 
 EXITING = re.compile(
     r"\[(\d+)\] worker (\d+): exiting: (\d+) connections accepted in (\d+) listener wake-ups \((\d+) empty\)"
@@ -27,15 +37,6 @@ def many_fds():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     yield hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def server_connections(daemon) -> int:
-    """Established connections the workers hold on the daemon's port."""
-    total = 0
-    for worker in daemon.workers():
-        total += sum(1 for c in tcp_sockets(worker.pid)
-                     if c.laddr and c.laddr.port == daemon.port and c.status == "ESTABLISHED")
-    return total
 
 
 def timed_ask(daemon, question: bytes = NAME_Q) -> tuple[bytes, float]:
@@ -81,8 +82,8 @@ def test_fresh_client_answered_fast_among_2000_idle_and_500_slowloris(start_daem
             slow.append(sock)
             sock.sendall(b"What is")
         # every one of them accepted and held by a worker, not waiting in the backlog
-        wait_for(lambda: server_connections(daemon) >= idle_count + slow_count, 20,
-                 "the workers to accept all connections")
+        wait_for(lambda: sum(held(w.pid, daemon.port) for w in daemon.workers()) >= idle_count + slow_count,
+                 20, "the workers to accept all connections")
         times = []
         for _ in range(5):
             answer, elapsed = timed_ask(daemon)

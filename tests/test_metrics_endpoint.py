@@ -12,11 +12,21 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 
 import psutil
-from helpers import lancelotd_cli, scaled, tcp_sockets, wait_for, wait_pool, workers_of
-from test_status import metrics_url, scrape
+from helpers import (
+    CheckedThread,
+    held,
+    lancelotd_cli,
+    metrics_url,
+    scaled,
+    scrape,
+    wait_for,
+    wait_pool,
+    workers_of,
+)
 
 MAX_SCRAPERS = 8  # lancelotd.metrics.MAX_SCRAPERS
 
@@ -44,12 +54,6 @@ def open_non_reader(port: int) -> socket.socket:
     return sock
 
 
-def held_by(pid: int, port: int) -> int:
-    """Connections to `port` the process holds (accepted, not yet closed)."""
-    return sum(1 for c in tcp_sockets(pid)
-               if c.laddr and c.laddr.port == port and c.raddr)
-
-
 def test_hostile_scrapers_cost_the_master_nothing(start_daemon):
     d = start_daemon(config='[server]\nworkers = 2\nmetrics_bind = "127.0.0.1:0"\n', workers=2)
     master = psutil.Process(d.proc.pid)
@@ -60,14 +64,14 @@ def test_hostile_scrapers_cost_the_master_nothing(start_daemon):
     hostile = [open_non_reader(port) for _ in range(5)] + open_silent(port, 100)
     try:
         # The master takes MAX_SCRAPERS of them, and leaves the rest in the listen queue.
-        wait_for(lambda: held_by(master.pid, port) >= MAX_SCRAPERS, 5, "the master to take scrapers")
+        wait_for(lambda: held(master.pid, port, None) >= MAX_SCRAPERS, 5, "the master to take scrapers")
         before = master.cpu_times()
         start = time.monotonic()
         time.sleep(1.0)  # the observation window: a master that spins burns all of it
         spent = sum(master.cpu_times()[:2]) - sum(before[:2])
         elapsed = time.monotonic() - start
         assert spent < scaled(0.2) * elapsed, f"the master used {spent:.2f}s of CPU in {elapsed:.2f}s"
-        assert held_by(master.pid, port) <= MAX_SCRAPERS
+        assert held(master.pid, port, None) <= MAX_SCRAPERS
 
         # It reaps and replaces a killed worker promptly...
         victim = next(iter(wait_pool(master.pid, 2)))
@@ -106,10 +110,9 @@ class Crowd:
     """50 idle connections and 10 slow scrapers (a byte every 0.2 s) on a port, re-opened when dropped."""
 
     def __init__(self, port: int, idle: int = 50, slow: int = 10) -> None:
-        import threading
         self.port, self.idle, self.slow = port, idle, slow
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread = CheckedThread(self.run, name="crowd")
         self.opened = 0
 
     def __enter__(self) -> Crowd:
@@ -118,7 +121,10 @@ class Crowd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        self.thread.join(10)
+        if exc[0] is None:
+            self.thread.finish()
+        else:  # the test failed already: that is the news
+            self.thread.join(scaled(10))
 
     def run(self) -> None:
         import select
@@ -158,12 +164,13 @@ def test_probes_never_wait_behind_idle_and_slow_scrapers(start_daemon):
     port = int(url.split(":")[2].split("/")[0])
     with Crowd(port) as crowd:
         # (Evicted ones come back at once: the master is never without a crowd to evict.)
-        wait_for(lambda: crowd.opened >= 60 and held_by(master.pid, port), 5, "the crowd to reach the master")
+        wait_for(lambda: crowd.opened >= 60 and held(master.pid, port, None), 5,
+                 "the crowd to reach the master")
         time.sleep(0.5)
         times = []
         for i in range(20):
             took, response = probe(port, b"/live" if i % 2 else b"/ready")
             assert response.startswith(b"HTTP/1.0 200"), response
             times.append(took)
-        assert held_by(master.pid, port) <= MAX_SCRAPERS
+        assert held(master.pid, port, None) <= MAX_SCRAPERS
     assert max(times) < scaled(0.1), f"probes took up to {max(times) * 1000:.0f} ms: {times}"

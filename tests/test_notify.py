@@ -14,109 +14,38 @@ which is a child subreaper for the whole session (conftest), and reaped too.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
-import select
 import signal
 import socket
-import struct
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Daemon, wait_for
-from helpers import NAME_A, NAME_Q, ask, read_pid, scaled, tcp_sockets, wait_child_exit
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    Message,
+    NotifySocket,
+    ask,
+    lancelotd_cli,
+    listening_ports,
+    read_pid,
+    scaled,
+    status_json,
+    wait_child_exit,
+    wait_for,
+)
 
 STATUS_LINE = re.compile(r"gen (\d+), (\d+) workers, (\d+) questions answered, last reload: (.+)")
 LISTEN_VARS = (b"LISTEN_PID=", b"LISTEN_FDS=", b"LISTEN_FDNAMES=")
 
-# Runs as the daemon's process before exec'ing it: puts TEST_LISTEN_FD on fd 3
-# and sets the variables named in TEST_OWN_PID to its PID, which exec keeps.
-WRAPPER = """
-import os, sys
-fd = int(os.environ.pop("TEST_LISTEN_FD", "-1"))
-if fd >= 0 and fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-for name in filter(None, os.environ.pop("TEST_OWN_PID", "").split(",")):
-    os.environ[name] = str(os.getpid())
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
-
 
 # --- the notify socket ---------------------------------------------------------------------
-
-@dataclass
-class Message:
-    pid: int  # the sender, from SCM_CREDENTIALS
-    fields: dict[str, str]
-    raw: str
-    seq: int
-    at: float  # time.monotonic() when received
-
-    def get(self, key: str) -> str | None:
-        return self.fields.get(key)
-
-
-class NotifySocket:
-    """systemd's end of sd_notify: receives, and keeps, every datagram."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address  # the value for NOTIFY_SOCKET
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.messages: list[Message] = []
-
-    def receive(self, timeout: float) -> Message | None:
-        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0))
-        if not readable:
-            return None
-        data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
-        pid = 0
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid, _, _ = struct.unpack("iII", payload[:12])
-        raw = data.decode()
-        fields = dict(line.split("=", 1) for line in raw.split("\n") if "=" in line)
-        message = Message(pid, fields, raw, len(self.messages), time.monotonic())
-        self.messages.append(message)
-        return message
-
-    def wait(self, predicate: Callable[[Message], object], timeout: float = 10.0,
-             what: str = "a message", after: Message | None = None) -> Message:
-        """The first message (after `after`) that satisfies `predicate`, received by now or soon."""
-        timeout = scaled(timeout)
-        deadline = time.monotonic() + timeout
-        i = after.seq + 1 if after else 0
-        while True:
-            for message in self.messages[i:]:
-                if predicate(message):
-                    return message
-            i = len(self.messages)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                     f"received: {[(m.pid, m.raw) for m in self.messages]}")
-            self.receive(remaining)
-
-    def collect(self, seconds: float) -> list[Message]:
-        """Everything that arrives in the next `seconds` (to show that something does not)."""
-        first = len(self.messages)
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            self.receive(remaining)
-        return self.messages[first:]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def ready(m: Message) -> bool:
@@ -142,62 +71,10 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 
 # --- processes -------------------------------------------------------------------------------
 
-class Wrapped(Daemon):
-    """A `lancelotd serve` started through WRAPPER: fd 3 and *_PID variables as systemd sets them."""
-
-    def __init__(self, tmp: Path, args: list[str], env: dict[str, str], listen: socket.socket | None,
-                 own_pid: tuple[str, ...]) -> None:
-        self.tmp = tmp
-        self.pid_file = tmp / "lancelotd.pid"
-        self.log_file = tmp / "lancelotd.log"
-        self.config_file = tmp / "lancelotd.toml"
-        self.cmd = [sys.executable, "-c", WRAPPER, "-m", "lancelotd", "serve",
-                    "--pid-file", str(self.pid_file), *args]
-        full_env = dict(os.environ, **env, TEST_OWN_PID=",".join(own_pid))
-        full_env.pop("LANCELOTD_CONFIG", None)
-        pass_fds: tuple[int, ...] = ()
-        if listen is not None:
-            full_env["TEST_LISTEN_FD"] = str(listen.fileno())
-            pass_fds = (listen.fileno(),)
-        self.stderr = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
-                                     stderr=self.stderr, start_new_session=True, env=full_env,
-                                     pass_fds=pass_fds)
-        self.port = 0
-
-    def wait_pid_file(self, timeout: float = 10.0) -> int:
-        def written() -> int | None:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"lancelotd exited with {self.proc.returncode}:\n{self.log()}")
-            return read_pid(self.pid_file) == self.proc.pid or None
-        wait_for(written, timeout, "the PID file")
-        return self.proc.pid
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Wrapped]]:
-    started: list[Wrapped] = []
-
-    def start(*args: str, env: dict[str, str] | None = None, listen: socket.socket | None = None,
-              own_pid: tuple[str, ...] = ()) -> Wrapped:
-        tmp = tmp_path / f"w{len(started)}"
-        tmp.mkdir()
-        daemon = Wrapped(tmp, list(args), env or {}, listen, own_pid)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill_all()
-
 
 def environ(pid: int) -> bytes:
     with open(f"/proc/{pid}/environ", "rb") as f:
         return f.read()
-
-
-def listening_ports(pid: int) -> set[int]:
-    return {c.laddr.port for c in tcp_sockets(pid) if c.status == "LISTEN"}
 
 
 def monotonic_usec() -> int:
@@ -375,17 +252,12 @@ def test_listen_fds_for_another_pid_are_not_adopted(spawn):
 def launch(tmp: Path, *args: str, pid_file: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`lancelotd serve --daemon ...`: the launcher, run to completion."""
     pid_file = pid_file or tmp / "lancelotd.pid"
-    env = dict(os.environ)
-    env.pop("LANCELOTD_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "lancelotd", "serve", "--daemon", "--pid-file", str(pid_file),
-         "--log-file", str(tmp / "lancelotd.log"), *args],
-        capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
+    return lancelotd_cli("serve", "--daemon", "--pid-file", str(pid_file),
+                         "--log-file", str(tmp / "lancelotd.log"), *args)
 
 
 def stop(pid_file: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lancelotd", "stop", "--pid-file", str(pid_file),
-                           "--timeout", "20"], capture_output=True, text=True, timeout=30)
+    return lancelotd_cli("stop", "--pid-file", str(pid_file), "--timeout", "20")
 
 
 def test_daemon_detaches_once_serving_and_stops(tmp_path):
@@ -467,13 +339,8 @@ def test_a_failed_upgrade_leaves_the_service_as_it_was(subreaper, spawn, notify,
     broken.unlink(missing_ok=True)
     assert read_pid(d.pid_file) == old
     assert ask(d.port) == NAME_A
-    lancelotd = [sys.executable, "-m", "lancelotd"]
-    status = subprocess.run([*lancelotd, "status", "--json", "--pid-file", str(d.pid_file)],
-                            capture_output=True, text=True, timeout=30)
-    assert status.returncode == 0, status.stdout + status.stderr
-    assert json.loads(status.stdout)["master"]["pid"] == old
-    reload = subprocess.run([*lancelotd, "reload", "--pid-file", str(d.pid_file)],
-                            capture_output=True, text=True, timeout=60)
+    assert status_json(d.pid_file)["master"]["pid"] == old
+    reload = lancelotd_cli("reload", "--pid-file", str(d.pid_file), timeout=60)
     assert reload.returncode == 0, reload.stdout + reload.stderr
     leftovers = sorted(p.name for p in d.pid_file.parent.iterdir() if ".new-" in p.name or "oldbin" in p.name)
     assert leftovers == [], leftovers

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Daemon, wait_for
+from helpers import Daemon, lancelotd_cli, wait_for
 
 from lancelotd import pidfile
-
-
-def lancelotd(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "LANCELOTD_CONFIG"}
-    return subprocess.run([sys.executable, "-m", "lancelotd", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
 
 
 @pytest.mark.parametrize("step", [3600.0, -3600.0, 86400.0 * 365])
@@ -33,7 +26,7 @@ def test_a_clock_step_does_not_make_a_live_master_stale(start_daemon, step: floa
     written = time.time() - step
     os.utime(d.pid_file, (written, written))
 
-    status = lancelotd("status", "--pid-file", str(d.pid_file))
+    status = lancelotd_cli("status", "--pid-file", str(d.pid_file))
     assert status.returncode == 0, status.stdout + status.stderr
 
     second = start_daemon(wait=False, subdir=d.tmp.name)  # the same PID file
@@ -60,7 +53,7 @@ def test_a_reused_pid_is_stale_even_when_it_is_a_lancelotd_master(start_daemon, 
     pid, boot_id, started = (pidfile.identity(d.proc.pid) or "").split()
     record.write_text(f"{pid} {boot_id} {int(started) - 1}\n")  # started one tick before this one
 
-    status = lancelotd("status", "--pid-file", str(pid_file))
+    status = lancelotd_cli("status", "--pid-file", str(pid_file))
     assert status.returncode == 1, status.stdout + status.stderr  # LSB: dead, PID file exists
 
     pid_file.write_text(f"{d.proc.pid}\n")
@@ -78,7 +71,7 @@ def test_stop_during_an_upgrade_window_stops_the_old_master(start_daemon, pid_fi
     if pid_file_state == "stale":
         d.pid_file.write_text(f"{dead_pid()}\n")
 
-    stop = lancelotd("stop", "--pid-file", str(d.pid_file))
+    stop = lancelotd_cli("stop", "--pid-file", str(d.pid_file), timeout=60)
     assert stop.returncode == 0, stop.stderr
     assert f"stopped master {d.proc.pid}" in stop.stdout
     assert d.wait_exit(15) == 0

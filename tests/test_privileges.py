@@ -20,9 +20,21 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Daemon
-from helpers import holder_of, lancelotd_cli, read_pid, scaled, wait_for, wait_pool
-from test_handoff import BLUE, GREEN, Client, conf, handed, rewrite
+from helpers import (
+    BLUE,
+    GREEN,
+    Client,
+    Daemon,
+    handed,
+    handoff_conf,
+    holder_of,
+    lancelotd_cli,
+    read_pid,
+    rewrite,
+    scaled,
+    wait_for,
+    wait_pool,
+)
 
 from lancelotd import privileges
 
@@ -95,13 +107,13 @@ def test_workers_run_as_the_configured_user_and_group(start_daemon, base: Path, 
 
 
 def test_reload_and_hand_off_keep_the_workers_unprivileged(start_daemon, base: Path) -> None:
-    d = start_as(start_daemon, base, "-u", NOBODY.pw_name, config=conf(workers=2, color="Blue."))
+    d = start_as(start_daemon, base, "-u", NOBODY.pw_name, config=handoff_conf(workers=2, color="Blue."))
     master = d.proc.pid
     gen1 = wait_pool(master, 2, generation=1)
     sock = d.connect()
     with sock, Client(sock, [BLUE, GREEN]) as client:
         old = holder_of(sock, list(gen1))
-        rewrite(d, conf(workers=2, color="Green."))
+        rewrite(d, handoff_conf(workers=2, color="Green."))
         result = lancelotd_cli("reload", "--pid-file", str(d.pid_file), timeout=30)
         assert result.returncode == 0, result.stdout + result.stderr
         gen2 = wait_pool(master, 2, generation=2, timeout=10)
@@ -115,11 +127,11 @@ def test_reload_and_hand_off_keep_the_workers_unprivileged(start_daemon, base: P
 
 
 def test_usr2_upgrade_hands_over_to_unprivileged_workers(start_daemon, base: Path) -> None:
-    d = start_as(start_daemon, base, "-u", NOBODY.pw_name, config=conf(workers=2, color="Blue."))
+    d = start_as(start_daemon, base, "-u", NOBODY.pw_name, config=handoff_conf(workers=2, color="Blue."))
     old_master = d.proc.pid
     sock = d.connect()
     with sock, Client(sock, [BLUE, GREEN]) as client:
-        rewrite(d, conf(workers=2, color="Green."))
+        rewrite(d, handoff_conf(workers=2, color="Green."))
         d.signal(signal.SIGUSR2)
         new_master = wait_for(lambda: (read_pid(d.pid_file) or old_master) != old_master
                               and read_pid(d.pid_file), 15, "the new master's PID in the PID file")

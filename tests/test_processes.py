@@ -13,14 +13,14 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LISTENING, recv_all, recv_until, wait_for
 from helpers import (
+    BIN,
     COLOR_A,
     COLOR_Q,
+    LISTENING,
     NAME_A,
     NAME_Q,
     QUEST_A,
@@ -28,16 +28,17 @@ from helpers import (
     clean_env,
     dead_pid,
     gone,
+    lancelot_cli,
     lancelotd_cli,
+    recv_all,
+    recv_until,
     scaled,
     title,
+    wait_for,
     wait_log,
 )
 
 import lancelotd
-
-BIN = Path(sys.executable).parent
-
 
 # --- helpers ----------------------------------------------------------------------
 
@@ -68,16 +69,6 @@ def start_over_pid_file(start_daemon, subdir: str):
 def named_workers(daemon) -> dict[str, psutil.Process]:
     """The live workers by title."""
     return {title(w): w for w in daemon.workers()}
-
-
-def lancelot_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    script = BIN / "lancelot"
-    if script.exists():
-        cmd = [str(script), *args]
-    else:
-        cmd = [sys.executable, "-c", "import sys; from lancelotd.client import main; sys.exit(main())", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(timeout), env=clean_env(),
-                          stdin=subprocess.DEVNULL)
 
 
 def free_port() -> int:

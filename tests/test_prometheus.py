@@ -14,13 +14,10 @@ import re
 import shutil
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
-from helpers import NAME_Q
-from test_status import config, metrics_url, scrape, wait_metrics
+from helpers import NAME_Q, REPO, metrics_url, scrape, status_config, wait_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "etc/prometheus/lancelotd.rules.yml"
 RULES_TEST = REPO / "tests/promtool/lancelotd.rules.test.yml"
 DASHBOARD = REPO / "etc/grafana/lancelotd.json"
@@ -60,7 +57,7 @@ def queries() -> list[tuple[str, str]]:
 
 
 def test_every_query_names_an_exported_metric(start_daemon):
-    d = start_daemon(config=config(workers=2, server='metrics_bind = "127.0.0.1:0"'), workers=2)
+    d = start_daemon(config=status_config(workers=2, server='metrics_bind = "127.0.0.1:0"'), workers=2)
     url = metrics_url(d, d.proc.pid)
     d.ask(NAME_Q)
     d.signal(signal.SIGHUP)  # reload counters, a second generation
@@ -77,7 +74,7 @@ def test_every_query_names_an_exported_metric(start_daemon):
 
 
 def test_no_series_is_labelled_by_pid(start_daemon):
-    d = start_daemon(config=config(workers=2, server='metrics_bind = "127.0.0.1:0"'), workers=2)
+    d = start_daemon(config=status_config(workers=2, server='metrics_bind = "127.0.0.1:0"'), workers=2)
     url = metrics_url(d, d.proc.pid)
     samples = wait_metrics(url, {("lancelotd_workers", (("state", "serving"),)): 2})
     labelled = {name for name, labels in samples if any(key == "pid" for key, _ in labels)}

@@ -14,7 +14,6 @@ reaped here), real signals, waits on log lines, the PID file and `status`; no fi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -24,30 +23,34 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import reap_group
 from helpers import (
     NAME_A,
     NAME_Q,
     SYS_PIDFD_GETFD,
     Backlog,
+    admitted,
     ask_on,
     clean_env,
+    connect,
     holder_of,
     lancelotd_cli,
     live_children,
     read,
     read_pid,
+    reap_group,
     recv_until,
     scaled,
+    served,
     server_inode,
     sleeping_in,
+    status_json,
     wait_child_exit,
     wait_for,
     wait_log,
     wait_pool,
+    wait_refused,
     workers_of,
 )
 
@@ -61,44 +64,6 @@ class BrokenPromise(AssertionError):
 def conf(workers: int = 1, access: str = "", balancer: str = "", lifecycle: str = "", tail: str = "") -> str:
     return (f"[server]\nworkers = {workers}\n[lifecycle]\n{lifecycle}\n[access]\n{access}\n"
             f"[balancer]\n{balancer}\n{tail}")
-
-
-def status_json(pid_file: Path) -> dict[str, Any]:
-    result = lancelotd_cli("status", "--json", "--pid-file", str(pid_file))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
-
-
-def connect(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(scaled(5))
-    sock.bind((source, 0))
-    sock.connect((host, port))
-    return sock
-
-
-def served(sock: socket.socket) -> bool:
-    """One question: True if answered, False on EOF (refused with a FIN); a reset fails."""
-    try:
-        sock.sendall(NAME_Q)
-    except BrokenPipeError:
-        return False
-    data = sock.recv(4096)
-    assert data in (b"", NAME_A), data
-    return data == NAME_A
-
-
-def admitted(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> bool:
-    with connect(port, source, host) as sock:
-        return served(sock)
-
-
-def wait_refused(pid_file: Path, **expected: int) -> None:
-    def counted() -> bool:
-        refused = status_json(pid_file)["totals"]["refused"]
-        return all(refused[cause] == n for cause, n in expected.items())
-    wait_for(counted, 10, f"status to count refusals {expected}")
 
 
 # --- a lowered max_connections_per_client -----------------------------------------------------

@@ -13,8 +13,21 @@ import time
 
 import psutil
 import pytest
-from conftest import recv_all, recv_until
-from helpers import COLOR_A, COLOR_Q, NAME_A, NAME_Q, NOT_ASCII, QUEST_A, QUEST_Q, TOO_LONG, ask_on, scaled
+from helpers import (
+    COLOR_A,
+    COLOR_Q,
+    NAME_A,
+    NAME_Q,
+    NOT_ASCII,
+    QUEST_A,
+    QUEST_Q,
+    TOO_LONG,
+    ask_on,
+    recv_all,
+    recv_until,
+    scaled,
+    server_rx_queue,
+)
 
 UNKNOWN_A = b"I don't know that."
 
@@ -285,18 +298,6 @@ def test_half_close_like_nc_one_question(daemon):
 
 # --- back-pressure -----------------------------------------------------------------------
 
-def _rx_queue(local_port: int, remote_port: int) -> int | None:
-    """Bytes the server has not read yet on its side of one connection (/proc/net/tcp)."""
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, remote = fields[1], fields[2]
-            if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
-                return int(fields[4].split(":")[1], 16)
-    return None
-
-
 def test_client_that_does_not_read_is_slowed_down_and_others_do_not_notice(start_daemon):
     daemon = start_daemon(workers=1)  # one worker: the hog and the others share it
     worker = daemon.workers()[0]
@@ -319,7 +320,7 @@ def test_client_that_does_not_read_is_slowed_down_and_others_do_not_notice(start
         assert stalled, f"the server read all {sent} bytes of a client that never reads its answers"
         assert sent < cap
         # The server's side of the hog's connection holds unread bytes: it stopped reading.
-        queued = _rx_queue(daemon.port, hog.getsockname()[1])
+        queued = server_rx_queue(hog)
         assert queued is not None and queued > 0, queued
         # Its answers are not buffered without bound in the worker.
         grown = worker.memory_info().rss - rss_before

@@ -14,9 +14,21 @@ import socket
 import time
 
 import pytest
-from conftest import Daemon
-from helpers import NAME_A, NAME_Q, ask_on, lancelotd_cli, scaled, wait_for, wait_log, wait_pool
-from test_access import closed_by_server, connect, status_json, wait_refused
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    Daemon,
+    ask_on,
+    closed_by_server,
+    connect,
+    lancelotd_cli,
+    scaled,
+    status_json,
+    wait_for,
+    wait_log,
+    wait_pool,
+    wait_refused,
+)
 
 from lancelotd.proxyproto import LOCAL, PROXY, build
 

@@ -10,7 +10,8 @@ import re
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 OUTSIDE = re.compile(r"\.\./shared|shared/tools|SPEC\.md|\bSPEC §")
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Daemon
-from helpers import clean_env, lancelotd_cli, scaled, wait_for
+from helpers import Daemon, clean_env, lancelotd_cli, scaled, wait_for
 from setproctitle import setproctitle
 
 from lancelotd import cli, pidfile
@@ -107,10 +106,6 @@ def cli_in_own_pid_namespace(*args: str, timeout: float = 20) -> subprocess.Comp
                           text=True, timeout=scaled(timeout), env=clean_env(), stdin=subprocess.DEVNULL)
 
 
-def cli_out(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return lancelotd_cli(*args, timeout=timeout)
-
-
 # --- item 1: drain and undrain never write through a planted link ----------------------------
 
 def test_root_drain_never_writes_through_links_the_service_user_planted(base: Path) -> None:
@@ -144,7 +139,7 @@ def test_root_drain_refuses_a_drain_file_in_a_shared_directory(base: Path) -> No
     shared.chmod(0o1777)
     config = base / "c.toml"
     config.write_text(f'[balancer]\ndrain_file = "{shared}/drain"\n')
-    out = cli_out("drain", "-c", str(config), "--pid-file", str(base / "run" / "l.pid"), "--no-wait")
+    out = lancelotd_cli("drain", "-c", str(config), "--pid-file", str(base / "run" / "l.pid"), "--no-wait")
     assert out.returncode == 1
     assert "writable by group or others" in out.stderr and "refusing" in out.stderr, out.stderr
     assert not (shared / "drain").exists()
@@ -157,7 +152,7 @@ def test_root_drain_refuses_a_directory_link_the_service_user_planted(base: Path
     config = base / "c.toml"
     config.write_text(f'[balancer]\ndrain_file = "{run}/state/drain"\n')
     before = outside(base)
-    out = cli_out("drain", "-c", str(config), "--pid-file", str(run / "l.pid"), "--no-wait")
+    out = lancelotd_cli("drain", "-c", str(config), "--pid-file", str(run / "l.pid"), "--no-wait")
     assert out.returncode == 1
     assert f"{run}/state is a symbolic link: refusing to follow it" in out.stderr, out.stderr
     assert not (base / "drain").exists() and outside(base) == before
@@ -203,7 +198,7 @@ def test_a_forged_pid_file_makes_root_signal_nothing(base: Path, bystander, titl
     pid_file = base / "run" / "l.pid"
     forge(base / "run" / name, victim.pid, record=True)
     for command in (["stop", "--timeout", "2"], ["reload", "--timeout", "2"], ["reopen-logs"]):
-        out = cli_out(*command, "--pid-file", str(pid_file))
+        out = lancelotd_cli(*command, "--pid-file", str(pid_file))
         assert victim.poll() is None, f"root's {command[0]} signalled PID {victim.pid}: {out}"
         said = out.stdout + out.stderr
         if name == "l.pid":
@@ -250,7 +245,7 @@ def test_root_status_neither_hangs_on_a_fifo_nor_follows_a_link(base: Path, what
     try:
         as_nobody(plant)
         started = time.monotonic()
-        out = cli_out("status", "--pid-file", str(run / "l.pid"), timeout=10)
+        out = lancelotd_cli("status", "--pid-file", str(run / "l.pid"), timeout=10)
         assert time.monotonic() - started < 10
         assert out.returncode == 4, out
         kind = "a FIFO" if what.endswith("fifo") else "a symbolic link"
@@ -269,7 +264,7 @@ def test_a_drain_file_in_a_shared_directory_does_not_drain_the_host(base: Path, 
     shared.chmod(0o1777)
     as_nobody(lambda: (shared / "drain").write_text("drained by a stranger\n") and 0)
     d: Daemon = start_daemon(workers=1, config=f'[balancer]\ndrain_file = "{shared}/drain"\n')
-    out = cli_out("status", "--json", "--pid-file", str(d.pid_file))
+    out = lancelotd_cli("status", "--json", "--pid-file", str(d.pid_file))
     assert json.loads(out.stdout)["balancer"]["drained"] is False, out.stdout
     wait_for(lambda: "cannot check the drain file" in d.log(), 10, "the refusal in the log")
     assert "writable by group or others" in d.log()
@@ -309,4 +304,4 @@ def test_scoreboard_and_runtime_directory_are_not_world_readable(base: Path, sta
     seen = as_nobody(status_as_nobody)
     assert isinstance(seen, dict) and seen["code"] == 4, seen
     assert "permission denied" in seen["err"] and "run this as root" in seen["err"], seen
-    assert cli_out("status", "--pid-file", str(run / "l.pid")).returncode == 0
+    assert lancelotd_cli("status", "--pid-file", str(run / "l.pid")).returncode == 0

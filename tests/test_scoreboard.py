@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import wait_for
+from helpers import lancelotd_cli, status_json, wait_for
 
 from lancelotd import handoff
 from lancelotd.scoreboard import (
@@ -35,13 +35,6 @@ from lancelotd.scoreboard import (
 from lancelotd.scoreboard import path_for as scoreboard_path
 
 RACE_SECONDS = 1.0
-
-
-def lancelotd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("LANCELOTD_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "lancelotd", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
 def race(write: Callable[[float], None], read: Callable[[], None]) -> int:
@@ -233,14 +226,14 @@ def config_text(color: str) -> str:
 def test_a_refused_reload_is_reported_as_failed(start_daemon):
     d = start_daemon(config=config_text("Blue."), workers=1)
     d.config_file.write_text(config_text("Green."))
-    done = lancelotd("reload", "--pid-file", str(d.pid_file))
+    done = lancelotd_cli("reload", "--pid-file", str(d.pid_file))
     assert done.returncode == 0 and "reloaded: generation 2 serving" in done.stdout, done.stdout + done.stderr
     d.config_file.write_text(config_text("Red.") + "[server]\nworkers = \"many\"\n")
-    refused = lancelotd("reload", "--pid-file", str(d.pid_file))
+    refused = lancelotd_cli("reload", "--pid-file", str(d.pid_file))
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "reload failed" in refused.stderr and "server.workers" in refused.stderr, refused.stderr
     assert "reloaded" not in refused.stdout, refused.stdout
-    snap = json.loads(lancelotd("status", "--pid-file", str(d.pid_file), "--json").stdout)
+    snap = status_json(d.pid_file)
     reloads = snap["reloads"]
     assert (reloads["count"], reloads["failures"], reloads["last_ok"]) == (2, 1, False), reloads
     assert "server.workers" in snap["reloads"]["last_message"], snap["reloads"]
@@ -298,7 +291,7 @@ def test_status_refuses_a_scoreboard_that_is_not_the_masters(start_daemon, lefto
     and died before writing its PID file: the PID file names the old master, alive, but the
     scoreboard beside it is the dead one's.  `status` must not show it as the master's."""
     d = start_daemon(config=config_text("Blue."), workers=1)
-    assert lancelotd("status", "--pid-file", str(d.pid_file)).returncode == 0
+    assert lancelotd_cli("status", "--pid-file", str(d.pid_file)).returncode == 0
     board_file = scoreboard_path(str(d.pid_file))
     successor = subprocess.run(
         [sys.executable, "-c", "import sys; from lancelotd.scoreboard import Scoreboard\n"
@@ -307,16 +300,16 @@ def test_status_refuses_a_scoreboard_that_is_not_the_masters(start_daemon, lefto
     dead = int(successor.stdout)
     if leftover == "another layout's":
         old_layout(Path(board_file))
-    result = lancelotd("status", "--pid-file", str(d.pid_file))
+    result = lancelotd_cli("status", "--pid-file", str(d.pid_file))
     assert result.returncode == 4, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     if leftover == "a dead master's":
         assert f"master {dead}" in result.stderr and str(d.proc.pid) in result.stderr, result.stderr
     else:
         assert "layout version 1" in result.stderr, result.stderr
-    snap = json.loads(lancelotd("status", "--pid-file", str(d.pid_file), "--json").stdout)
+    snap = json.loads(lancelotd_cli("status", "--pid-file", str(d.pid_file), "--json").stdout)  # exits 4 too
     assert snap["state"] == "unknown" and "scoreboard" in snap["problem"], snap
-    reload = lancelotd("reload", "--pid-file", str(d.pid_file))
+    reload = lancelotd_cli("reload", "--pid-file", str(d.pid_file))
     assert reload.returncode == 4, reload.stdout + reload.stderr  # never waits on a board nobody writes
     wait_for(lambda: d.proc.poll() is None, 1, "the master still running")
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SOAK = REPO / "benchmarks" / "soak.py"
 LOADGEN_SRC = REPO / "benchmarks" / "c" / "loadgen.c"  # the repo's own C tools
 

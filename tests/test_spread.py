@@ -17,8 +17,7 @@ import socket
 import time
 from collections import Counter
 
-from conftest import Daemon
-from helpers import NAME_A, NAME_Q, recv_until, scaled, tcp_sockets, wait_for, wait_pool
+from helpers import NAME_A, NAME_Q, Daemon, recv_until, scaled, tcp_sockets, wait_for, wait_pool
 
 BURST = 40
 SPREAD = "[server]\nspread_connections = true\n"

@@ -25,75 +25,52 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from conftest import Daemon, recv_all, recv_until, wait_for
 from helpers import (
     NAME_A,
     NAME_Q,
     NOT_ASCII,
+    NOT_RUNNING_KEYS,
+    PROXY,
     QUEST_A,
     QUEST_Q,
+    REPO,
+    RUNNING_SCHEMA,
     TOO_LONG,
+    ZERO_PROXY_COUNTERS,
+    ZERO_REFUSED,
     Backlog,
+    Daemon,
+    assert_running_schema,
     dead_pid,
     gone,
     holder_of,
     lancelotd_cli,
+    metrics_url,
+    recv_all,
+    recv_until,
     scaled,
+    schema_problems,
+    scrape,
+    status_config,
+    status_json,
+    value,
     wait_child_exit,
+    wait_equal,
+    wait_for,
+    wait_metrics,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from lancelotd.scoreboard import STATE_NAMES, Scoreboard
 
-REPO = Path(__file__).resolve().parents[1]
 COLOR_Q = b"Color?"
 UNKNOWN_A = b"No idea."
 ZERO_ERRORS = {"unknown": 0, "too_long": 0, "not_ascii": 0, "timeouts": 0}
-
-
-def config(workers: int = 2, color: str = "Blue.", server: str = "", protocol: str = "",
-           lifecycle: str = "") -> str:
-    """A complete config: `server`, `protocol`, `lifecycle` are extra lines for those tables."""
-    return f"""
-[server]
-workers = {workers}
-{server}
-[protocol]
-unknown_answer = "No idea."
-max_question_bytes = 64
-{protocol}
-[lifecycle]
-graceful_timeout = 20
-{lifecycle}
-[answers]
-"What is your name?" = "My name is Sir Lancelot of Camelot."
-"What is your quest?" = "To seek the Holy Grail."
-"Color?" = "{color}"
-"""
-
-
-# --- the commands -------------------------------------------------------------------
-
-def lancelotd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return lancelotd_cli(*args, timeout=timeout, cwd=REPO)
-
-
-def status(pid_file: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return lancelotd("status", "--pid-file", str(pid_file), *extra)
-
-
-def status_json(pid_file: Path | str) -> dict[str, Any]:
-    result = status(pid_file, "--json")
-    assert result.returncode == 0, f"status --json exited {result.returncode}: {result.stdout}{result.stderr}"
-    return json.loads(result.stdout)
 
 
 # --- the scoreboard, read directly to know when the workers have published ------------
@@ -105,20 +82,6 @@ def board_of(d: Daemon) -> closing[Scoreboard]:
 def slots_of(board: Scoreboard) -> dict[int, tuple[int, str]]:
     """pid -> (generation, state) of every worker in the scoreboard."""
     return {slot.pid: (slot.generation, STATE_NAMES[slot.state]) for _, slot in board.slots() if slot.pid}
-
-
-def wait_equal(get: Callable[[], object], expected: object, timeout: float = 10.0,
-               what: str = "value") -> None:
-    """Poll until get() == expected; on timeout say what was seen last."""
-    seen: list[object] = [None]
-
-    def same() -> bool:
-        seen[0] = get()
-        return seen[0] == expected
-    try:
-        wait_for(same, timeout, what)
-    except AssertionError as e:
-        raise AssertionError(f"{e}:\n  last seen {seen[0]!r}\n  expected  {expected!r}") from None
 
 
 def wait_serving(board: Scoreboard, count: int, generation: int = 1) -> dict[int, tuple[int, str]]:
@@ -146,91 +109,6 @@ def read_answers(sock: socket.socket, count: int, timeout: float = 10.0) -> list
 
 
 # --- the --json schema, as the README documents it ----------------------------------------
-
-class Opt:
-    """This schema, or null."""
-
-    def __init__(self, schema: object) -> None:
-        self.schema = schema
-
-
-class ListOf:
-    def __init__(self, schema: object) -> None:
-        self.schema = schema
-
-
-class OneOf:
-    """One of these exact values."""
-
-    def __init__(self, *values: object) -> None:
-        self.values = values
-
-
-INT = int
-NUM = (int, float)
-ERRORS = {"unknown": INT, "too_long": INT, "not_ascii": INT, "timeouts": INT}
-REFUSED = {"denied": INT, "per_client_limit": INT, "denied_open": INT}
-ZERO_REFUSED = {"denied": 0, "per_client_limit": 0, "denied_open": 0}
-PROXY = {"local": INT, "invalid": INT, "untrusted": INT, "timeout": INT}
-ZERO_PROXY_COUNTERS = {"proxy_local": 0, "proxy_invalid": 0, "proxy_untrusted": 0, "proxy_timeout": 0}
-RUNNING_SCHEMA = {
-    "schema": OneOf(1),
-    "state": OneOf("running"),
-    "master": {"pid": INT, "generation": INT, "workers_target": INT, "uptime_s": NUM, "title": str,
-               "cpu_seconds": NUM, "cpu_percent": NUM, "rss": INT, "uss": INT},
-    "listeners": ListOf({"address": str, "role": OneOf("service", "metrics", "agent"), "accept_queue": INT}),
-    "balancer": {"state": OneOf("ready", "drained", "stopping", "not_serving"), "drained": bool,
-                 "agent": OneOf("ready 100%", "drain")},
-    "reloads": {"count": INT, "failures": INT, "last": Opt(NUM), "last_ok": bool, "last_message": str,
-                "pending": bool},
-    "replaced": {"crashed": INT, "hung": INT, "recycled": INT},
-    "workers": ListOf({
-        "pid": INT, "number": INT, "generation": INT,
-        "state": OneOf("starting", "serving", "draining", "stopping"),
-        "uptime_s": NUM, "heartbeat_age_s": NUM, "connections": INT, "answered": INT, "answered_per_s": NUM,
-        "accepted": INT, "errors": ERRORS, "refused": REFUSED, "proxy": PROXY, "bytes_in": INT,
-        "bytes_out": INT, "recent_clients": ListOf(str), "cpu_seconds": NUM,
-        "cpu_percent": NUM, "rss": INT, "uss": INT,
-    }),
-    "totals": {"connections": INT, "answered": INT, "answered_per_s": NUM, "accepted": INT, "errors": ERRORS,
-               "refused": REFUSED, "proxy": PROXY, "bytes_in": INT, "bytes_out": INT},
-}
-NOT_RUNNING_KEYS = {"schema", "state", "problem", "pid_file"}
-
-
-def schema_problems(value: object, schema: object, path: str = "$") -> list[str]:
-    """Every way `value` departs from `schema` (documented fields; extra fields are allowed)."""
-    if isinstance(schema, dict):
-        if not isinstance(value, dict):
-            return [f"{path}: an object expected, not {value!r}"]
-        problems = []
-        for key, sub in schema.items():
-            if key not in value:
-                problems.append(f"{path}.{key}: missing")
-            else:
-                problems += schema_problems(value[key], sub, f"{path}.{key}")
-        return problems
-    if isinstance(schema, ListOf):
-        if not isinstance(value, list):
-            return [f"{path}: a list expected, not {value!r}"]
-        return [problem for i, item in enumerate(value)
-                for problem in schema_problems(item, schema.schema, f"{path}[{i}]")]
-    if isinstance(schema, Opt):
-        return [] if value is None else schema_problems(value, schema.schema, path)
-    if isinstance(schema, OneOf):
-        return [] if value in schema.values and type(value) is type(schema.values[0]) else [
-            f"{path}: one of {schema.values!r} expected, not {value!r}"]
-    types = schema if isinstance(schema, tuple) else (schema,)
-    if isinstance(value, bool) and bool not in types:  # JSON true is no number
-        return [f"{path}: {'/'.join(t.__name__ for t in types)} expected, not {value!r}"]
-    if not isinstance(value, types):
-        return [f"{path}: {'/'.join(t.__name__ for t in types)} expected, not {value!r}"]
-    return []
-
-
-def assert_running_schema(snap: dict[str, Any]) -> None:
-    problems = schema_problems(snap, RUNNING_SCHEMA)
-    assert problems == [], "\n".join(problems) + "\n" + json.dumps(snap, indent=1)[:3000]
 
 
 def test_schema_checker_catches_mistakes():
@@ -278,14 +156,14 @@ TABLE_ROW = re.compile(r"^(master|worker (\d+))\s+(\d+)\s+(\d+)\s+(\S+)\s", re.M
 
 
 def test_status_table_and_json_while_running(start_daemon):
-    d = start_daemon(config=config(workers=2), workers=2)
+    d = start_daemon(config=status_config(workers=2), workers=2)
     master = d.proc.pid
     with board_of(d) as board:
         pool = wait_serving(board, 2)
     assert set(pool) == {p.pid for p in d.workers()}
 
     # The table: the master and each worker with PID, generation and state.
-    result = status(d.pid_file)
+    result = lancelotd_cli("status", "--pid-file", str(d.pid_file))
     assert result.returncode == 0, result.stderr
     table = result.stdout
     assert f"lancelotd running: master {master}," in table, table
@@ -341,7 +219,7 @@ def test_status_table_and_json_while_running(start_daemon):
 # =========================================================================================
 
 def test_counters_agree_with_what_was_sent(start_daemon):
-    d = start_daemon(config=config(workers=2), workers=2)
+    d = start_daemon(config=status_config(workers=2), workers=2)
     known = [(NAME_Q, NAME_A), (QUEST_Q, QUEST_A), (COLOR_Q, b"Blue.")]
     unknown = [b"Who goes there?", b"What is the air-speed velocity of an unladen swallow?"]
 
@@ -396,7 +274,7 @@ def test_counters_agree_with_what_was_sent(start_daemon):
 
 
 def test_error_counters_by_kind(start_daemon):
-    d = start_daemon(config=config(workers=1, protocol="idle_timeout = 0.5"), workers=1)
+    d = start_daemon(config=status_config(workers=1, protocol="idle_timeout = 0.5"), workers=1)
     # Too long: one known question answered, then 100 bytes without '?' (the limit is 64).
     with d.connect() as sock:
         sock.sendall(QUEST_Q + b"x" * 100)
@@ -428,7 +306,7 @@ def test_error_counters_by_kind(start_daemon):
 # =========================================================================================
 
 def test_reload_shows_both_generations(start_daemon):
-    d = start_daemon(config=config(workers=2), workers=2)
+    d = start_daemon(config=status_config(workers=2), workers=2)
     with board_of(d) as board:
         gen1 = wait_serving(board, 2)
         with d.connect() as holder:
@@ -440,7 +318,7 @@ def test_reload_shows_both_generations(start_daemon):
             backlog = Backlog(holder).fill()
             questions = -(-backlog.sent // len(NAME_Q))
 
-            d.config_file.write_text(config(workers=2, color="Green."))
+            d.config_file.write_text(status_config(workers=2, color="Green."))
             d.signal(signal.SIGHUP)
 
             def two_generations() -> bool:
@@ -482,7 +360,7 @@ def test_reload_shows_both_generations(start_daemon):
 # =========================================================================================
 
 def test_crashed_worker_keeps_totals(start_daemon):
-    d = start_daemon(config=config(workers=2), workers=2)
+    d = start_daemon(config=status_config(workers=2), workers=2)
     with board_of(d) as board:
         pool = wait_serving(board, 2)
         with d.connect() as sock:
@@ -532,14 +410,14 @@ def test_status_when_not_running(tmp_path, case, code, state, words):
         data = content[case]
         pid_file.write_bytes(data if isinstance(data, bytes) else data.encode())
 
-    result = status(pid_file)
+    result = lancelotd_cli("status", "--pid-file", str(pid_file))
     assert result.returncode == code, f"exit {result.returncode}, not {code}: {result.stdout}{result.stderr}"
     message = result.stdout + result.stderr
     assert "Traceback" not in message, message
     for word in words:
         assert word in message, message
 
-    result = status(pid_file, "--json")
+    result = lancelotd_cli("status", "--pid-file", str(pid_file), "--json")
     assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     snap = json.loads(result.stdout)
@@ -550,12 +428,12 @@ def test_status_when_not_running(tmp_path, case, code, state, words):
 
 
 def test_status_after_the_master_was_killed(start_daemon, tmp_path):
-    d = start_daemon(config=config(workers=1), workers=1)
+    d = start_daemon(config=status_config(workers=1), workers=1)
     # A PID file naming the live master, with no scoreboard beside it: unknown (4).
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.copy(d.pid_file, elsewhere / "lancelotd.pid")
-    result = status(elsewhere / "lancelotd.pid", "--json")
+    result = lancelotd_cli("status", "--pid-file", str(elsewhere / "lancelotd.pid"), "--json")
     assert result.returncode == 4, result.stdout + result.stderr
     snap = json.loads(result.stdout)
     assert snap["state"] == "unknown" and "scoreboard" in snap["problem"], snap
@@ -565,10 +443,10 @@ def test_status_after_the_master_was_killed(start_daemon, tmp_path):
     os.killpg(master, signal.SIGKILL)
     d.wait_exit(10)
     assert d.pid_file.exists()
-    result = status(d.pid_file)
+    result = lancelotd_cli("status", "--pid-file", str(d.pid_file))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "stale" in result.stderr and str(master) in result.stderr, result.stderr
-    result = status(d.pid_file, "--json")
+    result = lancelotd_cli("status", "--pid-file", str(d.pid_file), "--json")
     assert result.returncode == 1
     snap = json.loads(result.stdout)
     assert snap["state"] == "dead" and str(master) in snap["problem"], snap
@@ -579,11 +457,11 @@ def test_status_after_the_master_was_killed(start_daemon, tmp_path):
 # =========================================================================================
 
 def test_reload_command_returns_once_the_new_generation_serves(start_daemon):
-    d = start_daemon(config=config(workers=2, color="Blue."), workers=2)
+    d = start_daemon(config=status_config(workers=2, color="Blue."), workers=2)
     assert d.ask(COLOR_Q) == b"Blue."
     for generation, color in ((2, "Green."), (3, "Red.")):
-        d.config_file.write_text(config(workers=2, color=color))
-        result = lancelotd("reload", "--pid-file", str(d.pid_file))
+        d.config_file.write_text(status_config(workers=2, color=color))
+        result = lancelotd_cli("reload", "--pid-file", str(d.pid_file))
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"generation {generation} serving" in result.stdout, result.stdout
         # Right away, with no waiting: every new connection gets the new answer.
@@ -591,9 +469,9 @@ def test_reload_command_returns_once_the_new_generation_serves(start_daemon):
         assert answers == [color.encode()] * 20, f"after `reload` returned (gen {generation}): {answers}"
 
     # An invalid file: 1, the error names the key, and the server keeps serving as it was.
-    d.config_file.write_text(config(workers=2, color="Purple.").replace("max_question_bytes = 64",
+    d.config_file.write_text(status_config(workers=2, color="Purple.").replace("max_question_bytes = 64",
                                                                          'max_question_bytes = "big"'))
-    result = lancelotd("reload", "--pid-file", str(d.pid_file))
+    result = lancelotd_cli("reload", "--pid-file", str(d.pid_file))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "protocol.max_question_bytes" in result.stderr, result.stderr
     assert d.ask(COLOR_Q) == b"Red."
@@ -605,7 +483,7 @@ def test_reload_command_returns_once_the_new_generation_serves(start_daemon):
 
 
 def test_stop_command_returns_once_the_master_is_gone(start_daemon):
-    d = start_daemon(config=config(workers=1), workers=1)
+    d = start_daemon(config=status_config(workers=1), workers=1)
     master = d.proc.pid
     (worker,) = [p.pid for p in d.workers()]
     reaper = threading.Thread(target=d.proc.wait, daemon=True)  # we are the master's parent
@@ -640,57 +518,19 @@ def test_stop_command_returns_once_the_master_is_gone(start_daemon):
     reaper.join(10)
     assert d.proc.returncode == 0
     assert not d.pid_file.exists()
-    assert status(d.pid_file).returncode == 3
+    assert lancelotd_cli("status", "--pid-file", str(d.pid_file)).returncode == 3
 
 
 # =========================================================================================
 # 7. Prometheus metrics from the master
 # =========================================================================================
 
-METRICS_LINE = re.compile(r"\[(\d+)\] master: metrics on (http://\S+/metrics)$", re.M)
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def metrics_url(d: Daemon, master: int) -> str:
-    def url() -> str | None:
-        found = [m.group(2) for m in METRICS_LINE.finditer(d.log()) if int(m.group(1)) == master]
-        return found[-1] if found else None
-    return wait_for(url, 10, f"master {master} to log its metrics address")  # type: ignore[return-value]
-
-
-def scrape(url: str) -> Samples:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def wait_metrics(url: str, expected: dict[tuple[str, tuple[tuple[str, str], ...]], float],
-                 timeout: float = 10.0) -> Samples:
-    """Scrape until every (name, labels) in `expected` has its value; the last scrape."""
-    last: list[Samples] = [{}]
-
-    def current() -> dict[tuple[str, tuple[tuple[str, str], ...]], float | None]:
-        last[0] = scrape(url)
-        return {key: value(last[0], key[0], **dict(key[1])) for key in expected}
-    wait_equal(current, expected, timeout, "the metrics")
-    return last[0]
-
 
 ANSWERED = ("lancelotd_questions_answered_total", ())
 
 
 def test_metrics(start_daemon):
-    d = start_daemon(config=config(workers=2, server='metrics_bind = "127.0.0.1:0"'), workers=2)
+    d = start_daemon(config=status_config(workers=2, server='metrics_bind = "127.0.0.1:0"'), workers=2)
     master = d.proc.pid
     url = metrics_url(d, master)
     with pytest.raises(urllib.error.HTTPError) as error:
@@ -802,7 +642,7 @@ def test_metrics(start_daemon):
 # =========================================================================================
 
 def test_watch_refreshes(start_daemon):
-    d = start_daemon(config=config(workers=1), workers=1)
+    d = start_daemon(config=status_config(workers=1), workers=1)
     # SIGINT as a terminal's ^C finds it, whatever this test inherited: a suite started in the
     # background (`pytest &`) has SIGINT ignored, exec keeps that, and Python then installs no
     # KeyboardInterrupt handler, so the ^C below would be ignored (issue 21: the "flaky" failure).

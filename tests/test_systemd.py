@@ -21,22 +21,18 @@ base temporary directory.
 from __future__ import annotations
 
 import json
-import queue
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from helpers import REPO, sandbox_load, wait_for
 from sdsandbox import Sandbox, booted, unavailable
 
-REPO = Path(__file__).resolve().parents[1]
-LOAD_CLIENT = Path(__file__).resolve().with_name("lancelot_load.py")
 SRC = "/usr/local/src/lancelotd"  # the copy of the repository inside
 WHEELS = "/usr/local/src/lancelotd-wheels"
 UNIT = "lancelotd.service"
@@ -149,65 +145,6 @@ def alive_inside(sb: Sandbox, pid: int) -> bool:
     return sb.run("test", "-d", f"/proc/{pid}").returncode == 0
 
 
-class Load:
-    """lancelot_load.py in the sandbox's network, driven line by line; killed and reaped on exit."""
-
-    def __init__(self, sb: Sandbox, persistent: int = 8, per_request: int = 8) -> None:
-        self.proc = sb.net_popen(
-            [sys.executable, str(LOAD_CLIENT), "--port", "1060", "--persistent", str(persistent),
-             "--per-request", str(per_request)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put("")  # EOF
-
-    def line(self, timeout: float = 30.0) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no output from the load client within {timeout}s") from None
-
-    def mark(self) -> tuple[int, int]:
-        """Answers and errors so far."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("mark\n")
-        self.proc.stdin.flush()
-        line = self.line()
-        assert line.startswith("mark "), line
-        answers, errors = map(int, line.split()[1:])
-        return answers, errors
-
-    def finish(self) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        summary = self.line()
-        assert self.proc.wait(30) == 0, self.proc.stderr.read() if self.proc.stderr else ""
-        return json.loads(summary)
-
-    def __enter__(self) -> Load:
-        try:
-            first = self.line()
-            assert first == "running", f"load client: {first!r}"
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
 # --- the tests -------------------------------------------------------------------------------
 
 def test_start_answers_on_1060(sandbox):
@@ -238,7 +175,7 @@ def test_reload_under_load_same_mainpid_new_config(sandbox):
     pid = main_pid(sb)
     assert "I don't know that." in ask(sb, SWALLOW_Q)
     sb.write(CONFIG, config_with_swallow())
-    with Load(sb) as load:
+    with sandbox_load(sb) as load:
         before, _ = load.mark()
         ok(sb.systemctl("reload", UNIT))  # synchronous: returns once generation 2 serves
         wait_for(lambda: load.mark()[0] > before + 200, 30, "answers after the reload")
@@ -416,7 +353,7 @@ def test_restart_with_the_socket_unit_refuses_nothing_under_load(sandbox):
     start(sb, SOCKET)
     start(sb)
     first = main_pid(sb)
-    with Load(sb, persistent=0, per_request=8) as load:
+    with sandbox_load(sb, persistent=0, per_request=8) as load:
         wait_for(lambda: load.mark()[0] > 200, 30, "answers before the restart")
         ok(sb.systemctl("restart", UNIT, timeout=120))  # returns once the new master is READY
         second = main_pid(sb)

@@ -16,9 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import wait_for
-from helpers import NAME_A, NAME_Q, ask, ask_on, clean_env, lancelotd_cli, read_pid, recv_all, wait_child_exit
-from test_access import status_json
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    ask,
+    ask_on,
+    clean_env,
+    lancelotd_cli,
+    read_pid,
+    recv_all,
+    status_json,
+    wait_child_exit,
+    wait_for,
+)
 
 
 def unix_ask(path: Path, question: bytes = NAME_Q) -> bytes:

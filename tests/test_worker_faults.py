@@ -10,7 +10,6 @@ limit a worker would have been born with.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import re
 import resource
@@ -19,15 +18,26 @@ import selectors
 import signal
 import socket
 import struct
-import threading
 import time
 from collections import Counter, deque
 from types import SimpleNamespace
 
 import psutil
 import pytest
-from conftest import Daemon, recv_until, wait_for
-from helpers import NAME_A, NAME_Q, read, ready_from, sleeping_in, tcp_sockets, wait_log
+from helpers import (
+    NAME_A,
+    NAME_Q,
+    Asker,
+    Daemon,
+    held,
+    outcome,
+    read,
+    ready_from,
+    recv_until,
+    sleeping_in,
+    wait_for,
+    wait_log,
+)
 
 from lancelotd.connections import Connections
 from lancelotd.limits import nofile_advice
@@ -143,15 +153,6 @@ def test_descriptor_exhaustion_pauses_accepting_and_logs_once_per_episode(start_
 # B. Graceful stop: connections queued at TERM are served or refused, never reset
 # =================================================================================
 
-def connections(pid: int, port: int, status: str) -> int:
-    """How many TCP sockets on our `port` in `status` process `pid` holds."""
-    try:
-        conns = tcp_sockets(pid)
-    except psutil.NoSuchProcess:
-        return 0
-    return sum(c.status == status and c.laddr.port == port for c in conns)
-
-
 def test_a_connection_epoll_cannot_watch_is_closed_and_uncounted():
     """Connections._adopt when epoll_ctl fails: out of kernel memory (ENOMEM) or at
     fs.epoll.max_user_watches (ENOSPC), neither of which a test may cause on a shared machine;
@@ -202,25 +203,14 @@ def test_connections_queued_at_term_are_served(start_daemon):
     assert d.wait_exit(10) == 0
 
 
-def outcome(sock: socket.socket) -> str:
-    try:
-        return "answered" if recv_until(sock, b".") == NAME_A else "wrong answer"
-    except ConnectionResetError:
-        return "reset"
-    except EOFError:
-        return "EOF without answer"
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, repr(e))
-
-
 def test_a_question_on_its_way_at_term_is_answered(start_daemon):
     """A connection accepted just before TERM whose question arrives just after it."""
     d = start_daemon(workers=1)
     worker = d.workers()[0]
     with d.connect() as sock:
-        wait_for(lambda: connections(worker.pid, d.port, psutil.CONN_ESTABLISHED), 5, "the accept")
+        wait_for(lambda: held(worker.pid, d.port, psutil.CONN_ESTABLISHED), 5, "the accept")
         d.signal(signal.SIGTERM)
-        wait_for(lambda: not connections(worker.pid, d.port, psutil.CONN_LISTEN), 5, "the worker stopping")
+        wait_for(lambda: not held(worker.pid, d.port, psutil.CONN_LISTEN), 5, "the worker stopping")
         sock.sendall(NAME_Q)
         assert recv_until(sock, b".") == NAME_A
         assert sock.recv(100) == b""  # then closed, gracefully
@@ -237,41 +227,9 @@ def test_a_question_on_its_way_at_term_is_answered(start_daemon):
 # reset about one stop in 35.
 
 
-class Asker(threading.Thread):
-    """Bursts of connections, one question each, in a loop; every outcome counted.
-
-    Bursts keep connections queued on the listener now and then, as a busy
-    server has them, so that a TERM may find some there.
-    """
-
-    BURST = 10
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.outcomes: Counter[str] = Counter()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            socks = []
-            for _ in range(self.BURST):
-                try:
-                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-                    sock.sendall(NAME_Q)
-                    socks.append(sock)
-                except ConnectionRefusedError:
-                    self.outcomes["refused"] += 1
-                except OSError as e:
-                    self.outcomes[errno.errorcode.get(e.errno or 0, repr(e))] += 1
-            for sock in socks:
-                self.outcomes[outcome(sock)] += 1
-                sock.close()
-
-
 def term_under_load(d: Daemon) -> Counter[str]:
     """TERM while three clients ask in a loop; the outcomes other than answered or refused."""
-    askers = [Asker(d.port) for _ in range(3)]
+    askers = [Asker(d.port, burst=10, pause=0) for _ in range(3)]
     for a in askers:
         a.start()
     try:
@@ -283,10 +241,10 @@ def term_under_load(d: Daemon) -> Counter[str]:
         for a in askers:
             a.stop.set()
         for a in askers:
-            a.join(10)
+            a.finish()
     bad: Counter[str] = Counter()
     for a in askers:
-        bad.update({k: v for k, v in a.outcomes.items() if k not in ("answered", "refused")})
+        bad.update(a.bad("refused"))
     return bad
 
 
