@@ -6,7 +6,8 @@ runs against lancelotd (2 workers) and ref_epoll (1 process), as bench.py does, 
 `report.md` with the medians and PNG plots of answers/s and p99 latency against connections (one
 line per server) into --out.  Also samples each lancelotd worker's USS in the middle of every
 persistent run.  The control (unless --no-control), ref_epoll with 2 processes, runs in the same
-rounds: C in lancelotd's shape, see bench.py.  See README.md.
+rounds: C in lancelotd's shape, see bench.py.  With uvloop installed (the `bench` extra), uvloop-x2
+(peer_asyncio.py: an asyncio Protocol on uvloop in 2 processes) runs in them too.  See README.md.
 
 Needs psutil, cc, and matplotlib (the `bench` extra: pip install -e '.[bench]'); run it as a script
 with lancelotd importable.  Only ever talks to 127.0.0.1.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import shlex
@@ -40,6 +42,7 @@ from bench import (
     reap_leftovers,
     run_loadgen,
     say,
+    start_forking,
     start_lancelotd,
     start_ref,
     stop_process,
@@ -49,7 +52,14 @@ FULL_CONNS = [1, 10, 50, 200, 1000, 2000, 10000]
 QUICK_CONNS = [1, 50, 2000, 10000]
 FULL_CPR = [1, 10, 50, 200]
 QUICK_CPR = [1, 50]
-SERVERS = ["lancelotd", "ref_epoll", "ref_epoll-2"]  # without the last one under --no-control
+UVLOOP = "uvloop-x2"
+SERVERS = ["lancelotd", "ref_epoll", "ref_epoll-2", UVLOOP]  # less --no-control's, and uvloop's without it
+
+
+def start_uvloop(run_dir: Path, servers: list[Server]) -> Server:
+    """The peer users compare with: an asyncio Protocol on uvloop in 2 processes (peer_asyncio.py)."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "peer_asyncio.py"), "--loop", "uvloop"]
+    return start_forking(UVLOOP, cmd, run_dir, servers, 2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,7 +159,7 @@ def plot(points: list[dict], key: str, ylabel: str, title: str, path: Path) -> N
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     xs = [p["conns"] for p in points]
-    for name, style in zip(SERVERS, ("o-", "s--", "^:"), strict=False):
+    for name, style in zip(SERVERS, ("o-", "s--", "^:", "d-."), strict=False):
         ax.plot(xs, [p[name][key] / (1000 if key == "p99_us" else 1) for p in points], style, label=name)
     ax.set_xscale("log")
     if key == "p99_us":
@@ -178,13 +188,16 @@ def write_report(out: Path, points: list[dict], args: argparse.Namespace, meta: 
     out.mkdir(parents=True, exist_ok=True)
     control = "ref_epoll-2" in SERVERS
     control_text = CONTROL_TEXT if control else ""
+    uvloop = UVLOOP in SERVERS
     lines = [
         "# lancelotd against the C reference",
         "",
         f"Generated {meta['date']} by `benchmarks/report.py {shlex.join(meta['argv'])}` at commit "
         f"`{meta['commit']}`: {meta['cpus']} CPUs, Python {meta['python']}, {meta['kernel']}; load "
         f"average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after. lancelotd runs 2 "
-        f"workers, ref_epoll 1 process{control_text}; each point is the median of {args.rounds} "
+        f"workers, ref_epoll 1 process{control_text}"
+        + (f"; {UVLOOP} is an asyncio Protocol on uvloop in 2 processes (benchmarks/peer_asyncio.py)"
+           if uvloop else "") + f"; each point is the median of {args.rounds} "
         f"alternating run(s) of {args.duration} s (after {args.warmup} s warm-up). The machine may be "
         "shared: the ratio of two "
         "runs side by side is the figure to trust, not the absolute numbers. Worker USS: sampled halfway "
@@ -204,8 +217,10 @@ def write_report(out: Path, points: list[dict], args: argparse.Namespace, meta: 
             f"![answers/s]({stem}-rps.png) ![p99]({stem}-p99.png)", "",
             "| connections | lancelotd answers/s | ref_epoll answers/s | ratio | lancelotd p99 (us) "
             "| ref_epoll p99 (us) | p99 ratio | errors (lancelotd/ref) | worker USS MiB (fds) | load avg |"
-            + (" ref_epoll-2 answers/s (/ ref) | ref_epoll-2 p99 (us) (/ ref) |" if control else ""),
-            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|" + ("---:|---:|" if control else ""),
+            + (" ref_epoll-2 answers/s (/ ref) | ref_epoll-2 p99 (us) (/ ref) |" if control else "")
+            + (f" {UVLOOP} answers/s (lancelotd / it) | {UVLOOP} p99 (us) |" if uvloop else ""),
+            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|" + ("---:|---:|" if control else "")
+            + ("---:|---:|" if uvloop else ""),
         ]
         for p in pts:
             a, b = p["lancelotd"], p["ref_epoll"]
@@ -217,6 +232,9 @@ def write_report(out: Path, points: list[dict], args: argparse.Namespace, meta: 
                 c = p["ref_epoll-2"]
                 line += (f" {c['rps']:.0f} ({_over(c['rps'], b['rps'])}) | "
                          f"{c['p99_us']:.0f} ({_over(c['p99_us'], b['p99_us'])}) |")
+            if UVLOOP in p:
+                u = p[UVLOOP]
+                line += f" {u['rps']:.0f} ({_over(a['rps'], u['rps'])}) | {u['p99_us']:.0f} |"
             lines.append(line)
         lines.append("")
     lines += ["## Commands", "", "```", *meta["server_cmds"], *commands, "```", ""]
@@ -259,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             by_name["ref_epoll-2"] = start_ref(ref_bin, run_dir, args.start_timeout, servers, 2)
         else:
             SERVERS.remove("ref_epoll-2")
+        if importlib.util.find_spec("uvloop") is not None:
+            by_name[UVLOOP] = start_uvloop(run_dir, servers)
+        else:
+            say("# uvloop is not installed (pip install -e '.[bench]'): its line is left out")
+            SERVERS.remove(UVLOOP)
         loads = [Load(f"{c} persistent", c, False) for c in args.conns]
         loads += [Load(f"{c} connect-per-request", c, True) for c in args.cpr_conns]
         for load in loads:
