@@ -44,7 +44,8 @@ class Conn(Session):
     costs one allocation and one __init__ less.
     """
 
-    __slots__ = ("sock", "fd", "out", "last", "state", "writing", "unsent", "looked", "client", "peer")
+    __slots__ = ("sock", "fd", "out", "last", "state", "writing", "unsent", "looked", "client", "peer",
+                 "started", "answers", "bytes_in", "bytes_out", "ended")
 
     def __init__(self, sock: socket.socket, table: AnswerTable, now: float,
                  peer: tuple | None = None) -> None:
@@ -61,16 +62,8 @@ class Conn(Session):
         self.looked = now  # .last when it looked: if .last moved since, that look is stale
         self.client = 0  # its fingerprint in the per-client counts (access.py), 0 = not counted
         self.peer = peer  # the client's address: the socket's peer, or a PROXY header's source
-
-
-class CountedConn(Conn):
-    """A connection while the access log is on (connlog.py): the loop counts what it answers."""
-
-    __slots__ = ("started", "answers", "bytes_in", "bytes_out", "ended")
-
-    def __init__(self, sock: socket.socket, table: AnswerTable, now: float,
-                 peer: tuple | None = None) -> None:
-        Conn.__init__(self, sock, table, now, peer)
+        # The access log's (connlog.py), counted only while it is on: set here, in the one __init__,
+        # because a subclass's own __init__ cost more per connection than these five stores.
         self.started = now  # when this worker took it
         self.answers = self.bytes_in = self.bytes_out = 0  # bytes out: queued (conn.out: not sent yet)
         self.ended = ""  # the server's own reason to close it, for its line (mark)
@@ -78,7 +71,7 @@ class CountedConn(Conn):
 
 def mark(conn: Conn, why: str, protocol_error: bool = False) -> None:
     """Say why the server closes `conn` (idle, drain, error), for its access-log line; a no-op when off."""
-    if type(conn) is CountedConn and not conn.ended:
+    if not conn.ended:
         conn.ended = why
         conn.answers -= protocol_error  # its error line is no answer
 
@@ -102,7 +95,7 @@ class Connections:
                 self.gate.release(client)
             sock.close()
             raise
-        conn = self.conn_type(sock, self.table, now, peer)
+        conn = Conn(sock, self.table, now, peer)
         conn.client = client
         self.recent.append(peer)
         if last is not None:

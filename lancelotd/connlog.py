@@ -1,13 +1,13 @@
 """The access log ([log] access): one line per closed connection, like nginx's access_log.
 
-Off by default: then a worker's connections are plain Conns, and the loop pays one test of a
-local flag per answered read.  On, install() gives the worker an AccessLog and makes its
-connections CountedConns (connections.py), whose counts the loop keeps as it answers (bytes
-in and out, answers: no extra system call).  A connection's line is held as a tuple when it
-ends (_forget, a confirmed hand-off, a refusal) and formatted with the others at the next
-tick, in writes of at most BUFFER bytes (below PIPE_BUF: a pipe to journald keeps each write
-whole), or once MAX_HELD are waiting.  Each worker opens the file itself with O_APPEND, so
-the workers' lines never mix within a line.  USR1 reopens it (logs.REOPEN_HOOKS).
+Off by default: then the loop pays one test of a local flag per answered read (and a Conn five
+slot stores at its start).  On, install() gives the worker an AccessLog, and the loop keeps each
+Conn's counts as it answers (bytes in and out, answers: no extra system call).  A connection's
+line is held as a tuple of its values when it ends (_forget, a confirmed hand-off, a refusal)
+and the held ones are formatted in one pass at the next tick (or once MAX_HELD wait), in
+writes of at most BUFFER bytes (below PIPE_BUF: a pipe to journald keeps each write whole).
+Each worker opens the file itself with O_APPEND, so the workers' lines never mix within a line.
+USR1 reopens it (logs.REOPEN_HOOKS).
 
 A line says: time, client (a PROXY header's source when there is one), worker, generation,
 duration (from when this worker took the connection), questions answered, bytes in and out
@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import logs
-from .connections import CountedConn
+from .connections import Conn
 from .logs import log
 from .sockets import describe
 
@@ -41,7 +41,8 @@ class AccessLog:
     def __init__(self, target: str, fmt: str, worker: int, generation: int) -> None:
         self.target, self.json = target, fmt == "json"
         self.fd = self._open()
-        self.held: list[tuple] = []  # (wall clock, peer, duration, questions, in, out, end, cause)
+        self.held: list[tuple] = []  # a line's values, in the template's order
+        self.second, self.stamp = -1, ""  # strftime once a second, not once a line
         self.failing = False  # a write failed: said once, until one succeeds
         # One %-format a line (the fastest Python has): time, client, then the counts.
         if self.json:
@@ -74,44 +75,45 @@ class AccessLog:
 
     def record(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
                end: str, cause: str = "") -> None:
-        self.held.append((time.time(), peer, duration, questions, bytes_in, bytes_out, end, cause))
-        if len(self.held) >= MAX_HELD:
-            self.flush()
+        self._hold(peer, duration, questions, bytes_in, bytes_out, end, self.cause % cause if cause else "")
 
-    def closed(self, conn: CountedConn, end: str) -> None:
+    def closed(self, conn: Conn, end: str) -> None:
         """`conn` ends (`end` unless the server marked a reason of its own); what the kernel
         never took (conn.out) was not sent."""
-        self.held.append((time.time(), conn.peer, time.monotonic() - conn.started, conn.answers,
-                          conn.bytes_in, conn.bytes_out - len(conn.out), conn.ended or end, ""))
+        self._hold(conn.peer, time.monotonic() - conn.started, conn.answers, conn.bytes_in,
+                   conn.bytes_out - len(conn.out), conn.ended or end, "")
+
+    def _hold(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
+              end: str, cause: str) -> None:
+        """A line's values, ready for the template: the one %-format per line is left to flush()."""
+        wall = time.time()
+        second = int(wall)
+        if second != self.second:
+            self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        if type(peer) is tuple and len(peer) == 2:
+            client = f"{peer[0]}:{peer[1]}"  # IPv4 (an IPv6 address is a 4-tuple), the common case
+        else:
+            client = describe(peer)
+        self.held.append((self.stamp, (wall - second) * 1000, client, duration, max(0, questions), bytes_in,
+                          bytes_out, end, cause))
         if len(self.held) >= MAX_HELD:
             self.flush()
 
     def flush(self) -> None:
-        """Format and write what is held, in writes of at most BUFFER bytes (whole lines)."""
+        """Format what is held (one pass in C) and write it in writes of at most BUFFER bytes,
+        each of whole lines."""
         if not self.held:
             return
         held, self.held = self.held, []
-        template, cause_template = self.template, self.cause
-        chunk: list[bytes] = []
-        size = 0
-        second, stamp = -1, ""
-        for wall, peer, duration, questions, bytes_in, bytes_out, end, cause in held:
-            if int(wall) != second:  # strftime once a second, not once a line
-                second = int(wall)
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            if type(peer) is tuple and len(peer) == 2:
-                client = f"{peer[0]}:{peer[1]}"  # IPv4 (an IPv6 address is a 4-tuple), the common case
-            else:
-                client = describe(peer)
-            line = (template % (stamp, (wall - second) * 1000, client, duration, max(0, questions), bytes_in,
-                                bytes_out, end, cause_template % cause if cause else "")
-                    ).encode("utf-8", "replace")
-            if size + len(line) > BUFFER and chunk:
-                self._write(b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        self._write(b"".join(chunk))
+        data = "".join(map(self.template.__mod__, held)).encode("utf-8", "replace")
+        start = 0
+        while len(data) - start > BUFFER:
+            end = data.rfind(b"\n", start, start + BUFFER) + 1
+            if end <= start:  # one line longer than BUFFER: alone, whole
+                end = data.index(b"\n", start) + 1
+            self._write(data[start:end])
+            start = end
+        self._write(data[start:])
 
     def _write(self, data: bytes) -> None:
         try:
@@ -138,4 +140,3 @@ def install(worker: Worker) -> None:
         return
     logs.REOPEN_HOOKS.append(access.reopen)
     worker.access = access
-    worker.conn_type = CountedConn

@@ -211,7 +211,7 @@ class ProxyHeaders:
                           refused)
                 self._linger(waiting, now)
                 return
-        conn = self.conn_type(waiting.sock, self.table, now, peer)
+        conn = Conn(waiting.sock, self.table, now, peer)
         conn.client = client
         self.conns[conn.fd] = conn  # already in the epoll set, for input
         self.recent.append(peer)

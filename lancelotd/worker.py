@@ -88,7 +88,6 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         self.table = AnswerTable(cfg.answers, cfg.unknown_answer, cfg.max_question_bytes)
         self.conns: dict[int, Conn] = {}
         self.access: connlog.AccessLog | None = None  # the access log, when on (connlog.install)
-        self.conn_type: type[Conn] = Conn  # CountedConn while the access log is on
         self.epoll = select.epoll()
         self.accepting = False
         self.held = spec.held  # accepting.py: until our master's header says accepts_held = 0

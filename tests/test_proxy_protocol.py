@@ -160,7 +160,7 @@ def test_access_rules_apply_to_the_proxy_address(start_daemon):
     with proxied(d) as sock:
         sock.sendall(build(PROXY, ("198.18.0.3", 40000), BALANCER_SIDE) + NAME_Q)
         assert sock.recv(4096) == NAME_A
-    wait_refused(d, denied=1)
+    wait_refused(d.pid_file, denied=1)
     wait_proxy(d, invalid=0, untrusted=0)
 
 
@@ -173,7 +173,7 @@ def test_per_client_limit_counts_the_proxy_address(start_daemon):
         assert closed_by_server(second)  # the same client, through the same balancer
         third.sendall(build(PROXY, ("198.18.0.3", 40002), BALANCER_SIDE) + NAME_Q)
         assert third.recv(4096) == NAME_A  # another client, through the same balancer
-    wait_refused(d, per_client_limit=1, denied=0)
+    wait_refused(d.pid_file, per_client_limit=1, denied=0)
 
 
 # --- reloads and hand-offs -----------------------------------------------------------------------
@@ -250,10 +250,10 @@ def test_ipv6_clients_of_one_block_share_a_count_with_a_prefix(start_daemon, pre
             sock.close()
     if prefix:
         assert answers[:2] == [NAME_A, NAME_A] and answers[2] == b"", answers
-        wait_refused(d, per_client_limit=1)
+        wait_refused(d.pid_file, per_client_limit=1)
     else:
         assert answers == [NAME_A] * 3
-        wait_refused(d, per_client_limit=0)
+        wait_refused(d.pid_file, per_client_limit=0)
 
 
 def test_a_local_header_is_exempt_from_the_client_allow_list(start_daemon):
@@ -268,7 +268,7 @@ def test_a_local_header_is_exempt_from_the_client_allow_list(start_daemon):
     with proxied(d) as sock:  # a real client outside the list is still denied
         sock.sendall(build(PROXY, ("203.0.113.9", 40000), BALANCER_SIDE) + NAME_Q)
         assert closed_by_server(sock)
-    wait_refused(d, denied=1)
+    wait_refused(d.pid_file, denied=1)
 
 
 def test_unspec_headers_do_not_share_one_quota(start_daemon):
@@ -281,4 +281,4 @@ def test_unspec_headers_do_not_share_one_quota(start_daemon):
     finally:
         for sock in socks:
             sock.close()
-    wait_refused(d, per_client_limit=0)
+    wait_refused(d.pid_file, per_client_limit=0)
