@@ -70,7 +70,8 @@ class Conn(Session):
 
 
 def mark(conn: Conn, why: str, protocol_error: bool = False) -> None:
-    """Say why the server closes `conn` (idle, drain, error), for its access-log line; a no-op when off."""
+    """Say why the server closes `conn` (idle, drain, error), for its access-log line (the first
+    reason stands; read only while the access log is on)."""
     if not conn.ended:
         conn.ended = why
         conn.answers -= protocol_error  # its error line is no answer

@@ -96,12 +96,15 @@ def parse_address(address: str) -> tuple[str, int]:
 MAPPED = "::ffff:"  # an IPv4 client of a dual-stack [::] listener: named and judged by its IPv4 address
 
 
+def unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as its IPv4 address; any other as it is."""
+    return host[len(MAPPED):] if host.startswith(MAPPED) and "." in host else host
+
+
 def format_address(sockaddr: tuple | str | bytes) -> str:
     if isinstance(sockaddr, (str, bytes)):  # AF_UNIX
         return UNIX + os.fsdecode(sockaddr)
-    host, port = sockaddr[0], sockaddr[1]
-    if host.startswith(MAPPED) and "." in host:
-        return f"{host[len(MAPPED):]}:{port}"
+    host, port = unmapped(sockaddr[0]), sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -114,9 +117,7 @@ def pack_address(sockaddr: tuple | None) -> tuple[int, bytes, int]:
     """A client's address in fixed size, for the scoreboard and the hand-off:
     (4 or 6, 16 bytes, port), or (0, zeros, 0) for none (or not an IP address)."""
     if isinstance(sockaddr, tuple) and len(sockaddr) >= 2 and isinstance(sockaddr[0], str):
-        host = sockaddr[0]
-        if host.startswith(MAPPED) and "." in host:
-            host = host[len(MAPPED):]
+        host = unmapped(sockaddr[0])
         try:
             if ":" in host:
                 return 6, socket.inet_pton(socket.AF_INET6, host.partition("%")[0]), sockaddr[1]
