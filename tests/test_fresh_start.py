@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -163,10 +164,24 @@ def private_tmp(setup: str = "") -> list[str]:
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a private /tmp (the /tmp fallback is one shared path): "
                     f"{probe.stderr.strip()}")
-    # The home is held at /mnt (in the namespace only) while /tmp is covered, then bound back.
-    script = ('mount --bind "$HOME" /mnt && mount -t tmpfs -o mode=1777 lancelotd-test /tmp && '
-              'mkdir -p "$HOME" && mount --bind /mnt "$HOME" && ' + setup + f'exec {back_to_us}"$@"')
+    # The real /tmp is held at /mnt (in the namespace only) while /tmp is covered; then what must
+    # stay reachable under it is bound back: the test's home, and this checkout and its Python
+    # when they live in /tmp too (a CI clone in /tmp/...).
+    back = 'mkdir -p "$HOME" && mount --bind "/mnt${HOME#/tmp}" "$HOME" && '
+    for path in kept_under_tmp():
+        held = shlex.quote(f"/mnt{str(path).removeprefix('/tmp')}")
+        back += f"mkdir -p {shlex.quote(str(path))} && mount --bind {held} {shlex.quote(str(path))} && "
+    script = ("mount --bind /tmp /mnt && mount -t tmpfs -o mode=1777 lancelotd-test /tmp && " + back
+              + setup + f'exec {back_to_us}"$@"')
     return [*namespace, "sh", "-c", script, "sh"]
+
+
+def kept_under_tmp() -> list[Path]:
+    """This checkout and the Python running the tests, where they are under /tmp (outermost only)."""
+    paths = sorted({Path(__file__).resolve().parents[1], Path(sys.prefix).resolve()})
+    under = [path for path in paths if path.is_relative_to("/tmp") and path != Path("/tmp")]
+    return [path for path in under
+            if not any(path != other and path.is_relative_to(other) for other in under)]
 
 
 def inside(run: Run, path: Path) -> Path:
