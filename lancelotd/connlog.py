@@ -3,18 +3,18 @@
 Off by default: then the loop pays one test of a local flag per answered read (and a Conn five
 slot stores at its start).  On, install() gives the worker an AccessLog, and the loop keeps each
 Conn's counts as it answers (bytes in and out, answers: no extra system call).  A connection's
-line is held as a tuple of its values when it ends (_forget, a confirmed hand-off, a refusal)
-and the held ones are formatted in one pass at the next tick (or once MAX_HELD wait), in
-writes of at most BUFFER bytes (below PIPE_BUF: a pipe to journald keeps each write whole).
+values are held as a tuple when it ends (_forget, a confirmed hand-off, a refusal); the clock
+is read and the held ones formatted once per tick (or once MAX_HELD wait), in writes of at
+most BUFFER bytes (below PIPE_BUF: a pipe to journald keeps each write whole).
 Each worker opens the file itself with O_APPEND, so the workers' lines never mix within a line.
 USR1 reopens it (logs.REOPEN_HOOKS).
 
-A line says: time, client (a PROXY header's source when there is one), worker, generation,
-duration (from when this worker took the connection), questions answered, bytes in and out
-(PROXY headers not counted), and how it ended: client_close, idle, drain, handoff, refused
-(with the cause), error (a protocol error, a socket error or a reset), stop (the worker
-stopped).  Connections refused before a PROXY header was complete are not logged here (they
-are counted in `status`).
+A line says: time (the tick it ended in, to the millisecond), client (a PROXY header's source
+when there is one), worker, generation, duration (from when this worker took the connection),
+questions answered, bytes in and out (PROXY headers not counted), and how it ended:
+client_close, idle, drain, handoff, refused (with the cause), error (a protocol error, a
+socket error or a reset), stop (the worker stopped).  Connections refused before a PROXY
+header was complete are not logged here (they are counted in `status`).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ class AccessLog:
     def __init__(self, target: str, fmt: str, worker: int, generation: int) -> None:
         self.target, self.json = target, fmt == "json"
         self.fd = self._open()
-        self.held: list[tuple] = []  # a line's values, in the template's order
+        self.held: list[tuple] = []  # (peer, started, questions, bytes in, bytes out, end, cause)
         self.second, self.stamp = -1, ""  # strftime once a second, not once a line
         self.failing = False  # a write failed: said once, until one succeeds
-        # One %-format a line (the fastest Python has): time, client, then the counts.
+        # The line: time, client, then the counts (formatted in flush).
         if self.json:
             self.template = (f'{{"time": "%s.%03dZ", "client": "%s", "worker": {worker}, "generation": '
                              f'{generation}, "pid": {os.getpid()}, "duration_s": %.6f, "questions": %d, '
@@ -75,37 +75,40 @@ class AccessLog:
 
     def record(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
                end: str, cause: str = "") -> None:
-        self._hold(peer, duration, questions, bytes_in, bytes_out, end, self.cause % cause if cause else "")
+        """A connection this worker never served (a refusal): its line, with the cause."""
+        self.held.append((peer, time.monotonic() - duration, questions, bytes_in, bytes_out, end, cause))
+        if len(self.held) >= MAX_HELD:
+            self.flush()
 
     def closed(self, conn: Conn, end: str) -> None:
         """`conn` ends (`end` unless the server marked a reason of its own); what the kernel
-        never took (conn.out) was not sent."""
-        self._hold(conn.peer, time.monotonic() - conn.started, conn.answers, conn.bytes_in,
-                   conn.bytes_out - len(conn.out), conn.ended or end, "")
-
-    def _hold(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
-              end: str, cause: str) -> None:
-        """A line's values, ready for the template: the one %-format per line is left to flush()."""
-        wall = time.time()
-        second = int(wall)
-        if second != self.second:
-            self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        if type(peer) is tuple and len(peer) == 2:
-            client = f"{peer[0]}:{peer[1]}"  # IPv4 (an IPv6 address is a 4-tuple), the common case
-        else:
-            client = describe(peer)
-        self.held.append((self.stamp, (wall - second) * 1000, client, duration, max(0, questions), bytes_in,
-                          bytes_out, end, cause))
+        never took (conn.out) was not sent.  Only its values are kept here: the clock is read,
+        and the line formatted, once per tick for all of them (flush)."""
+        unsent = len(conn.out)
+        self.held.append((conn.peer, conn.started, conn.answers, conn.bytes_in, conn.bytes_out - unsent,
+                          conn.ended or end, ""))
         if len(self.held) >= MAX_HELD:
             self.flush()
 
     def flush(self) -> None:
-        """Format what is held (one pass in C) and write it in writes of at most BUFFER bytes,
-        each of whole lines."""
+        """Format what is held and write it in writes of at most BUFFER bytes, each of whole
+        lines.  The lines' time (and the end of their durations) is now: the tick they ended in,
+        to the millisecond, as nginx's cached clock gives its log."""
         if not self.held:
             return
         held, self.held = self.held, []
-        data = "".join(map(self.template.__mod__, held)).encode("utf-8", "replace")
+        wall, now = time.time(), time.monotonic()
+        second = int(wall)
+        if second != self.second:
+            self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp, ms, line, because = self.stamp, (wall - second) * 1000, self.template, self.cause
+        # One comprehension, one %-format a line: the least Python per line (an IPv4 peer is a
+        # 2-tuple, the common case; describe() names the others).
+        text = "".join([line % (stamp, ms, f"{peer[0]}:{peer[1]}" if type(peer) is tuple and len(peer) == 2
+                                else describe(peer), now - started, max(0, questions), b_in, b_out, end,
+                                cause and because % cause)
+                        for peer, started, questions, b_in, b_out, end, cause in held])
+        data = text.encode("utf-8", "replace")
         start = 0
         while len(data) - start > BUFFER:
             end = data.rfind(b"\n", start, start + BUFFER) + 1
