@@ -3,13 +3,13 @@
 Off by default: then the loop pays one test of a local flag per answered read (and a Conn five
 slot stores at its start).  On, install() gives the worker an AccessLog, and the loop keeps each
 Conn's counts as it answers (bytes in and out, answers: no extra system call).  A connection's
-values are held as a tuple when it ends (_forget, a confirmed hand-off, a refusal); the clock
-is read and the held ones formatted once per tick (or once MAX_HELD wait), in writes of at
+values are held as a tuple when it ends (_forget, a confirmed hand-off, a refusal), and the
+held ones formatted in one pass at the next tick (or once MAX_HELD wait), in writes of at
 most BUFFER bytes (below PIPE_BUF: a pipe to journald keeps each write whole).
 Each worker opens the file itself with O_APPEND, so the workers' lines never mix within a line.
 USR1 reopens it (logs.REOPEN_HOOKS).
 
-A line says: time (the tick it ended in, to the millisecond), client (a PROXY header's source
+A line says: time (when it ended, to the millisecond), client (a PROXY header's source
 when there is one), worker, generation, duration (from when this worker took the connection),
 questions answered, bytes in and out (PROXY headers not counted), and how it ended:
 client_close, idle, drain, handoff, refused (with the cause), error (a protocol error, a
@@ -41,8 +41,8 @@ class AccessLog:
     def __init__(self, target: str, fmt: str, worker: int, generation: int) -> None:
         self.target, self.json = target, fmt == "json"
         self.fd = self._open()
-        self.held: list[tuple] = []  # (peer, started, questions, bytes in, bytes out, end, cause)
-        self.second, self.stamp = -1, ""  # strftime once a second, not once a line
+        self.held: list[tuple] = []  # (peer, started, ended, questions, bytes in, out, end, cause)
+        self.second, self.stamps = -1, {}  # the time to the second, by second (_stamps)
         self.failing = False  # a write failed: said once, until one succeeds
         # The line: time, client, then the counts (formatted in flush).
         if self.json:
@@ -76,38 +76,37 @@ class AccessLog:
     def record(self, peer: object, duration: float, questions: int, bytes_in: int, bytes_out: int,
                end: str, cause: str = "") -> None:
         """A connection this worker never served (a refusal): its line, with the cause."""
-        self.held.append((peer, time.monotonic() - duration, questions, bytes_in, bytes_out, end, cause))
+        now = time.monotonic()
+        self.held.append((peer, now - duration, now, questions, bytes_in, bytes_out, end, cause))
         if len(self.held) >= MAX_HELD:
             self.flush()
 
     def closed(self, conn: Conn, end: str) -> None:
         """`conn` ends (`end` unless the server marked a reason of its own); what the kernel
-        never took (conn.out) was not sent.  Only its values are kept here: the clock is read,
-        and the line formatted, once per tick for all of them (flush)."""
+        never took (conn.out) was not sent.  Only its values and the monotonic clock (the
+        cheapest) are kept here: the line is formatted at the next tick (flush)."""
         unsent = len(conn.out)
-        self.held.append((conn.peer, conn.started, conn.answers, conn.bytes_in, conn.bytes_out - unsent,
-                          conn.ended or end, ""))
+        self.held.append((conn.peer, conn.started, time.monotonic(), conn.answers, conn.bytes_in,
+                          conn.bytes_out - unsent, conn.ended or end, ""))
         if len(self.held) >= MAX_HELD:
             self.flush()
 
     def flush(self) -> None:
         """Format what is held and write it in writes of at most BUFFER bytes, each of whole
-        lines.  The lines' time (and the end of their durations) is now: the tick they ended in,
-        to the millisecond, as nginx's cached clock gives its log."""
+        lines."""
         if not self.held:
             return
         held, self.held = self.held, []
-        wall, now = time.time(), time.monotonic()
-        second = int(wall)
-        if second != self.second:
-            self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        stamp, ms, line, because = self.stamp, (wall - second) * 1000, self.template, self.cause
+        to_wall = time.time() - time.monotonic()  # the monotonic ends as wall-clock times
+        stamps = self._stamps(int(held[0][2] + to_wall), int(held[-1][2] + to_wall))
+        line, because = self.template, self.cause
         # One comprehension, one %-format a line: the least Python per line (an IPv4 peer is a
         # 2-tuple, the common case; describe() names the others).
-        text = "".join([line % (stamp, ms, f"{peer[0]}:{peer[1]}" if type(peer) is tuple and len(peer) == 2
-                                else describe(peer), now - started, max(0, questions), b_in, b_out, end,
-                                cause and because % cause)
-                        for peer, started, questions, b_in, b_out, end, cause in held])
+        text = "".join([line % (stamps[int(wall)], wall % 1 * 1000, f"{peer[0]}:{peer[1]}"
+                                if type(peer) is tuple and len(peer) == 2 else describe(peer),
+                                ended - started, max(0, asked), b_in, b_out, end, cause and because % cause)
+                        for peer, started, ended, asked, b_in, b_out, end, cause in held
+                        for wall in (ended + to_wall,)])
         data = text.encode("utf-8", "replace")
         start = 0
         while len(data) - start > BUFFER:
@@ -117,6 +116,15 @@ class AccessLog:
             self._write(data[start:end])
             start = end
         self._write(data[start:])
+
+    def _stamps(self, first: int, last: int) -> dict[int, str]:
+        """The time to the second of each second from `first` to `last` (most often one, the
+        same as the last flush's: strftime once a second, not once a line)."""
+        if first != self.second or last != first:
+            self.second = first if last == first else -1
+            self.stamps = {second: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                           for second in range(first, max(first, last) + 1)}
+        return self.stamps
 
     def _write(self, data: bytes) -> None:
         try:

@@ -12,9 +12,11 @@ import os
 import signal
 import socket
 import struct
+import time
+from datetime import datetime
 from pathlib import Path
 
-from helpers import NAME_A, NAME_Q, ask, ask_on, lancelotd_cli, recv_all, wait_for
+from helpers import NAME_A, NAME_Q, ask, ask_on, lancelotd_cli, recv_all, scaled, wait_for
 
 QUEST_Q, QUEST_A = b"What is your quest?", b"To seek the Holy Grail."
 
@@ -63,6 +65,24 @@ def test_json_line_per_connection(start_daemon, tmp_path):
         event = json.loads(line)
         assert {"time", "level", "pid", "role", "generation", "message"} <= set(event), event
     assert any(json.loads(line).get("worker") == 1 for line in d.log().splitlines())
+
+
+def test_time_and_duration_are_the_connections(start_daemon, tmp_path):
+    """A line's time is when its connection ended and its duration how long it was open, not
+    when the line happened to be written (lines wait for the next tick, up to a second)."""
+    access = tmp_path / "access.log"
+    d = start_daemon(config=config(str(access)), workers=1)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:
+        opened = time.monotonic()
+        assert ask_on(sock, NAME_Q) == NAME_A
+        time.sleep(0.3)  # the connection under test: open for 0.3 s
+        closing = time.time()
+    open_for, closed = time.monotonic() - opened, time.time()
+    line = lines(access)[0]
+    duration = float(fields(line)["duration"])
+    assert 0.3 <= duration <= open_for + scaled(0.2), line
+    ended = datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+    assert closing - 0.001 <= ended <= closed + scaled(0.2), (line, closing, closed)
 
 
 def test_text_lines_say_how_each_ended(start_daemon, tmp_path):
