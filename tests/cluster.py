@@ -121,7 +121,7 @@ def keeper_main() -> int:
                 reap()
                 time.sleep(0.01)
         print(json.dumps({"rc": exited.pop(pid), "out": read(out)}), flush=True)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while reap() and time.monotonic() < deadline:
         time.sleep(0.01)
     return 0

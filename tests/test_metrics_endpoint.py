@@ -133,7 +133,7 @@ class Crowd:
         slow = {sock: 0 for sock in open_silent(self.port, self.slow)}
         self.opened = len(idle) + len(slow)
         try:
-            while not self.stop.wait(0.2):
+            while not self.stop.wait(0.2):  # unscaled: the period of the slow clients
                 readable, _, _ = select.select([*idle, *slow], [], [], 0)
                 for sock in readable:  # dropped by the server (EOF or reset): come back
                     if sock in slow:
