@@ -221,7 +221,8 @@ def test_install_enables_starts_and_serves(sandbox: Sandbox) -> None:
     # Port 1060 answers the protocol: the packaged client, and raw bytes (the sandbox's python3).
     out = ok(sb.run("lancelot", "ask", "What is your name?", "What is your quest?"))
     assert out == "My name is Sir Lancelot of Camelot.\nTo seek the Holy Grail.\n"
-    raw = ok(sb.run("python3", "-c", "import socket; s = socket.create_connection(('127.0.0.1', 1060), 5); "
+    connect = f"socket.create_connection(('127.0.0.1', 1060), {scaled(5)})"
+    raw = ok(sb.run("python3", "-c", f"import socket; s = {connect}; "
                     "s.sendall(b'What is your favorite color?'); print(s.recv(100).decode())"))
     assert raw.strip() == "Blue."
 

@@ -371,10 +371,11 @@ def test_restart_with_the_socket_unit_refuses_nothing_under_load(sandbox):
 
 
 # HAProxy's `server ... send-proxy-v2`, played by the test: the v2 header, then a question.
+# argv: the port, the socket timeout (scaled by the test).
 PROXY_CLIENT = """
 import socket, sys
 from lancelotd.proxyproto import PROXY, build
-with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as sock:
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=float(sys.argv[2])) as sock:
     sock.sendall(build(PROXY, ("198.18.0.2", 31222), ("198.18.0.1", 1070)) + b"What is your name?")
     answer = b""
     while not answer.endswith(b".") and (chunk := sock.recv(4096)):
@@ -384,8 +385,9 @@ print(answer.decode())
 
 
 def proxied_ask(sb: Sandbox, port: int) -> str:
-    proc = sb.net_popen([sys.executable, "-c", PROXY_CLIENT, str(port)], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO)})
+    proc = sb.net_popen([sys.executable, "-c", PROXY_CLIENT, str(port), str(scaled(10))],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        env={"PYTHONPATH": str(REPO)})
     out, err = proc.communicate(timeout=scaled(30))
     assert proc.returncode == 0, err
     return out
