@@ -368,15 +368,18 @@ def test_drained_connections_close_at_idle_points_spread_over_time(start_daemon)
 
 
 def test_max_connection_age_closes_old_connections_at_idle_points(start_daemon):
-    d = start_daemon(config=conf(balancer="max_connection_age = 1.0\nmax_connection_age_jitter = 1.0"),
+    """The age (and its jitter) is scaled(1 s): every client asks its question before it, on a slow
+    machine too; the wait for the closes follows."""
+    age = scaled(1.0)
+    d = start_daemon(config=conf(balancer=f"max_connection_age = {age}\nmax_connection_age_jitter = {age}"),
                      workers=1)
     opened = time.monotonic()
     socks = [d.connect() for _ in range(4)]
     for sock in socks:
         assert ask_on(sock, NAME_Q) == NAME_A
-    ended = eof_times(socks, 5.0)
+    ended = eof_times(socks, 1.0 + 1.0 + 3)  # age, jitter and patience, scaled by eof_times
     assert len(ended) == 4, "connections older than max_connection_age still open"
-    assert all(t - opened >= 1.0 for t in ended.values())
+    assert all(t - opened >= age for t in ended.values())
     assert d.ask(NAME_Q) == NAME_A  # the host itself serves on
     for sock in socks:
         sock.close()

@@ -326,7 +326,7 @@ def test_hup_storm_under_load_drops_nothing(start_daemon, loadgen, per_request):
 # =================================================================================
 
 def test_usr2_upgrade_under_load(start_daemon, loadgen):
-    d = start_daemon(config=config(workers=2, graceful_timeout=15))
+    d = start_daemon(config=config(workers=2, graceful_timeout=scaled(15)))  # our client is served before it
     old_workers = wait_pool(d.proc.pid, 2, generation=1)
     old_pid = d.proc.pid
     oldbin = Path(str(d.pid_file) + ".oldbin")
