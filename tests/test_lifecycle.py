@@ -272,6 +272,9 @@ def test_failing_new_generation_keeps_the_old_one(start_daemon):
 
 
 def test_boot_failures_back_off(start_daemon):
+    """The window is not scaled: the back-off's delays are the daemon's own (0.2 s doubling), so a
+    longer window would count more attempts; a slow machine only makes fewer, which the lower
+    bound allows for."""
     d = start_daemon(config=config(workers=2), env={"LANCELOTD_TEST_FAIL_BOOT": "1"})
     wait_log(d.log_file, r"next spawn in")
     time.sleep(3.0)  # the observation window: how often does it try in ~3 s?
