@@ -35,7 +35,18 @@ import time
 from pathlib import Path
 
 import psutil
-from helpers import LOAD_CLIENT, REPO, LoadClient, become_subreaper, gone, read, read_pid, scaled, wait_for
+from helpers import (
+    LOAD_CLIENT,
+    REPO,
+    LoadClient,
+    become_subreaper,
+    gone,
+    load_client_timeouts,
+    read,
+    read_pid,
+    scaled,
+    wait_for,
+)
 
 HAPROXY_CFG = REPO / "etc" / "haproxy" / "lancelotd.cfg"
 
@@ -48,8 +59,9 @@ FDRAIN = 0x08  # srv_admin_state bit: drained (by the agent or the runtime API)
 
 def run(*argv: str, check: bool = True, timeout: float = 30, env: dict[str, str] | None = None,
         ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env=None if env is None else dict(os.environ, **env))
+    """`argv` run to its end within scaled(`timeout`), its output captured."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(timeout),
+                          stdin=subprocess.DEVNULL, env=None if env is None else dict(os.environ, **env))
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc
@@ -87,7 +99,7 @@ def keeper_main() -> int:
             exited[pid] = os.waitstatus_to_exitcode(status)
 
     while True:
-        if not select.select([sys.stdin], [], [], 0.05)[0]:
+        if not select.select([sys.stdin], [], [], 0.05)[0]:  # unscaled: the period of the reaping
             reap()
             continue
         line = sys.stdin.readline()
@@ -109,7 +121,7 @@ def keeper_main() -> int:
                 reap()
                 time.sleep(0.01)
         print(json.dumps({"rc": exited.pop(pid), "out": read(out)}), flush=True)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while reap() and time.monotonic() < deadline:
         time.sleep(0.01)
     return 0
@@ -151,7 +163,7 @@ class Load(LoadClient):
         super().__init__(subprocess.Popen(
             cluster.netns("cl", sys.executable, str(LOAD_CLIENT), "--host", LB, "--port", str(PORT),
                           "--persistent", str(persistent), "--per-request", str(per_request),
-                          "--retry", "--think", str(think)),
+                          "--retry", "--think", str(think), *load_client_timeouts()),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
@@ -245,7 +257,7 @@ class Cluster:
         """`lancelotd ARGS --pid-file <host n's>` from here: /run and /tmp are shared with the netns."""
         config = self.host_dir(n) / "lancelotd.toml"
         return run(sys.executable, "-m", "lancelotd", *args, "-c", str(config), "--pid-file",
-                   str(self.pid_file(n)), check=False, timeout=scaled(timeout))
+                   str(self.pid_file(n)), check=False, timeout=timeout)
 
     # --- HAProxy ----------------------------------------------------------------------------
 

@@ -142,7 +142,7 @@ class Client:
 
     def ask(self, question: bytes) -> bytes:
         if self.sock is None:
-            self.sock = socket.create_connection((self.args.host, self.args.port), timeout=10)
+            self.sock = socket.create_connection((self.args.host, self.args.port), timeout=self.args.timeout)
             self.buffer.clear()
             self.stats.count("connections")
         self.sock.sendall(question)
@@ -201,7 +201,10 @@ def main() -> int:
     parser.add_argument("--per-request", type=int, default=8)
     parser.add_argument("--retry", action="store_true", help="ask again, once, on a new connection")
     parser.add_argument("--think", type=float, default=0.0, help="seconds after an answer")
-    parser.add_argument("--start-timeout", type=float, default=15.0)
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds for a connection, and for each answer on it")
+    parser.add_argument("--start-timeout", type=float, default=15.0,
+                        help="seconds for every client's first answer")
     args = parser.parse_args()
     kinds = [False] * args.persistent + [True] * args.per_request
     stats = Stats(len(kinds))
@@ -220,7 +223,7 @@ def main() -> int:
         print(f"mark {marks[-1][0]} {marks[-1][1]}", flush=True)
     stop.set()
     for thread in threads:
-        thread.join(15)
+        thread.join(args.timeout + 5)  # a client stops after its question in flight
     print(json.dumps(stats.summary(marks)), flush=True)
     return 0
 

@@ -42,7 +42,7 @@ def load(command: list[str], port: int, conns: int = 50, seconds: float = 3.0, p
     """Run the load generator in the background; on exit from the block, wait for it and fill in
     its results."""
     cmd = [*command, "-H", "127.0.0.1", "-p", str(port), "-c", str(conns), "-d", str(seconds),
-           "-t", str(threads)]
+           "-t", str(threads), "-T", f"{scaled(2.0) * 1000:g}"]  # a request's timeout: the test's patience
     if per_request:
         cmd.append("-r")
     result: dict[str, str] = {}

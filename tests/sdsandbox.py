@@ -47,6 +47,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from helpers import scaled
+
 SCRIPT = Path(__file__).resolve().with_name("sdsandbox.sh")
 SYSTEMD = "/lib/systemd/systemd"
 CGROUP_PREFIX = "sdsb-lancelotd-"
@@ -118,7 +120,7 @@ class Sandbox:
             os.close(slave)
         self._drain = threading.Thread(target=self._copy_console, name=f"sdsb-{self.name}", daemon=True)
         self._drain.start()
-        deadline = time.monotonic() + self.boot_timeout
+        deadline = time.monotonic() + scaled(self.boot_timeout)
         state = ""
         while True:
             if self.launcher.poll() is not None:
@@ -132,7 +134,7 @@ class Sandbox:
                     return self
             if time.monotonic() > deadline:
                 self.teardown()
-                raise SandboxError(f"systemd was not running after {self.boot_timeout:g}s "
+                raise SandboxError(f"systemd was not running after {scaled(self.boot_timeout):g}s "
                                    f"(state {state!r}):\n" + self.console())
             time.sleep(0.05)
 
@@ -155,14 +157,14 @@ class Sandbox:
             _kill(pid, signal.SIGRTMIN + 4)  # systemd: poweroff
         if self.launcher is not None:
             try:
-                self.launcher.wait(20)
+                self.launcher.wait(scaled(20))
             except subprocess.TimeoutExpired:
                 if pid:
                     _kill(pid, signal.SIGKILL)  # the whole pid namespace goes with it
                 self.launcher.kill()
                 self.launcher.wait()
         if self._drain is not None:
-            self._drain.join(5)
+            self._drain.join(scaled(5))
         if self._pty is not None:
             os.close(self._pty)
             self._pty = None
@@ -170,7 +172,7 @@ class Sandbox:
         problems = []
         removed = subprocess.run(["unshare", "--mount", "--propagation", "private", "--",
                                   "/bin/bash", str(SCRIPT), "rmcgroup"],
-                                 env=self.env, capture_output=True, text=True, timeout=30)
+                                 env=self.env, capture_output=True, text=True, timeout=scaled(30))
         if removed.returncode != 0:
             problems.append(f"cgroup {self.cgroup}: {removed.stderr.strip()}")
         if (self.state / MARKER).exists():
@@ -195,7 +197,7 @@ class Sandbox:
         """Remove the empty cgroups of sandboxes whose session was killed."""
         subprocess.run(["unshare", "--mount", "--propagation", "private", "--",
                         "/bin/bash", str(SCRIPT), "sweep", CGROUP_PREFIX],
-                       env=self.env, capture_output=True, timeout=30)
+                       env=self.env, capture_output=True, timeout=scaled(30))
 
     def _copy_console(self) -> None:
         assert self._pty is not None
@@ -235,9 +237,10 @@ class Sandbox:
 
     def run(self, *cmd: str, input: str | None = None, timeout: float = 60.0,
             check: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run a command inside and wait for it; stdout and stderr captured as text."""
+        """Run a command inside and wait for it (within scaled(`timeout`)); stdout and stderr captured
+        as text."""
         result = subprocess.run(self.inside(cmd), input=input, capture_output=True, text=True,
-                                timeout=timeout)
+                                timeout=scaled(timeout))
         if check and result.returncode != 0:
             raise SandboxError(f"{' '.join(cmd)} exited with {result.returncode}:\n"
                                f"{result.stdout}{result.stderr}")

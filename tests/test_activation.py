@@ -16,7 +16,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from helpers import NAME_A, NAME_Q, REPO, WRAPPER, ask, ask_on, recv_all, wait_for, wait_log
+from helpers import NAME_A, NAME_Q, REPO, WRAPPER, ask, ask_on, recv_all, scaled, wait_for, wait_log
 
 from lancelotd import activation
 from lancelotd.activation import ACTIVATED
@@ -69,11 +69,11 @@ def test_activated_socket_takes_its_listeners_proxy_settings(spawn, tmp_path):
     address = rf"127\.0\.0\.1:{port}"
     wait_log(d.log_file, rf"socket-activated {address} is {address} \(PROXY protocol v2\)")
     # HAProxy's send-proxy-v2: the header, then the client's bytes.
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(5)) as sock:
         sock.sendall(build(PROXY, ("198.18.0.2", 31222), ("198.18.0.1", 1060)))
         assert ask_on(sock, NAME_Q) == NAME_A
     # Without the header, the listener wants one: closed, never answered as a question.
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(5)) as sock:
         sock.sendall(NAME_Q + b"\r\n" + bytes(16))
         assert b"Error" not in recv_all(sock)
     assert "not in the configuration" not in d.log()
@@ -104,7 +104,7 @@ def test_address_held_by_a_dual_stack_activated_socket_names_the_mismatch(spawn)
     try:
         d = spawn("-w", "1", "-b", f"0.0.0.0:{port}", listen=listener, own_pid=("LISTEN_PID",),
                   env={"LISTEN_FDS": "1"})
-        assert d.proc.wait(timeout=10) == 1
+        assert d.proc.wait(timeout=scaled(10)) == 1
     finally:
         listener.close()
     log = d.log()
@@ -121,7 +121,8 @@ def check_config_activated(tmp_path: Path, config: str,
     env = dict(os.environ, LISTEN_FDS="1", TEST_OWN_PID="LISTEN_PID", TEST_LISTEN_FD=str(listener.fileno()))
     env.pop("LANCELOTD_CONFIG", None)
     return subprocess.run([sys.executable, "-c", WRAPPER, "-m", "lancelotd", "check-config", "-c", str(path)],
-                          env=env, pass_fds=(listener.fileno(),), capture_output=True, text=True, timeout=30)
+                          env=env, pass_fds=(listener.fileno(),), capture_output=True, text=True,
+                          timeout=scaled(30))
 
 
 def test_check_config_reports_the_mismatch(tmp_path):

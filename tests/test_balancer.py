@@ -193,7 +193,8 @@ def test_drain_and_undrain_through_agent_ready_status_metrics_and_systemd(start_
 
 
 def test_agent_says_drain_until_a_worker_serves(start_daemon):
-    d = start_daemon(config=conf(), env={"LANCELOTD_TEST_BOOT_DELAY": "1.5"}, workers=1)
+    # The worker boots for scaled(1.5) s: the test asks before it serves, on a slow machine too.
+    d = start_daemon(config=conf(), env={"LANCELOTD_TEST_BOOT_DELAY": f"{scaled(1.5)}"}, workers=1)
     port, url = agent_port(d), base_url(d)
     assert agent(port) == DRAIN  # the worker sleeps in its boot
     assert get(url + "/ready") == (503, "not_serving\n")
@@ -260,8 +261,9 @@ def test_usr2_successor_serves_the_agent_port_and_keeps_the_drain(start_daemon):
 def test_term_with_drain_delay_says_drain_at_once_serves_on_then_refuses(start_daemon, tmp_path):
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     try:
-        d = start_daemon(config=conf(balancer="drain_delay = 2.0"), env={"NOTIFY_SOCKET": notify.address},
-                         workers=1)
+        delay = scaled(2.0)  # the clients are served during it, on a slow machine too
+        d = start_daemon(config=conf(balancer=f"drain_delay = {delay}"),
+                         env={"NOTIFY_SOCKET": notify.address}, workers=1)
         port, url = agent_port(d), base_url(d)
         wait_agent(port, READY)
         held = d.connect()
@@ -271,16 +273,16 @@ def test_term_with_drain_delay_says_drain_at_once_serves_on_then_refuses(start_d
         stopping = notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
         assert stopping.at - termed < scaled(0.5)  # at TERM, not after the delay
         assert "drain_delay" in stopping.get("STATUS"), stopping.raw
-        assert int(stopping.get("EXTEND_TIMEOUT_USEC")) >= (2.0 + 10) * 1e6, stopping.raw
+        assert int(stopping.get("EXTEND_TIMEOUT_USEC")) >= (delay + 10) * 1e6, stopping.raw
         assert agent(port) == DRAIN
         assert get(url + "/ready") == (503, "stopping\n")
         assert time.monotonic() - termed < scaled(0.8), "the agent and /ready were slow to say it"
         # Still accepting and serving, new connections and the one held
-        while time.monotonic() - termed < 1.5:
+        while time.monotonic() - termed < 0.75 * delay:
             assert d.ask(NAME_Q) == NAME_A
         assert d.proc.poll() is None
         assert d.wait_exit() == 0
-        assert time.monotonic() - termed >= 2.0
+        assert time.monotonic() - termed >= delay
         with pytest.raises(ConnectionRefusedError):
             d.connect()
         held.close()
@@ -318,15 +320,18 @@ def test_a_second_term_or_quit_ends_drain_delay(start_daemon, second):
 
 
 def test_drained_long_enough_stops_without_waiting(start_daemon):
-    d = start_daemon(config=conf(balancer="drain_delay = 1.5"), workers=1)
+    """drain_delay, the wait past it and the threshold are all scaled: the threshold stays below
+    drain_delay (the test can fail), and a slow machine's stop still beats it."""
+    delay = scaled(1.5)
+    d = start_daemon(config=conf(balancer=f"drain_delay = {delay}"), workers=1)
     port = agent_port(d)
     wait_agent(port, READY)
     assert drain_cmd(d).returncode == 0
-    time.sleep(1.6)  # the time under test: the agent has said drain for longer than drain_delay
+    time.sleep(delay + scaled(0.1))  # the time under test: the agent has said drain longer than drain_delay
     termed = time.monotonic()
     d.signal(signal.SIGTERM)
     assert d.wait_exit(5) == 0
-    assert time.monotonic() - termed < 1.2, "it waited for drain_delay again"
+    assert time.monotonic() - termed < scaled(1.2), "it waited for drain_delay again"
     assert "stopping now" in d.log()
 
 
@@ -363,15 +368,18 @@ def test_drained_connections_close_at_idle_points_spread_over_time(start_daemon)
 
 
 def test_max_connection_age_closes_old_connections_at_idle_points(start_daemon):
-    d = start_daemon(config=conf(balancer="max_connection_age = 1.0\nmax_connection_age_jitter = 1.0"),
+    """The age (and its jitter) is scaled(1 s): every client asks its question before it, on a slow
+    machine too; the wait for the closes follows."""
+    age = scaled(1.0)
+    d = start_daemon(config=conf(balancer=f"max_connection_age = {age}\nmax_connection_age_jitter = {age}"),
                      workers=1)
     opened = time.monotonic()
     socks = [d.connect() for _ in range(4)]
     for sock in socks:
         assert ask_on(sock, NAME_Q) == NAME_A
-    ended = eof_times(socks, 5.0)
+    ended = eof_times(socks, 1.0 + 1.0 + 3)  # age, jitter and patience, scaled by eof_times
     assert len(ended) == 4, "connections older than max_connection_age still open"
-    assert all(t - opened >= 1.0 for t in ended.values())
+    assert all(t - opened >= age for t in ended.values())
     assert d.ask(NAME_Q) == NAME_A  # the host itself serves on
     for sock in socks:
         sock.close()

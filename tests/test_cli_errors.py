@@ -15,7 +15,7 @@ import os
 import subprocess
 
 import pytest
-from helpers import NAME_A, as_user, lancelotd_cli
+from helpers import NAME_A, as_user, lancelotd_cli, scaled
 
 BROKEN = "workers = 0\n"  # [server] workers must be 1..256
 
@@ -54,7 +54,8 @@ def test_invalid_config_status_json(configured):
 def test_invalid_config_with_pid_file_still_stops(configured):
     d = configured
     d.config_file.write_text(BROKEN)
-    result = lancelotd_cli("stop", "-c", str(d.config_file), "--pid-file", str(d.pid_file), "--timeout", "20")
+    result = lancelotd_cli("stop", "-c", str(d.config_file), "--pid-file", str(d.pid_file),
+                           "--timeout", f"{scaled(20):g}")
     assert result.returncode == 0, result
     assert d.wait_exit(20) == 0
 

@@ -49,7 +49,7 @@ def test_json_line_per_connection(start_daemon, tmp_path):
         return None
     d.port = wait_for(port, 10, "the listening line")  # type: ignore[assignment]
     d.wait_workers(1)
-    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:
         me = sock.getsockname()
         assert ask_on(sock, NAME_Q + b"\r\n") == NAME_A
         assert ask_on(sock, QUEST_Q) == QUEST_A
@@ -87,13 +87,14 @@ def test_time_and_duration_are_the_connections(start_daemon, tmp_path):
 
 def test_text_lines_say_how_each_ended(start_daemon, tmp_path):
     access = tmp_path / "access.log"
-    d = start_daemon(config=config(str(access), more="[protocol]\nidle_timeout = 1\n"), workers=1)
-    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:  # a protocol error
+    # idle_timeout scaled(1): only the silent connection is closed as idle, on a slow machine too.
+    d = start_daemon(config=config(str(access), more=f"[protocol]\nidle_timeout = {scaled(1)}\n"), workers=1)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:  # a protocol error
         sock.sendall(NAME_Q + b"caf\xc3\xa9?")
         assert recv_all(sock) == NAME_A + b"Error: questions must be ASCII."
-    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:  # idle
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:  # idle
         assert recv_all(sock) == b""
-    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:  # a reset
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:  # a reset
         assert ask_on(sock, NAME_Q) == NAME_A
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     found = [fields(line) for line in lines(access, 3)]
@@ -106,7 +107,7 @@ def test_unix_socket_lines(start_daemon, tmp_path):
     access, path = tmp_path / "access.log", tmp_path / "l.sock"
     d = start_daemon("-b", "127.0.0.1:0", "-b", f"unix:{path}", config=config(str(access)), workers=1)
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
         sock.connect(str(path))
         assert ask_on(sock, NAME_Q) == NAME_A
     found = fields(lines(access)[0])
@@ -117,7 +118,7 @@ def test_unix_socket_lines(start_daemon, tmp_path):
 def test_refused_by_the_access_rules(start_daemon, tmp_path):
     access = tmp_path / "access.log"
     d = start_daemon(config=config(str(access), more='[access]\ndeny = ["127.0.0.1"]\n'), workers=1)
-    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:
         assert recv_all(sock) == b""
     found = fields(lines(access)[0])
     assert found["end"] == "refused" and found["cause"] == "denied", found
@@ -139,7 +140,7 @@ def test_reopened_on_usr1(start_daemon, tmp_path):
 def test_handed_over_on_reload(start_daemon, tmp_path):
     access = tmp_path / "access.log"
     d = start_daemon(config=config(str(access)), workers=1)
-    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:
         assert ask_on(sock, NAME_Q) == NAME_A
         d.signal(signal.SIGHUP)
         first = fields(lines(access)[0])  # the old worker's line, at the hand-off

@@ -36,7 +36,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 import pytest
-from helpers import REPO, CheckedThread, sandbox_load
+from helpers import REPO, CheckedThread, sandbox_load, scaled
 from sdsandbox import Sandbox, booted, unavailable
 
 from lancelotd import __version__
@@ -111,7 +111,7 @@ def build(src: Path) -> Path:
     """dpkg-buildpackage -us -uc -b in src; the .deb it writes beside src."""
     env = {**os.environ, "PATH": CLEAN_PATH, "DEB_BUILD_OPTIONS": "nocheck", "DEB_BUILD_PROFILES": "nocheck"}
     result = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=scaled(600))
     assert result.returncode == 0, \
         f"dpkg-buildpackage failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
     version = changelog_version((src / "debian/changelog").read_text())
@@ -146,7 +146,7 @@ def make_root(root: Path) -> None:
     with open(sources) if sources.exists() else open(os.devnull) as stdin:
         if not sources.exists():
             cmd.append("http://deb.debian.org/debian")
-        result = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, timeout=900,
+        result = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, timeout=scaled(900),
                                 env={**os.environ, "PATH": CLEAN_PATH})
     assert result.returncode == 0, f"mmdebstrap failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
     tmp.rename(root)
@@ -221,7 +221,8 @@ def test_install_enables_starts_and_serves(sandbox: Sandbox) -> None:
     # Port 1060 answers the protocol: the packaged client, and raw bytes (the sandbox's python3).
     out = ok(sb.run("lancelot", "ask", "What is your name?", "What is your quest?"))
     assert out == "My name is Sir Lancelot of Camelot.\nTo seek the Holy Grail.\n"
-    raw = ok(sb.run("python3", "-c", "import socket; s = socket.create_connection(('127.0.0.1', 1060), 5); "
+    connect = f"socket.create_connection(('127.0.0.1', 1060), {scaled(5)})"
+    raw = ok(sb.run("python3", "-c", f"import socket; s = {connect}; "
                     "s.sendall(b'What is your favorite color?'); print(s.recv(100).decode())"))
     assert raw.strip() == "Blue."
 
@@ -298,7 +299,7 @@ def watch_state(sb: Sandbox, states: list[str], done: threading.Event) -> None:
     """The unit's ActiveState, sampled until done (each sample a systemctl call inside)."""
     while not done.is_set():
         states.append(sb.systemctl("is-active", "lancelotd.service").stdout.strip())
-        done.wait(0.1)
+        done.wait(0.1)  # unscaled: the sampling period
 
 
 @needs_root
@@ -318,7 +319,7 @@ def test_failed_hand_over_with_an_invalid_config_keeps_the_old_master(sandbox: S
     assert sb.systemctl("is-active", "lancelotd.service").stdout.strip() == "active"
     assert sb.show("lancelotd.service", "NRestarts")["NRestarts"] == "0"
     assert "My name is" in ok(sb.run("lancelot", "ask", "What is your name?"))
-    assert took < 30, "the postinst waited for a hand-over that had failed"
+    assert took < scaled(30), "the postinst waited for a hand-over that had failed"
     sb.write(CONFIG, good)
 
 
@@ -359,7 +360,7 @@ def test_lintian_finds_no_error_and_no_warning(debs: dict[str, Path]) -> None:
     changes = sorted(debs["current"].parent.glob("*.changes"))
     assert changes, "dpkg-buildpackage wrote no .changes"
     result = subprocess.run(["lintian", "--fail-on", "error,warning", str(changes[0])], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "PATH": CLEAN_PATH})
+                            text=True, timeout=scaled(600), env={**os.environ, "PATH": CLEAN_PATH})
     print(f"[debian] lintian: {result.stdout.strip() or '(nothing)'}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not re.search(r"^[EW]: ", result.stdout, re.M), result.stdout

@@ -74,7 +74,7 @@ class Run:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
+            self.proc.wait(scaled(10))
         self.out.close()
 
 
@@ -121,7 +121,7 @@ def make_xdg(home: Path) -> Path:
 def ask(log: str) -> bytes:
     match = LISTENING.search(log)
     assert match, log
-    with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=scaled(5)) as sock:
         sock.sendall(b"What is your name?")
         return recv_until(sock, b".")
 
@@ -134,7 +134,7 @@ def serve_and_stop(run: Run, pid_file: Path, directory_mode: int, owner: int) ->
     assert stat.S_ISDIR(st.st_mode) and st.st_uid == owner
     assert stat.S_IMODE(st.st_mode) == directory_mode, oct(st.st_mode)
     run.proc.send_signal(signal.SIGTERM)
-    assert run.proc.wait(15) == 0, run.log()
+    assert run.proc.wait(scaled(15)) == 0, run.log()
     assert not pid_file.exists()
 
 
@@ -204,7 +204,7 @@ def test_bare_command_without_xdg_uses_a_private_directory_in_tmp(home: Path, sp
 
 
 def refused(run: Run, *phrases: str) -> None:
-    assert run.proc.wait(15) == 1, run.log()
+    assert run.proc.wait(scaled(15)) == 1, run.log()
     for phrase in phrases:
         assert phrase in run.log(), run.log()
 
@@ -289,14 +289,14 @@ def test_serve_daemon_with_the_default_pid_file(home: Path) -> None:
         launcher = subprocess.run(
             [*as_user(), *lancelotd(), "serve", "--daemon", "-c", env["LANCELOTD_CONFIG"],
              "--log-file", str(log_file)],
-            env=env, cwd=home, capture_output=True, text=True, timeout=60)
+            env=env, cwd=home, capture_output=True, text=True, timeout=scaled(60))
         assert launcher.returncode == 0, launcher.stderr + log_file.read_text(errors="replace")
         master = int(pid_file.read_text())
         tree = [master, *(p.pid for p in psutil.Process(master).children())]
         assert stat.S_IMODE(os.stat(pid_file.parent).st_mode) == 0o700
         assert ask(log_file.read_text()) == b"My name is Sir Lancelot of Camelot."
         stop = subprocess.run([*as_user(), *lancelotd(), "stop"], env=env, cwd=home, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=scaled(60))
         assert stop.returncode == 0, stop.stderr
         assert f"stopped master {master}" in stop.stdout
         assert not pid_file.exists()

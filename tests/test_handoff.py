@@ -537,8 +537,8 @@ def retire_worker_3(d: Daemon) -> tuple[int, list[int], socket.socket, ExactlyOn
 
 def settle_on_current_workers(d: Daemon, third: int, sock: socket.socket, client: ExactlyOnce) -> None:
     """Worker 3 leaves once a current worker has adopted the client, which is answered throughout."""
-    wait_for(lambda: gone(third) or client.errors, scaled(20), "worker 3 to hand the client over and exit")
-    client.wait_more(20, timeout=scaled(10))
+    wait_for(lambda: gone(third) or client.errors, 20, "worker 3 to hand the client over and exit")
+    client.wait_more(20, timeout=10)
     current = [pid for pid, (_, generation) in workers_of(d.proc.pid).items() if generation == 1]
     holder = holder_of(sock, current)
     client.__exit__()
@@ -569,7 +569,7 @@ def test_target_retires_or_dies_with_a_connection_in_flight(start_daemon, fault)
         if fault == "retires":
             for pid in targets:
                 os.kill(pid, signal.SIGCONT)
-        client.wait_more(20, timeout=scaled(15))
+        client.wait_more(20, timeout=15)
         # A refusal, or the channel closing: either way worker 3 served the client again.
         wait_log(d.log_file, rf"\[{third}\] worker 3: .*(?:came back|is gone with 1 connections in flight)",
                  timeout=5)
@@ -600,13 +600,13 @@ def test_target_at_its_descriptor_limit(start_daemon, where):
                                                           limits[pid][1]))
         d.signal(signal.SIGTTOU)
         wait_log(d.log_file, rf"\[{third}\] worker 3: handed 1 connections over", timeout=5)
-        client.wait_more(20, timeout=scaled(10))
+        client.wait_more(20, timeout=10)
         if where == "recvmsg":
             wait_log(d.log_file, r"refused a connection from worker \d+: out of descriptors", timeout=5)
         else:
             wait_log(d.log_file, r"cannot accept a hand-off channel \(Too many open files\)", timeout=5)
         wait_log(d.log_file, rf"\[{third}\] worker 3: .*(?:came back|did not answer).*serving",
-                 timeout=scaled(10))
+                 timeout=10)
         assert holder_of(sock, [third, *targets]) == third
         for pid in targets:
             resource.prlimit(pid, resource.RLIMIT_NOFILE, limits[pid])
@@ -642,7 +642,7 @@ def test_aborted_reload_hands_the_new_generations_clients_back(start_daemon):
         board.close()
     (sock,) = connect_to(d, new, {**gen1, new: (1, 2)})
     with sock, ExactlyOnce(sock) as client:
-        wait_log(d.log_file, r"reload failed: ", timeout=scaled(10))
+        wait_log(d.log_file, r"reload failed: ", timeout=10)
         wait_for(lambda: gone(new), 5, "the new worker to hand its client over and exit")
         client.wait_more(20)
         holder = holder_of(sock, list(gen1))

@@ -143,7 +143,9 @@ def test_a_long_answer_asked_again_and_again_is_answered_a_slice_at_a_time(start
 
 
 def test_a_client_reading_its_backlog_slowly_is_not_idle(start_daemon):
-    idle_timeout = 1.0
+    """Reading counts as activity.  idle_timeout is scaled(1 s): the client's reads (every 0.1 s)
+    stay well within it on a slow machine too."""
+    idle_timeout = scaled(1.0)
     daemon = start_daemon(workers=1, config=f"""
 [protocol]
 idle_timeout = {idle_timeout}
@@ -207,7 +209,10 @@ def test_a_look_at_the_send_queue_from_before_a_refill_is_no_yardstick():
 
 
 def test_a_client_that_neither_asks_nor_reads_is_closed_as_idle(start_daemon):
-    idle_timeout = 1.0
+    """idle_timeout is scaled(1 s), so that the test sees the connection held before it is closed,
+    on a slow machine too; the wait for the close follows (wait_for scales it)."""
+    base = 1.0
+    idle_timeout = scaled(base)
     daemon = start_daemon(workers=1, config=f"[protocol]\nidle_timeout = {idle_timeout}\n")
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
@@ -221,7 +226,7 @@ def test_a_client_that_neither_asks_nor_reads_is_closed_as_idle(start_daemon):
         # Seen first: psutil's read of /proc/net/tcp can miss a socket among many TIME_WAIT lines,
         # which would pass for "closed" at once.
         wait_for(held, 5, "the server to hold the connection")
-        wait_for(lambda: not held(), scaled(idle_timeout + 5), "the server to close the connection")
+        wait_for(lambda: not held(), base + 5, "the server to close the connection")
         assert time.monotonic() - started >= idle_timeout * 0.9
 
 
@@ -237,7 +242,7 @@ def test_lancelot_ask_refuses_what_is_not_one_question(question, why, capsys):
     with socket.create_server(("127.0.0.1", 0)) as server:  # it must not even connect
         port = server.getsockname()[1]
         assert lancelot(["ask", "-p", str(port), "What is your name?", question]) == 2
-        server.settimeout(0.2)
+        server.settimeout(scaled(0.2))
         with pytest.raises(TimeoutError):
             server.accept()
     out, err = capsys.readouterr()

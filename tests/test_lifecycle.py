@@ -165,7 +165,7 @@ def test_hup_applies_answers_limits_and_worker_count(start_daemon):
         assert d.ask(b"Huh?") == b"Who knows."
         with d.connect() as sock:
             sock.sendall(b"x" * 20 + b"?")
-            sock.settimeout(5)
+            sock.settimeout(scaled(5))
             assert recv_all(sock) == TOO_LONG  # then an orderly close
         # The connection held over the reload is still answered (by its old worker draining,
         # or by a new one it was handed to): never reset.
@@ -272,6 +272,9 @@ def test_failing_new_generation_keeps_the_old_one(start_daemon):
 
 
 def test_boot_failures_back_off(start_daemon):
+    """The window is not scaled: the back-off's delays are the daemon's own (0.2 s doubling), so a
+    longer window would count more attempts; a slow machine only makes fewer, which the lower
+    bound allows for."""
     d = start_daemon(config=config(workers=2), env={"LANCELOTD_TEST_FAIL_BOOT": "1"})
     wait_log(d.log_file, r"next spawn in")
     time.sleep(3.0)  # the observation window: how often does it try in ~3 s?
@@ -326,7 +329,7 @@ def test_hup_storm_under_load_drops_nothing(start_daemon, loadgen, per_request):
 # =================================================================================
 
 def test_usr2_upgrade_under_load(start_daemon, loadgen):
-    d = start_daemon(config=config(workers=2, graceful_timeout=15))
+    d = start_daemon(config=config(workers=2, graceful_timeout=scaled(15)))  # our client is served before it
     old_workers = wait_pool(d.proc.pid, 2, generation=1)
     old_pid = d.proc.pid
     oldbin = Path(str(d.pid_file) + ".oldbin")
@@ -500,7 +503,9 @@ def test_killed_worker_is_replaced_within_a_second(start_daemon):
 
 
 def test_hung_worker_is_killed_and_replaced(start_daemon):
-    d = start_daemon(config=config(workers=2, lifecycle="worker_timeout = 1"))
+    """A stopped worker is killed after worker_timeout, and only it: the timer is scaled(1 s), so
+    that on a slow machine (LANCELOTD_TEST_TIME_FACTOR) no healthy worker is taken for hung."""
+    d = start_daemon(config=config(workers=2, lifecycle=f"worker_timeout = {scaled(1.0)}"))
     pool = wait_pool(d.proc.pid, 2, generation=1)
     victim = next(iter(pool))
     os.kill(victim, signal.SIGSTOP)
@@ -515,13 +520,14 @@ def test_hung_worker_is_killed_and_replaced(start_daemon):
 
 def test_busy_workers_are_not_taken_for_hung(start_daemon, loadgen):
     """worker_timeout = 1 is a valid setting: workers answering thousands of questions a
-    second are making progress and must not be killed as hung.
+    second are making progress and must not be killed as hung.  (At a time factor above 1
+    worker_timeout is scaled(1 s): the slow machine's scheduling delays are not the worker's.)
 
     Besides the outcome (no kill, no error), the heartbeats the master judges by are
     sampled from the scoreboard: a healthy worker must refresh its heartbeat more often
     than every worker_timeout, or any scheduling delay gets it killed.
     """
-    timeout = 1.0
+    timeout = scaled(1.0)
     d = start_daemon(config=config(workers=2, lifecycle=f"worker_timeout = {timeout}"))
     pool = wait_pool(d.proc.pid, 2, generation=1)
     board = Scoreboard.open(str(d.pid_file) + ".scoreboard")
@@ -616,7 +622,7 @@ def test_max_requests_recycles_the_worker(start_daemon):
 # =================================================================================
 
 def test_signal_burst_then_term(start_daemon):
-    d = start_daemon(config=config(workers=2, graceful_timeout=5))
+    d = start_daemon(config=config(workers=2, graceful_timeout=scaled(5)))  # drained before it, not killed
     master = d.proc.pid
     wait_pool(master, 2, generation=1)
     with Asker(d.port) as asker:
@@ -649,7 +655,7 @@ def test_signal_burst_then_term(start_daemon):
 
 
 def test_term_during_reload(start_daemon):
-    d = start_daemon(config=config(workers=2, graceful_timeout=5))
+    d = start_daemon(config=config(workers=2, graceful_timeout=scaled(5)))  # drained before it, not killed
     wait_pool(d.proc.pid, 2, generation=1)
     d.signal(signal.SIGHUP)
     d.signal(signal.SIGTERM)
@@ -661,10 +667,12 @@ def test_term_during_reload(start_daemon):
 
 def test_a_stop_during_an_upgrade_starts_no_queued_reload(start_daemon):
     """USR2, then HUP (queued behind the upgrade), then TERM: the upgrade is abandoned and the
-    master stops; the queued reload must not start on the way out."""
-    d = start_daemon(config=config(workers=1), env={"LANCELOTD_TEST_BOOT_DELAY": "3@1:1"}, wait=False)
+    master stops; the queued reload must not start on the way out.  The successor's worker boots
+    for scaled(3) s: HUP and TERM must come before it is ready, on a slow machine too."""
+    boot = scaled(3)
+    d = start_daemon(config=config(workers=1), env={"LANCELOTD_TEST_BOOT_DELAY": f"{boot}@1:1"}, wait=False)
     d.wait_ready(timeout=15, workers=1)
-    d.signal(signal.SIGUSR2)  # the successor's worker sleeps 3 s in its boot
+    d.signal(signal.SIGUSR2)  # the successor's worker sleeps `boot` s in its boot
     wait_log(d.log_file, r"upgrade: new master (\d+) started")
     d.signal(signal.SIGHUP)
     wait_log(d.log_file, r"reload requested while one is under way: queued")
@@ -712,4 +720,4 @@ def test_usr2_is_refused_in_a_master_that_is_pid_1(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            proc.wait(scaled(10))

@@ -41,7 +41,7 @@ def many_fds():
 
 def timed_ask(daemon, question: bytes = NAME_Q) -> tuple[bytes, float]:
     t0 = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=scaled(5)) as sock:
         sock.sendall(question)
         answer = recv_until(sock, b".")
     return answer, time.perf_counter() - t0
@@ -76,9 +76,9 @@ def test_fresh_client_answered_fast_among_2000_idle_and_500_slowloris(start_daem
     slow: list[socket.socket] = []
     try:
         for _ in range(idle_count):
-            idle.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
+            idle.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=scaled(5)))
         for _ in range(slow_count):
-            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=scaled(5))
             slow.append(sock)
             sock.sendall(b"What is")
         # every one of them accepted and held by a worker, not waiting in the backlog
@@ -118,7 +118,7 @@ def test_idle_server_wakes_about_one_worker_per_connection(start_daemon):
         # An idle server: the connection arrives while every worker waits in epoll.
         # (A worker still busy with the last one would make the kernel wake another.)
         wait_for(lambda: waiting_in_epoll(workers), 5, "both workers idle in epoll_wait")
-        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=scaled(5)) as sock:
             sock.sendall(NAME_Q)
             sock.shutdown(socket.SHUT_WR)
             assert recv_all(sock) == NAME_A
@@ -138,7 +138,7 @@ def test_connect_per_request_load_is_shared_by_both_workers(start_daemon):
     def client(index: int) -> None:
         try:
             for _ in range(per_thread):
-                with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+                with socket.create_connection(("127.0.0.1", daemon.port), timeout=scaled(5)) as sock:
                     sock.sendall(COLOR_Q)
                     answer = recv_until(sock, b".")
                 if answer != COLOR_A:
@@ -152,7 +152,7 @@ def test_connect_per_request_load_is_shared_by_both_workers(start_daemon):
     for thread in pool:
         thread.start()
     for thread in pool:
-        thread.join(60)
+        thread.join(scaled(60))
     assert not any(t.is_alive() for t in pool)
     assert not errors, errors[:5]
     total = threads * per_thread

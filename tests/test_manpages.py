@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import scaled
 
 from lancelotd import __version__, cli, client, config
 
@@ -125,5 +126,5 @@ def test_groff_renders_without_a_warning(page: str) -> None:
     if shutil.which("groff") is None:
         pytest.skip("groff is not installed (apt-get install groff-base)")
     result = subprocess.run(["groff", "-man", "-ww", "-z", str(MAN / page)], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=scaled(60))
     assert result.returncode == 0 and not result.stderr, f"groff on {page}:\n{result.stderr}"

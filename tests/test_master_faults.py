@@ -25,6 +25,7 @@ from helpers import (
     held,
     lancelotd_cli,
     recv_until,
+    scaled,
     status_json,
     wait_for,
     wait_log,
@@ -73,7 +74,7 @@ class Askers:
 
     def _ask(self) -> None:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=scaled(10)) as sock:
                 while not self.stop.is_set():
                     sock.sendall(NAME_Q)
                     answer = recv_until(sock, b".")
@@ -87,7 +88,7 @@ class Askers:
     def finish(self) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join(10)
+            t.join(scaled(10))
         assert not self.failures, self.failures
 
 
@@ -161,7 +162,7 @@ def test_max_requests_with_connect_per_request_clients_during_reloads(start_daem
     def ask_in_a_loop() -> None:
         while not stop.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+                with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:
                     sock.sendall(NAME_Q)
                     if recv_until(sock, b".") != NAME_A:
                         failures.append("wrong answer")
@@ -204,7 +205,7 @@ def test_term_closes_the_masters_listeners_first(start_daemon):
                  "the master to close its listener")
     assert d.wait_exit(15) == 0
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", d.port), timeout=2)
+        socket.create_connection(("127.0.0.1", d.port), timeout=scaled(2))
 
 
 def test_a_killed_workers_handoff_inbox_is_removed(start_daemon):
@@ -242,7 +243,7 @@ def test_a_worker_whose_master_is_gone_retires_and_removes_its_inbox(start_daemo
     (worker,) = worker_pids(d)
     inbox = Path(f"{d.pid_file}.handoff-{worker}")
     assert inbox.exists()
-    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as held:
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(10)) as held:
         held.sendall(NAME_Q)
         assert recv_until(held, b".") == NAME_A
         d.signal(signal.SIGKILL)

@@ -70,7 +70,10 @@ def test_hostile_scrapers_cost_the_master_nothing(start_daemon):
         time.sleep(1.0)  # the observation window: a master that spins burns all of it
         spent = sum(master.cpu_times()[:2]) - sum(before[:2])
         elapsed = time.monotonic() - start
-        assert spent < scaled(0.2) * elapsed, f"the master used {spent:.2f}s of CPU in {elapsed:.2f}s"
+        # A share of the CPU: a spinning master burns all of it, so the factor may stretch the share
+        # allowed to half, never to all (from LANCELOTD_TEST_TIME_FACTOR=5 on the test could not fail).
+        share = min(scaled(0.2), 0.5)
+        assert spent < share * elapsed, f"the master used {spent:.2f}s of CPU in {elapsed:.2f}s"
         assert held(master.pid, port, None) <= MAX_SCRAPERS
 
         # It reaps and replaces a killed worker promptly...
@@ -133,7 +136,7 @@ class Crowd:
         slow = {sock: 0 for sock in open_silent(self.port, self.slow)}
         self.opened = len(idle) + len(slow)
         try:
-            while not self.stop.wait(0.2):
+            while not self.stop.wait(0.2):  # unscaled: the period of the slow clients
                 readable, _, _ = select.select([*idle, *slow], [], [], 0)
                 for sock in readable:  # dropped by the server (EOF or reset): come back
                     if sock in slow:

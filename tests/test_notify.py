@@ -43,6 +43,10 @@ from helpers import (
 
 STATUS_LINE = re.compile(r"gen (\d+), (\d+) workers, (\d+) questions answered, last reload: (.+)")
 LISTEN_VARS = (b"LISTEN_PID=", b"LISTEN_FDS=", b"LISTEN_FDNAMES=")
+# WatchdogSec: scaled(1 s), so that on a slow machine the master's pings, due every half of it, still
+# come in time; the test's expectations of the pings are in units of it.
+WATCHDOG_SEC = scaled(1.0)
+WATCHDOG_USEC = str(round(WATCHDOG_SEC * 1_000_000))
 
 
 # --- the notify socket ---------------------------------------------------------------------
@@ -136,33 +140,34 @@ def test_stop_sends_stopping(start_daemon, notify, signum):
 
 
 def test_watchdog_pings_at_half_the_interval(start_daemon, notify):
-    d = start_daemon(workers=1, env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"},
+    d = start_daemon(workers=1, env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": WATCHDOG_USEC},
                      wait=False)
     started = notify.wait(ready, what="READY=1")
     pings = []
-    for _ in range(3):
+    for _ in range(3):  # Notify.wait scales its timeout as WATCHDOG_SEC is: 1.5 WatchdogSec
         pings.append(notify.wait(lambda m: m.get("WATCHDOG") == "1", timeout=1.5, what="WATCHDOG=1",
                                  after=pings[-1] if pings else started))
     assert all(m.pid == d.proc.pid for m in pings)
-    assert pings[1].at - started.at <= scaled(1.5), "fewer than 2 pings in the 1.5 s after READY=1"
+    assert pings[1].at - started.at <= 1.5 * WATCHDOG_SEC, "fewer than 2 pings in 1.5 WatchdogSec of READY=1"
     gaps = [b.at - a.at for a, b in zip(pings, pings[1:], strict=False)]
     # Every half WatchdogSec: never as late as WatchdogSec itself, and no flood either.
-    assert all(0.3 < gap < 1.0 for gap in gaps), f"gaps between pings {gaps} for WatchdogSec=1s"
+    assert all(0.3 * WATCHDOG_SEC < gap < WATCHDOG_SEC for gap in gaps), \
+        f"gaps between pings {gaps} for WatchdogSec={WATCHDOG_SEC:g}s"
 
 
-@pytest.mark.parametrize("env", [{"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, {}],
+@pytest.mark.parametrize("env", [{"WATCHDOG_USEC": WATCHDOG_USEC, "WATCHDOG_PID": "1"}, {}],
                          ids=["for-another-pid", "not-set"])
 def test_no_watchdog_pings_unless_meant_for_us(start_daemon, notify, env):
     start_daemon(workers=1, env={"NOTIFY_SOCKET": notify.address, **env}, wait=False)
     notify.wait(ready, what="READY=1")
-    later = notify.collect(1.2)  # two ping intervals of a WatchdogSec=1s
+    later = notify.collect(1.2 * WATCHDOG_SEC)  # two ping intervals of WatchdogSec
     assert not any(m.get("WATCHDOG") for m in notify.messages + later)
 
 
 def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(spawn, notify):
     # As under systemd: WATCHDOG_PID names the first master.
     d = spawn("-b", "127.0.0.1:0", "-w", "2", own_pid=("WATCHDOG_PID",),
-              env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"})
+              env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": WATCHDOG_USEC})
     old = d.wait_pid_file()
     d.wait_ready()
     started = notify.wait(lambda m: ready(m) and m.pid == old, what="READY=1")
@@ -184,7 +189,7 @@ def test_usr2_mainpid_from_the_old_master_and_the_watchdog_moves(spawn, notify):
     assert ask(d.port) == NAME_A
     # The new master is the main process now: the watchdog is its job.
     last = notify.messages[-1]
-    notify.wait(lambda m: m.get("WATCHDOG") == "1" and m.pid == new, timeout=1.5,
+    notify.wait(lambda m: m.get("WATCHDOG") == "1" and m.pid == new, timeout=1.5,  # 1.5 WATCHDOG_SEC
                 what="a ping from the new master", after=last)
     assert b"WATCHDOG_PID=" not in environ(new)
 
@@ -350,14 +355,16 @@ def test_a_failed_upgrade_leaves_the_service_as_it_was(subreaper, spawn, notify,
 
 def test_term_during_a_reload_is_a_stop_not_a_failed_reload(start_daemon, notify):
     """The new generation is still booting when TERM comes: STOPPING=1, then nothing more; no READY=1
-    (which would tell systemd the reload finished) and no "reload failed" in the log."""
+    (which would tell systemd the reload finished) and no "reload failed" in the log.  The boot takes
+    scaled(1) s: TERM comes before it ends on a slow machine too."""
     d = start_daemon(config="[server]\nworkers = 2\n", env={"NOTIFY_SOCKET": notify.address,
-                                                           "LANCELOTD_TEST_BOOT_DELAY": "1"}, wait=False)
+                                                           "LANCELOTD_TEST_BOOT_DELAY": f"{scaled(1)}"},
+                     wait=False)
     started = notify.wait(ready, what="READY=1")
     d.wait_ready()
     d.signal(signal.SIGHUP)
     reloading = notify.wait(lambda m: m.get("RELOADING") == "1", what="RELOADING=1", after=started)
-    d.signal(signal.SIGTERM)  # the new workers sleep in their boot for a second yet
+    d.signal(signal.SIGTERM)  # the new workers sleep in their boot for scaled(1) s yet
     stopping = notify.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1", after=reloading)
     assert d.wait_exit() == 0
     later = notify.messages[reloading.seq + 1:]

@@ -31,7 +31,6 @@ from helpers import (
     lancelotd_cli,
     read_pid,
     rewrite,
-    scaled,
     wait_for,
     wait_pool,
 )
@@ -149,7 +148,7 @@ def test_usr2_upgrade_hands_over_to_unprivileged_workers(start_daemon, base: Pat
     finally:
         os.kill(new_master, signal.SIGTERM)
         wait_for(lambda: not psutil.pid_exists(new_master) or
-                 psutil.Process(new_master).status() == psutil.STATUS_ZOMBIE, scaled(10), "the new master")
+                 psutil.Process(new_master).status() == psutil.STATUS_ZOMBIE, 10, "the new master")
 
 
 def test_the_log_file_is_the_workers_user_s_and_usr1_reopens_it(start_daemon, base: Path) -> None:

@@ -80,7 +80,7 @@ def free_port() -> int:
 
 def refused(port: int) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection(("127.0.0.1", port), timeout=scaled(1)).close()
     except ConnectionRefusedError:
         return True
     return False
@@ -176,9 +176,9 @@ def test_term_answers_the_question_in_flight_then_exits_0(start_daemon):
         assert recv_until(asking, b".") == NAME_A  # accepted and being served
         asking.sendall(QUEST_Q + b"\r\n" + COLOR_Q)
         daemon.signal(signal.SIGTERM)
-        asking.settimeout(5)
+        asking.settimeout(scaled(5))
         assert recv_all(asking) == QUEST_A + COLOR_A  # the answers, then a clean EOF
-        idle.settimeout(5)
+        idle.settimeout(scaled(5))
         assert idle.recv(100) == b""  # an idle connection is closed
     t0 = time.monotonic()
     assert daemon.wait_exit(10) == 0
@@ -201,7 +201,7 @@ def test_term_answers_questions_received_but_not_yet_read(start_daemon):
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         sock.connect(("127.0.0.1", daemon.port))
-        sock.settimeout(0.5)
+        sock.settimeout(scaled(0.5))
         sent = 0
         try:
             while sent < len(stream):
@@ -211,7 +211,7 @@ def test_term_answers_questions_received_but_not_yet_read(start_daemon):
         assert sent < len(stream), "the server never stopped reading"
         # (the last question sent may be unfinished: it is not answered)
         daemon.signal(signal.SIGTERM)
-        sock.settimeout(10)
+        sock.settimeout(scaled(10))
         received = bytearray()
         while chunk := sock.recv(1 << 20):
             received += chunk
@@ -237,7 +237,7 @@ def test_fast_stop_exits_0_promptly(start_daemon, sig):
         daemon.signal(sig)
         assert daemon.wait_exit(5) == 0
         assert time.monotonic() - t0 < scaled(2.0)
-        sock.settimeout(2)
+        sock.settimeout(scaled(2))
         try:
             assert sock.recv(100) == b""
         except ConnectionResetError:
@@ -367,7 +367,7 @@ def test_stop_command_stops_a_running_daemon(start_daemon):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     try:
         assert daemon.wait_exit(10) == 0
-        out, err = stop.communicate(timeout=10)
+        out, err = stop.communicate(timeout=scaled(10))
     finally:
         if stop.poll() is None:
             stop.kill()
@@ -425,7 +425,8 @@ def test_console_scripts_are_installed():
     for program in ("lancelotd", "lancelot"):
         script = BIN / program
         assert script.exists(), script
-        result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=20)
+        result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                                timeout=scaled(20))
         assert result.returncode == 0 and lancelotd.__version__ in result.stdout
 
 
@@ -454,7 +455,7 @@ def test_reopen_logs_signals_only_a_live_master(start_daemon, tmp_path):
         assert "not lancelotd" in refused.stderr
     finally:
         decoy.kill()
-        out, _ = decoy.communicate(10)
+        out, _ = decoy.communicate(scaled(10))
     assert "signalled" not in out
     gone = lancelotd_cli("reopen-logs", "--pid-file", str(tmp_path / "none.pid"))
     assert gone.returncode == 0, "nothing running, nothing to reopen: not an error for logrotate"

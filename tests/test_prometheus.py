@@ -16,7 +16,7 @@ import signal
 import subprocess
 
 import pytest
-from helpers import NAME_Q, REPO, metrics_url, scrape, status_config, wait_metrics
+from helpers import NAME_Q, REPO, metrics_url, scaled, scrape, status_config, wait_metrics
 
 RULES = REPO / "etc/prometheus/lancelotd.rules.yml"
 RULES_TEST = REPO / "tests/promtool/lancelotd.rules.test.yml"
@@ -34,14 +34,14 @@ def promtool() -> str:
 
 def test_promtool_check_rules():
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=scaled(60))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_test_rules():
     result = subprocess.run([promtool(), "test", "rules", str(RULES_TEST)], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=scaled(60))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -57,7 +57,7 @@ def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
     A reset (ConnectionResetError) or a hang (TimeoutError) propagates and
     fails the test: the spec wants the error line and then an orderly close.
     """
-    sock.settimeout(timeout)
+    sock.settimeout(scaled(timeout))
     return recv_all(sock)
 
 
@@ -243,7 +243,9 @@ def test_errors_do_not_disturb_other_clients_or_processes(start_daemon):
 # --- idle timeout ------------------------------------------------------------------
 
 def test_idle_timeout_closes_silent_connections_but_not_busy_ones(start_daemon):
-    idle_timeout = 0.5
+    """The timer is scaled(0.5 s): `busy` asks every 0.2 s, which a slow machine (the time factor)
+    must not stretch to an idle_timeout, and the silent ones are closed within it."""
+    idle_timeout = scaled(0.5)
     daemon = start_daemon(config=f"[protocol]\nidle_timeout = {idle_timeout}\n", workers=2)
     fresh = daemon.connect()  # never says anything
     answered = daemon.connect()  # asks once, then goes quiet
@@ -260,13 +262,14 @@ def test_idle_timeout_closes_silent_connections_but_not_busy_ones(start_daemon):
         while time.monotonic() - started < scaled(10):
             assert ask_on(busy, NAME_Q) == NAME_A
             waiting = [s for n, s in silent.items() if n not in closed_after]
-            readable, _, _ = select.select(waiting, [], [], 0.2)
+            readable, _, _ = select.select(waiting, [], [], 0.2)  # unscaled: busy's pace
             for name, sock in silent.items():
                 if sock in readable:
-                    sock.settimeout(1)
+                    sock.settimeout(scaled(1))
                     assert sock.recv(100) == b"", f"{name}: unexpected data"  # clean EOF
                     closed_after[name] = time.monotonic() - started
-            if len(closed_after) == len(silent) and time.monotonic() - started > 3 * idle_timeout + 1.2:
+            enough = 3 * idle_timeout + scaled(1.2)
+            if len(closed_after) == len(silent) and time.monotonic() - started > enough:
                 break
         assert set(closed_after) == set(silent), f"not closed by the idle timeout: {closed_after}"
         for name, after in closed_after.items():
@@ -308,7 +311,7 @@ def test_client_that_does_not_read_is_slowed_down_and_others_do_not_notice(start
     with socket.socket() as hog:
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # before connect
         hog.connect(("127.0.0.1", daemon.port))
-        hog.settimeout(1.0)  # no progress for this long: the server has stopped reading
+        hog.settimeout(scaled(1.0))  # no progress for this long: the server has stopped reading
         sent = 0
         stalled = False
         while sent < len(stream):
@@ -332,7 +335,7 @@ def test_client_that_does_not_read_is_slowed_down_and_others_do_not_notice(start
             assert time.monotonic() - t0 < scaled(0.2)
         # When it reads, it gets every answer, in order, then EOF.
         hog.shutdown(socket.SHUT_WR)  # the tail of a question is never answered
-        hog.settimeout(10)
+        hog.settimeout(scaled(10))
         expected_count = sent // len(NAME_Q)
         received = bytearray()
         while chunk := hog.recv(1 << 20):

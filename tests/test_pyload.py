@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from helpers import COLOR_Q, NAME_A, NAME_Q, QUEST_A, QUEST_Q
+from helpers import COLOR_Q, NAME_A, NAME_Q, QUEST_A, QUEST_Q, scaled
 from loadgen import LOADGEN_SRC, PYLOAD, assert_no_errors, build, load
 
 # The result line's keys, in loadgen.c's order (tests/loadgen.py reads either tool's line).
@@ -62,5 +62,5 @@ def test_same_result_line_as_the_c_loadgen(start_daemon, tmp_path):
 
 def test_bad_options_exit_2_like_loadgen():
     for args in (["-c", "0"], ["-H", "localhost"], ["-x"]):
-        done = subprocess.run([*PYLOAD, *args], capture_output=True, text=True, timeout=30)
+        done = subprocess.run([*PYLOAD, *args], capture_output=True, text=True, timeout=scaled(30))
         assert done.returncode == 2, (args, done.stderr)

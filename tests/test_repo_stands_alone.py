@@ -10,7 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, scaled
 
 OUTSIDE = re.compile(r"\.\./shared|shared/tools|SPEC\.md|\bSPEC §")
 
@@ -62,6 +62,6 @@ def test_the_benchmark_tools_build_from_the_clone(tmp_path):
         sys.path.remove(str(REPO / "benchmarks"))
     assert bench.DEFAULT_LOADGEN_SRC == REPO / "benchmarks" / "c"
     loadgen, ref = bench.build(bench.DEFAULT_LOADGEN_SRC, tmp_path)
-    usage = subprocess.run([str(loadgen), "-h"], capture_output=True, text=True, timeout=10)
+    usage = subprocess.run([str(loadgen), "-h"], capture_output=True, text=True, timeout=scaled(10))
     assert usage.returncode == 2 and "connect-per-request" in usage.stderr
     assert ref.is_file()

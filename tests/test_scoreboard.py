@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import lancelotd_cli, status_json, wait_for
+from helpers import lancelotd_cli, scaled, status_json, wait_for
 
 from lancelotd import handoff
 from lancelotd.scoreboard import (
@@ -72,7 +72,8 @@ def small_tmpfs(directory: Path, argv: list[str], size: str = "16k") -> list[str
 
 def need_small_tmpfs(directory: Path) -> None:
     try:
-        probe = subprocess.run(small_tmpfs(directory, ["true"]), capture_output=True, text=True, timeout=10)
+        probe = subprocess.run(small_tmpfs(directory, ["true"]), capture_output=True, text=True,
+                               timeout=scaled(10))
     except FileNotFoundError:
         pytest.skip("no unshare(1): cannot mount a small tmpfs for the test")
     if probe.returncode != 0:
@@ -94,7 +95,7 @@ def test_create_on_a_full_filesystem_fails_at_once_and_leaves_nothing(tmp_path):
               "else:\n"
               "    print('created', os.listdir(sys.argv[1]))\n")
     result = subprocess.run(small_tmpfs(run, [sys.executable, "-c", script, str(run)]),
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=scaled(30))
     assert result.stdout.strip() == "ENOSPC []", result.stdout + result.stderr
 
 
@@ -115,7 +116,7 @@ def test_a_full_run_directory_refuses_start(tmp_path):
                                 start_new_session=True, env=env)
     try:
         try:
-            code = proc.wait(timeout=20)
+            code = proc.wait(timeout=scaled(20))
         except subprocess.TimeoutExpired:
             raise AssertionError(f"lancelotd started on a full /run:\n{log.read_text()}") from None
     finally:
@@ -296,7 +297,7 @@ def test_status_refuses_a_scoreboard_that_is_not_the_masters(start_daemon, lefto
     successor = subprocess.run(
         [sys.executable, "-c", "import sys; from lancelotd.scoreboard import Scoreboard\n"
                                "Scoreboard.create(sys.argv[1]); print(__import__('os').getpid())",
-         board_file], capture_output=True, text=True, timeout=30, check=True)
+         board_file], capture_output=True, text=True, timeout=scaled(30), check=True)
     dead = int(successor.stdout)
     if leftover == "another layout's":
         old_layout(Path(board_file))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, scaled
 
 SOAK = REPO / "benchmarks" / "soak.py"
 LOADGEN_SRC = REPO / "benchmarks" / "c" / "loadgen.c"  # the repo's own C tools
@@ -31,7 +31,7 @@ def test_three_minutes_of_chaos_lose_nothing_and_leak_nothing(tmp_path: Path) ->
     out = tmp_path / "report"
     cmd = [sys.executable, str(SOAK), "--minutes", "3", "--out", str(out),
            "--build-dir", str(tmp_path / "build"), "--loadgen-src", str(LOADGEN_SRC.parent)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=15 * 60)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(15 * 60))
     (tmp_path / "soak.out").write_text(proc.stdout + proc.stderr)  # the whole output, kept with the report
     tail = "\n".join(proc.stdout.splitlines()[-120:]) + proc.stderr[-3000:]
     assert "\nRESULT: PASS" in proc.stdout, tail

@@ -95,8 +95,8 @@ def wait_serving(board: Scoreboard, count: int, generation: int = 1) -> dict[int
 # --- talking ----------------------------------------------------------------------------
 
 def read_answers(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
-    """`count` answers (each up to and including its '.')."""
-    sock.settimeout(timeout)
+    """`count` answers (each up to and including its '.'), each within scaled(`timeout`)."""
+    sock.settimeout(scaled(timeout))
     data = b""
     while data.count(b".") < count:
         chunk = sock.recv(65536)
@@ -274,7 +274,8 @@ def test_counters_agree_with_what_was_sent(start_daemon):
 
 
 def test_error_counters_by_kind(start_daemon):
-    d = start_daemon(config=status_config(workers=1, protocol="idle_timeout = 0.5"), workers=1)
+    # idle_timeout scaled(0.5): no connection is closed as idle before its question, on a slow machine too.
+    d = start_daemon(config=status_config(workers=1, protocol=f"idle_timeout = {scaled(0.5)}"), workers=1)
     # Too long: one known question answered, then 100 bytes without '?' (the limit is 64).
     with d.connect() as sock:
         sock.sendall(QUEST_Q + b"x" * 100)
@@ -283,7 +284,7 @@ def test_error_counters_by_kind(start_daemon):
     with d.connect() as sock:
         sock.sendall(NAME_Q + b"Who?" + "Caf\u00e9?".encode())
         assert recv_all(sock) == NAME_A + UNKNOWN_A + NOT_ASCII
-    # Idle: one question, then silence until the server closes (idle_timeout 0.5 s).
+    # Idle: one question, then silence until the server closes (idle_timeout scaled(0.5) s).
     with d.connect(timeout=10) as sock:
         sock.sendall(NAME_Q)
         assert recv_until(sock, b".") == NAME_A
@@ -502,10 +503,10 @@ def test_stop_command_returns_once_the_master_is_gone(start_daemon):
         assert not gone(master), "the master left without answering the client"
         # Read everything owed until the server closes; then the worker, then the master, leave.
         holder.setblocking(True)
-        holder.settimeout(15)
+        holder.settimeout(scaled(15))
         data = recv_all(holder)
         assert data and data == NAME_A * (len(data) // len(NAME_A)), data[-100:]
-        out, err = stop.communicate(timeout=20)
+        out, err = stop.communicate(timeout=scaled(20))
     finally:
         holder.close()
         if stop.poll() is None:
@@ -515,7 +516,7 @@ def test_stop_command_returns_once_the_master_is_gone(start_daemon):
     assert gone(master), f"`stop` returned while master {master} is still running"
     assert gone(worker)
     assert f"stopped master {master}" in out
-    reaper.join(10)
+    reaper.join(scaled(10))
     assert d.proc.returncode == 0
     assert not d.pid_file.exists()
     assert lancelotd_cli("status", "--pid-file", str(d.pid_file)).returncode == 3
@@ -534,7 +535,7 @@ def test_metrics(start_daemon):
     master = d.proc.pid
     url = metrics_url(d, master)
     with pytest.raises(urllib.error.HTTPError) as error:
-        urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=5)
+        urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=scaled(5))
     assert error.value.code == 404
     # `status` tells the metrics listener from the service's
     expected = {f"127.0.0.1:{d.port}": "service", url.split("/")[2]: "metrics"}
@@ -691,13 +692,14 @@ def test_monit_stanza_is_valid(tmp_path):
     control = tmp_path / "monitrc"
     control.write_text(f"set daemon 30\ninclude {tmp_path / 'lancelotd.monit'}\n")
     control.chmod(0o600)
-    result = subprocess.run([monit, "-t", "-c", str(control)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([monit, "-t", "-c", str(control)], capture_output=True, text=True,
+                            timeout=scaled(30))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_stop_when_not_running_succeeds(tmp_path):
     """LSB: stopping a stopped service is a success, with a word about it."""
     command = [sys.executable, "-m", "lancelotd", "stop", "--pid-file", str(tmp_path / "none.pid")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=scaled(30))
     assert result.returncode == 0
     assert "not running" in result.stderr

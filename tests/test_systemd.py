@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO, sandbox_load, wait_for
+from helpers import REPO, sandbox_load, scaled, wait_for
 from sdsandbox import Sandbox, booted, unavailable
 
 SRC = "/usr/local/src/lancelotd"  # the copy of the repository inside
@@ -47,6 +47,9 @@ SWALLOW_Q = "What is the air-speed velocity of an unladen swallow?"
 SWALLOW_A = "What do you mean? An African or a European swallow."
 STATUS_LINE = re.compile(r"gen (\d+), (\d+) workers, (\d+) questions answered, last reload: (.+)")
 SKIP = unavailable()
+# WatchdogSec of the watchdog tests, scaled (whole seconds) so that a slow machine's master still
+# pings in time (every half of it) and only a stopped one is restarted.
+WATCHDOG_SEC = max(2, round(scaled(2)))
 
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
@@ -67,7 +70,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
          "--wheel-dir", str(out), str(src), "setuptools", "wheel"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=scaled(300))
     assert built.returncode == 0, f"pip wheel failed:\n{built.stdout}{built.stderr}"
     return out
 
@@ -113,7 +116,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 
 def ask(sb: Sandbox, *questions: str) -> str:
     """The installed client, inside: one answer a line."""
-    return ok(sb.run(LANCELOT, "ask", "-p", "1060", "-t", "10", *questions, timeout=30))
+    return ok(sb.run(LANCELOT, "ask", "-p", "1060", "-t", f"{scaled(10):g}", *questions, timeout=30))
 
 
 def start(sb: Sandbox, unit: str = UNIT) -> None:
@@ -234,7 +237,7 @@ def test_status_shows_the_status_line(sandbox):
 
 def test_usr2_upgrade_keeps_the_service_with_the_new_mainpid(sandbox):
     sb = sandbox
-    drop_in(sb, "watchdog", "[Service]\nWatchdogSec=2\n")  # so that a silent new master shows soon
+    drop_in(sb, "watchdog", f"[Service]\nWatchdogSec={WATCHDOG_SEC}\n")  # a silent new master shows soon
     start(sb)
     old = main_pid(sb)
     ok(sb.systemctl("kill", "--kill-whom=main", "--signal=SIGUSR2", UNIT))
@@ -368,10 +371,11 @@ def test_restart_with_the_socket_unit_refuses_nothing_under_load(sandbox):
 
 
 # HAProxy's `server ... send-proxy-v2`, played by the test: the v2 header, then a question.
+# argv: the port, the socket timeout (scaled by the test).
 PROXY_CLIENT = """
 import socket, sys
 from lancelotd.proxyproto import PROXY, build
-with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as sock:
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=float(sys.argv[2])) as sock:
     sock.sendall(build(PROXY, ("198.18.0.2", 31222), ("198.18.0.1", 1070)) + b"What is your name?")
     answer = b""
     while not answer.endswith(b".") and (chunk := sock.recv(4096)):
@@ -381,9 +385,10 @@ print(answer.decode())
 
 
 def proxied_ask(sb: Sandbox, port: int) -> str:
-    proc = sb.net_popen([sys.executable, "-c", PROXY_CLIENT, str(port)], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO)})
-    out, err = proc.communicate(timeout=30)
+    proc = sb.net_popen([sys.executable, "-c", PROXY_CLIENT, str(port), str(scaled(10))],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        env={"PYTHONPATH": str(REPO)})
+    out, err = proc.communicate(timeout=scaled(30))
     assert proc.returncode == 0, err
     return out
 
@@ -412,10 +417,10 @@ def test_socket_activation_with_a_proxy_listener(sandbox):
 
 def test_watchdog_restarts_a_stopped_master(sandbox):
     sb = sandbox
-    drop_in(sb, "watchdog", "[Service]\nWatchdogSec=2\n")
+    drop_in(sb, "watchdog", f"[Service]\nWatchdogSec={WATCHDOG_SEC}\n")
     start(sb)
     old = main_pid(sb)
-    assert sb.show(UNIT, "WatchdogUSec")["WatchdogUSec"] == "2s"
+    assert sb.show(UNIT, "WatchdogUSec")["WatchdogUSec"] == f"{WATCHDOG_SEC}s"
     ok(sb.run("kill", "-STOP", str(old)))
 
     def restarted() -> bool:

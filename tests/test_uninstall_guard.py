@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import scaled
 
 SCRIPT = Path(__file__).resolve().parent.parent / "systemd" / "uninstall.sh"
 
@@ -23,7 +24,7 @@ def test_uninstall_refuses_an_unexpected_prefix(prefix: str, tmp_path: Path) -> 
         os.mkdir(prefix)
         (Path(prefix) / "precious").write_text("keep me\n")
     result = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "PREFIX": prefix},
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=scaled(30))
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.startswith("uninstall.sh: "), result.stderr  # one line saying why
     assert "removed" not in result.stdout + result.stderr

@@ -25,6 +25,7 @@ from helpers import (
     lancelotd_cli,
     read_pid,
     recv_all,
+    scaled,
     status_json,
     wait_child_exit,
     wait_for,
@@ -33,7 +34,7 @@ from helpers import (
 
 def unix_ask(path: Path, question: bytes = NAME_Q) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
         sock.connect(str(path))
         return ask_on(sock, question)
 
@@ -61,7 +62,7 @@ def test_listener_mode_owner_group_and_no_access_rules(start_daemon, tmp_path):
     info = os.stat(path)
     assert stat.S_IMODE(info.st_mode) == 0o600 and (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
     assert unix_ask(path) == NAME_A  # deny = ["all"] is for addresses: a UNIX socket has none
-    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5)) as sock:
         assert recv_all(sock) == b""  # TCP: refused by the rule
 
 
@@ -75,7 +76,7 @@ def test_stale_file_replaced_live_one_refused(start_daemon, tmp_path):
     # A second daemon on the same file: refused while the first one listens.
     second = subprocess.run([sys.executable, "-m", "lancelotd", "serve", "-b", f"unix:{path}", "--pid-file",
                              str(tmp_path / "second.pid"), "-w", "1"], capture_output=True, text=True,
-                            timeout=30, env=clean_env())
+                            timeout=scaled(30), env=clean_env())
     assert second.returncode == 1 and "a live process listens on it" in second.stderr, second.stderr
     assert unix_ask(path) == NAME_A
     d.signal(signal.SIGTERM)  # a stop removes the file
@@ -88,7 +89,7 @@ def test_kept_across_reload_with_clients_handed_over(start_daemon, tmp_path):
     d = start_daemon("-b", "127.0.0.1:0", "-b", f"unix:{path}", workers=1)
     inode = os.stat(path).st_ino
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
         sock.connect(str(path))
         assert ask_on(sock, NAME_Q) == NAME_A
         result = lancelotd_cli("reload", "--pid-file", str(d.pid_file), timeout=30)

@@ -53,7 +53,10 @@ workers = 2
 [lifecycle]
 graceful_timeout = 3
 """
-UPGRADE_TIMEOUT = 4  # LANCELOTD_TEST_UPGRADE_TIMEOUT: the daemon's 30 s, shortened for the tests
+# LANCELOTD_TEST_UPGRADE_TIMEOUT: the daemon's 30 s, shortened for the tests and scaled, so that a slow
+# machine's successor is not abandoned for being slow; the faults that outlast it are scaled with it.
+UPGRADE_BASE = 4
+UPGRADE_TIMEOUT = scaled(UPGRADE_BASE)
 STILL_SERVING_AFTER = 10.0  # the matrix's "and still 10 s later" (behaviour, not patience: not scaled)
 
 
@@ -83,7 +86,7 @@ class Clients:
             raise AssertionError(f"answer {answer!r}")
 
     def _open_during(self) -> None:
-        while not self.stop.wait(0.025):
+        while not self.stop.wait(0.025):  # unscaled: the period of new connections
             try:
                 self._open_one()
             except BaseException as e:  # noqa: BLE001 - every kind of failure counts
@@ -189,14 +192,15 @@ CASES = {
     "workers-never-boot": ({"LANCELOTD_TEST_FAIL_BOOT_IF": "TRIGGER"}, r"workers cannot boot"),
     "worker-2-fails-at-boot": ({"LANCELOTD_TEST_FAIL_BOOT": "1:2", "LANCELOTD_TEST_FAIL_BOOT_IF": "TRIGGER"},
                                r"workers cannot boot"),
-    "not-ready-in-time": ({"LANCELOTD_TEST_BOOT_DELAY": "30@1:2", "LANCELOTD_TEST_BOOT_DELAY_IF": "TRIGGER"},
+    "not-ready-in-time": ({"LANCELOTD_TEST_BOOT_DELAY": f"{scaled(30)}@1:2",
+                           "LANCELOTD_TEST_BOOT_DELAY_IF": "TRIGGER"},
                           r"not ready within"),
     "dies-before-the-files": ({"LANCELOTD_TEST_UPGRADE_FAULT": "before-files"}, r"exited before|went away"),
     "cannot-take-the-files": ({"LANCELOTD_TEST_UPGRADE_FAULT": "files-error"}, r"cannot take the PID file"),
     "dies-after-taking-the-files": ({"LANCELOTD_TEST_UPGRADE_FAULT": "after-go"}, r"exited before|went away"),
     "dies-right-after-done": ({"LANCELOTD_TEST_UPGRADE_FAULT": "after-done"}, r"died right after"),
     "abandoned-between-go-and-done": ({"LANCELOTD_TEST_UPGRADE_FAULT": "slow-go",
-                                       "LANCELOTD_TEST_SLOW_GO": str(UPGRADE_TIMEOUT + 3)},
+                                       "LANCELOTD_TEST_SLOW_GO": str(UPGRADE_TIMEOUT + scaled(3))},
                                       r"not ready within"),
 }
 
@@ -221,7 +225,7 @@ def test_a_failed_upgrade_leaves_the_service_as_it_was(start_daemon, tmp_path, c
         clients.open(20)
         clients.start()
         d.signal(signal.SIGUSR2)
-        line = wait_log(d.log_file, r"upgrade failed: .*", timeout=UPGRADE_TIMEOUT + 20)[0].group(0)
+        line = wait_log(d.log_file, r"upgrade failed: .*", timeout=UPGRADE_BASE + 20)[0].group(0)
         failed_at = time.monotonic()
         assert re.search(reason, line), line
         assert "keeps serving" in line

@@ -34,6 +34,7 @@ from helpers import (
     read,
     ready_from,
     recv_until,
+    scaled,
     sleeping_in,
     wait_for,
     wait_log,
@@ -114,7 +115,7 @@ def test_descriptor_exhaustion_pauses_accepting_and_logs_once_per_episode(start_
     clients = []
     try:
         for _ in range(150):  # the kernel completes every handshake (backlog 4096)
-            sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5))
             sock.sendall(NAME_Q)
             clients.append(sock)
         cpu = worker.cpu_times()
@@ -185,7 +186,7 @@ def test_connections_queued_at_term_are_served(start_daemon):
         w.suspend()  # nothing is accepted: the queue fills
     try:
         for _ in range(100):
-            sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=scaled(5))
             sock.sendall(NAME_Q)
             clients.append(sock)
         d.signal(signal.SIGTERM)
@@ -311,7 +312,8 @@ def test_usr1_with_an_unopenable_log_file_keeps_the_workers_serving(start_daemon
 # D. A signal during a worker's boot waits for its handlers
 # =================================================================================
 
-BOOT_DELAY = {"LANCELOTD_TEST_BOOT_DELAY": "1.0"}
+# Long enough (scaled) for the test to catch the worker in it, on a slow machine too.
+BOOT_DELAY = {"LANCELOTD_TEST_BOOT_DELAY": f"{scaled(1.0)}"}
 
 
 def test_usr1_to_a_booting_worker_waits_for_its_handlers(start_daemon):

@@ -3,7 +3,7 @@ import ...` (conftest.py holds the fixtures alone; no test module imports anothe
 
 One module per concern:
 
-* timing: the one time factor (LANCELOTD_TEST_TIME_FACTOR, `scaled`) and `wait_for`;
+* timing: the one time factor (LANCELOTD_TEST_TIME_FACTOR, `scaled`, its rule) and `wait_for`;
 * procs: the daemon's pool as `ps` shows it, and the reaping of every process a test starts;
 * sockets: which process holds which TCP socket, asked of the kernel;
 * talk: the default answers, clients, and threads whose every failure the test sees;
@@ -42,7 +42,7 @@ from .handoff import (
     handoff_conf,
     rewrite,
 )
-from .load import LOAD_CLIENT, LoadClient, sandbox_load
+from .load import LOAD_CLIENT, LoadClient, load_client_timeouts, sandbox_load
 from .procs import (
     PR_SET_CHILD_SUBREAPER,
     WORKER_TITLE,
@@ -123,7 +123,7 @@ from .talk import (
     recv_until,
     served,
 )
-from .timing import TIME_FACTOR, scaled, wait_for
+from .timing import TIME_FACTOR, only_at_factor_one, scaled, wait_for
 
 __all__ = [
     "Addr", "Asker", "BIN", "BLUE", "Backlog", "COLOR_A", "COLOR_Q", "CheckedThread", "Client",
@@ -137,7 +137,8 @@ __all__ = [
     "ZERO_REFUSED", "as_user", "ask", "ask_on", "assert_running_schema", "become_subreaper",
     "clean_env", "closed_by_server", "connect", "dead_pid", "descendants", "describe", "gone", "handed",
     "handoff_conf", "held", "holder_of", "lancelot_cli", "lancelotd_cli", "listening_ports",
-    "live_children", "metrics_url", "outcome", "reachable_by_others", "read", "read_pid", "ready_from",
+    "live_children", "load_client_timeouts", "metrics_url", "only_at_factor_one", "outcome",
+    "reachable_by_others", "read", "read_pid", "ready_from",
     "reap_group", "reap_strays", "recv_all", "recv_until", "rewrite", "sandbox_load", "scaled",
     "schema_problems", "scrape", "server_inode", "server_rx_queue", "sleeping_in", "status_config",
     "status_json", "strays", "syscall_is", "tcp_sockets", "title", "value", "wait_child_exit",

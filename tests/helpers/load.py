@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 LOAD_CLIENT = Path(__file__).resolve().parent.parent / "lancelot_load.py"
 
 
+def load_client_timeouts() -> list[str]:
+    """lancelot_load.py's options for its timeouts (a connection and an answer; every client's first
+    answer), scaled: the test's patience, not the behaviour under test."""
+    return ["--timeout", f"{scaled(10):g}", "--start-timeout", f"{scaled(15):g}"]
+
+
 class LoadClient:
     """A started lancelot_load.py (stdin, stdout and stderr pipes, text mode)."""
 
@@ -86,5 +92,5 @@ def sandbox_load(sb: Sandbox, persistent: int = 8, per_request: int = 8) -> Load
     """lancelot_load.py in a systemd sandbox's network (sdsandbox.Sandbox), asking on port 1060."""
     return LoadClient(sb.net_popen(
         [sys.executable, str(LOAD_CLIENT), "--port", "1060", "--persistent", str(persistent),
-         "--per-request", str(per_request)],
+         "--per-request", str(per_request), *load_client_timeouts()],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import psutil
 
+from .timing import scaled
+
 # The tests use psutil 6's name; Debian 12's python3-psutil (5.9.4, the package's floor) has the
 # same call as connections().  The daemon itself uses neither.
 if not hasattr(psutil.Process, "net_connections"):
@@ -114,7 +116,7 @@ def _server_side(sock: socket.socket) -> bytes | None:
     request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
     header = struct.pack("=IHHII", 16 + len(request), 20, 1, 1, 0)  # SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as diag:  # NETLINK_SOCK_DIAG
-        diag.settimeout(5)
+        diag.settimeout(scaled(5))
         diag.send(header + request)
         reply = diag.recv(65536)
     if len(reply) < 88 or struct.unpack_from("=H", reply, 4)[0] != 20:  # NLMSG_ERROR: no such socket

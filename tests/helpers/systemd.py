@@ -54,8 +54,9 @@ class NotifySocket:
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.messages: list[Message] = []
 
-    def receive(self, timeout: float) -> Message | None:
-        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0))
+    def receive(self, seconds: float) -> Message | None:
+        """The next message, if one arrives within `seconds` (the caller's deadline, scaled already)."""
+        readable, _, _ = select.select([self.sock], [], [], max(seconds, 0))
         if not readable:
             return None
         data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
