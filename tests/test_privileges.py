@@ -14,7 +14,6 @@ import shutil
 import signal
 import stat
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,8 +158,23 @@ def test_the_log_file_is_the_workers_user_s_and_usr1_reopens_it(start_daemon, ba
     d.signal(signal.SIGUSR1)
     wait_for(lambda: log.exists() and "log file reopened" in log.read_text(), 10, "the reopened log")
     assert os.stat(log).st_uid == NOBODY.pw_uid
-    time.sleep(0.5)  # the workers reopen too: none may fail for want of permission
+
+    def everyone_writes_the_new_file() -> bool:  # the workers reopen too, as the workers' user
+        pids = [d.proc.pid, *(child.pid for child in psutil.Process(d.proc.pid).children())]
+        return all(str(log) in files_of(pid) and str(log) + ".1" not in files_of(pid) for pid in pids)
+    wait_for(everyone_writes_the_new_file, 10, "the master and the workers to write the new log")
     assert "cannot reopen log file" not in log.read_text() + Path(str(log) + ".1").read_text()
+
+
+def files_of(pid: int) -> set[str]:
+    """What the process's descriptors name."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed meanwhile
+            pass
+    return found
 
 
 def test_an_unknown_user_is_refused_clearly(base: Path) -> None:
