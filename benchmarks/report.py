@@ -193,7 +193,8 @@ def write_report(out: Path, points: list[dict], args: argparse.Namespace, meta: 
         "# lancelotd against the C reference",
         "",
         f"Generated {meta['date']} by `benchmarks/report.py {shlex.join(meta['argv'])}` at commit "
-        f"`{meta['commit']}`: {meta['cpus']} CPUs, Python {meta['python']}, {meta['kernel']}; load "
+        f"`{meta['commit']}`{meta['dirty']}: {meta['cpus']} CPUs ({meta['cpu_model']}), "
+        f"Python {meta['python']}, {meta['kernel']}; load "
         f"average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after. lancelotd runs 2 "
         f"workers, ref_epoll 1 process{control_text}"
         + (f"; {UVLOOP} is an asyncio Protocol on uvloop in 2 processes (benchmarks/peer_asyncio.py)"
@@ -251,11 +252,33 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_dirty() -> str:
+    """ " with uncommitted changes to lancelotd/" when the measured code is not the commit's."""
+    try:
+        changed = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "lancelotd"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return " with uncommitted changes to lancelotd/" if changed else ""
+
+
+def cpu_model() -> str:
+    """The machine's CPU, as /proc/cpuinfo names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:],
-            "commit": git_commit(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "commit": git_commit(), "dirty": git_dirty(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+            "python": platform.python_version(),
             "kernel": f"Linux {platform.release()}", "load_before": os.getloadavg()[0]}
     servers: list[Server] = []
     loadgens: list[subprocess.Popen] = []
