@@ -31,11 +31,36 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     a reload keeps; pass default_bind=False to let the config's [server] bind rule.
     """
     started: list[Daemon] = []
+    yield _starter(tmp_path, started)
+    for daemon in started:
+        daemon.kill_all()
 
+
+@pytest.fixture(scope="module")
+def start_shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    """start_daemon for a whole module: a daemon that its tests only ask (no signal, reload,
+    count or state another test could see), started once instead of once a test.
+
+    Set up before any test's `no_leaked_processes` looks (a wider scope is set up first), so its
+    processes, and the workers it respawns, are no test's leak; torn down after the module's
+    last test, when what it started must be gone like any test's.
+    """
+    before = set(descendants())
+    started: list[Daemon] = []
+    yield _starter(tmp_path_factory.mktemp("shared"), started)
+    for daemon in started:
+        daemon.kill_all()
+    leaked = reap_strays(before)
+    if leaked:
+        pytest.fail("the module's shared daemon left processes running (killed): " + "; ".join(leaked))
+
+
+def _starter(root: Path, started: list[Daemon]) -> Callable[..., Daemon]:
+    """The start() of start_daemon and start_shared_daemon: each daemon in its own dir of `root`."""
     def start(*args: str, config: str | None = None, wait: bool = True, workers: int | None = None,
               env: dict[str, str] | None = None, subdir: str | None = None,
               default_bind: bool = True) -> Daemon:
-        tmp = tmp_path / (subdir or f"d{len(started)}")
+        tmp = root / (subdir or f"d{len(started)}")
         tmp.mkdir(exist_ok=True)
         extra = list(args)
         if workers is not None and "-w" not in extra:
@@ -46,9 +71,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             daemon.wait_ready(workers=workers)
         return daemon
 
-    yield start
-    for daemon in started:
-        daemon.kill_all()
+    return start
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """docs/PROTOCOL.md over real TCP: a real lancelotd on 127.0.0.1, real sockets, no mocks.
 
-Each test starts its own daemon (ephemeral port) with the `start_daemon`
-fixture; waits are on readiness signals or on the socket itself.
+The tests that only ask share one daemon (`daemon`, started once for the module: each
+closes what it opens and changes nothing the next could see); a test that needs other
+settings, one worker, or the worker's own measures starts its own with `start_daemon`.
+Waits are on readiness signals or on the socket itself.
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ def assert_open(sock: socket.socket) -> None:
     assert ask_on(sock, NAME_Q) == NAME_A
 
 
-@pytest.fixture
-def daemon(start_daemon):
-    return start_daemon(config=CONFIG, workers=2)
+@pytest.fixture(scope="module")
+def daemon(start_shared_daemon):
+    return start_shared_daemon(config=CONFIG, workers=2)
 
 
 # --- the table ---------------------------------------------------------------
