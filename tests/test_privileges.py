@@ -28,6 +28,7 @@ from helpers import (
     handoff_conf,
     holder_of,
     lancelotd_cli,
+    open_files,
     read_pid,
     rewrite,
     wait_for,
@@ -161,20 +162,10 @@ def test_the_log_file_is_the_workers_user_s_and_usr1_reopens_it(start_daemon, ba
 
     def everyone_writes_the_new_file() -> bool:  # the workers reopen too, as the workers' user
         pids = [d.proc.pid, *(child.pid for child in psutil.Process(d.proc.pid).children())]
-        return all(str(log) in files_of(pid) and str(log) + ".1" not in files_of(pid) for pid in pids)
+        return all(str(log) in names and str(log) + ".1" not in names
+                   for names in (set(open_files(pid).values()) for pid in pids))
     wait_for(everyone_writes_the_new_file, 10, "the master and the workers to write the new log")
     assert "cannot reopen log file" not in log.read_text() + Path(str(log) + ".1").read_text()
-
-
-def files_of(pid: int) -> set[str]:
-    """What the process's descriptors name."""
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except FileNotFoundError:  # closed meanwhile
-            pass
-    return found
 
 
 def test_an_unknown_user_is_refused_clearly(base: Path) -> None:

@@ -37,6 +37,7 @@ from helpers import (
     holder_of,
     lancelotd_cli,
     live_children,
+    open_files,
     read,
     read_pid,
     reap_group,
@@ -217,8 +218,7 @@ def duplicate(pid: int, fd: int) -> socket.socket:
 def their_socket(pid: int, sock: socket.socket) -> socket.socket:
     """A duplicate of the server side of our connection `sock`, taken from process `pid`."""
     target = f"socket:[{server_inode(sock)}]"
-    fd = next((int(name) for name in os.listdir(f"/proc/{pid}/fd")
-               if os.readlink(f"/proc/{pid}/fd/{name}") == target), None)
+    fd = next((fd for fd, name in open_files(pid).items() if name == target), None)
     assert fd is not None, f"process {pid} does not hold {target}"
     return duplicate(pid, fd)
 

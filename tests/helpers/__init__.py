@@ -71,6 +71,7 @@ from .sockets import (
     held,
     holder_of,
     listening_ports,
+    open_files,
     server_inode,
     server_rx_queue,
     tcp_sockets,
@@ -123,7 +124,7 @@ from .talk import (
     recv_until,
     served,
 )
-from .timing import TIME_FACTOR, only_at_factor_one, scaled, wait_for
+from .timing import TIME_FACTOR, scaled, wait_for
 
 __all__ = [
     "Addr", "Asker", "BIN", "BLUE", "Backlog", "COLOR_A", "COLOR_Q", "CheckedThread", "Client",
@@ -137,7 +138,7 @@ __all__ = [
     "ZERO_REFUSED", "as_user", "ask", "ask_on", "assert_running_schema", "become_subreaper",
     "clean_env", "closed_by_server", "connect", "dead_pid", "descendants", "describe", "gone", "handed",
     "handoff_conf", "held", "holder_of", "lancelot_cli", "lancelotd_cli", "listening_ports",
-    "live_children", "load_client_timeouts", "metrics_url", "only_at_factor_one", "outcome",
+    "live_children", "load_client_timeouts", "metrics_url", "open_files", "outcome",
     "reachable_by_others", "read", "read_pid", "ready_from",
     "reap_group", "reap_strays", "recv_all", "recv_until", "rewrite", "sandbox_load", "scaled",
     "schema_problems", "scrape", "server_inode", "server_rx_queue", "sleeping_in", "status_config",

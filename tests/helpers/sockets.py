@@ -142,14 +142,19 @@ def holder_of(sock: socket.socket, pids: list[int]) -> int | None:
     if inode is None:
         return None
     target = f"socket:[{inode}]"
-    for pid in pids:
+    return next((pid for pid in pids if target in open_files(pid).values()), None)
+
+
+def open_files(pid: int) -> dict[int, str]:
+    """What each descriptor of process `pid` names (/proc/PID/fd); empty when it is gone."""
+    found = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # the process is gone
+        return found
+    for name in names:
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
-                except OSError:  # closed meanwhile
-                    pass
-        except OSError:  # the process is gone
+            found[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:  # closed meanwhile
             pass
-    return None
+    return found

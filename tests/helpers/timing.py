@@ -29,8 +29,8 @@ every wait and every timing threshold three times as long.  The rule, applied on
   shows that something happens before a timer (a busy client never closed as idle, a signal
   that arrives during a boot delay), the timer is scaled so that the slower machine still beats
   it.  Timers the daemon fixes itself (its boot back-off, its PROXY header timeout) are left to
-  generous bounds.  A test whose timing no factor can rescue says why in its docstring and runs
-  only at factor 1 (`only_at_factor_one`; none does today).
+  generous bounds.  A test whose timing no factor could rescue would say why in its docstring and
+  skip unless TIME_FACTOR == 1 (none needs to today).
 
 tests/test_time_factor.py reads the source of tests/ and fails on a number as a standard-library
 timeout, on ``scaled(...)`` handed to a helper, and on a helper's ``timeout`` handed on unscaled.
@@ -41,8 +41,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-
-import pytest
 
 
 def _time_factor() -> float:
@@ -76,7 +74,3 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.01)
 
-
-def only_at_factor_one(why: str) -> pytest.MarkDecorator:
-    """Skip a test whose timing no factor can rescue (`why` says what) when the factor is not 1."""
-    return pytest.mark.skipif(TIME_FACTOR != 1, reason=f"runs at LANCELOTD_TEST_TIME_FACTOR=1 only: {why}")
