@@ -159,11 +159,16 @@ def private_tmp(setup: str = "") -> list[str]:
     back_to_us = "" if ROOT else f"unshare --user --map-user={USER_UID} "
     if not ROOT:
         namespace.insert(1, "--map-root-user")
-    probe = subprocess.run([*namespace, "sh", "-c", f"mount -t tmpfs t /tmp && {back_to_us}true"],
+    probe = subprocess.run([*namespace, "sh", "-c", f"mount -t tmpfs t /tmp && {back_to_us}stat -c %u /"],
                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=scaled(30))
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a private /tmp (the /tmp fallback is one shared path): "
                     f"{probe.stderr.strip()}")
+    if probe.stdout.strip() not in ("0", str(USER_UID)):
+        # A user namespace cannot map the host's root: / looks owned by the overflow uid, and
+        # lancelotd rightly refuses a runtime directory under a / that is neither root's nor ours.
+        pytest.skip(f"in the user namespace a private /tmp needs, / is owned by uid {probe.stdout.strip()} "
+                    "(the host's root, unmapped): run as root to test the /tmp fallback")
     # The real /tmp is held at /mnt (in the namespace only) while /tmp is covered; then what must
     # stay reachable under it is bound back: the test's home, and this checkout and its Python
     # when they live in /tmp too (a CI clone in /tmp/...).
