@@ -187,6 +187,11 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         exact = self.table.exact.get
         tick = self.tick
         counting = self.access is not None  # per-connection counts for the access log (connlog.py)
+        # After each turn, let a process waiting for this CPU (another worker, most often) run:
+        # without it a busy worker keeps the CPU until the scheduler's tick (4 ms at HZ=250),
+        # and a question to the other worker waits that long (docs/PERFORMANCE.md, "Sharing a CPU").
+        # Alone on its CPU it costs one system call a turn.
+        sched_yield = os.sched_yield
         next_tick = time.monotonic() + tick
         while True:
             events = poll(tick)
@@ -262,6 +267,8 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
             self.bytes_out += bytes_out
             if writable:  # after every question that came in: see _serve_writable
                 self._serve_writable(writable, now)
+            if events:
+                sched_yield()
             if self.state != SERVING and not conns and self._done(now):
                 return self._exit_code()  # retired or stopping, the last client gone or handed over
             if now >= next_tick:
