@@ -61,7 +61,7 @@ class ScoreboardCollector:
     def collect(self) -> Iterator[Metric]:
         header = self.header()
         slots = [slot for _, slot in self.board.slots()]
-        totals = self.board.totals()
+        totals = self.board.totals(slots)  # the same reading: a worker's tick between two would skew them
         labels = ["worker", "generation"]
         per_worker: dict[tuple[str, str], list[float]] = {}
         for slot in slots:

@@ -427,11 +427,12 @@ class Scoreboard:
                                       "(did the master die while writing it?)")
             time.sleep(0.001)  # the master may be preempted mid-write: let it finish
 
-    def totals(self) -> Counters:
-        """Every worker's counters, the retired ones included."""
+    def totals(self, slots: list[Slot] | None = None) -> Counters:
+        """Every worker's counters, the retired ones included; from `slots` when the caller read them
+        already (a metrics scrape: its per-worker series then add up to its totals)."""
         total = Counters()
         total.add(self.read_header().retired or Counters())
-        for _, slot in self.slots():
+        for slot in slots if slots is not None else (slot for _, slot in self.slots()):
             total.add(slot.counters or Counters())
         return total
 

@@ -99,7 +99,8 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
     header, message = board.read_reload_result()
     now_wall, now_mono = time.time(), time.monotonic()
     workers = []
-    for _, slot in board.slots():
+    slots = [slot for _, slot in board.slots()]  # one reading, for the rows and the totals
+    for slot in slots:
         counters = slot.counters or Counters()
         workers.append({
             "pid": slot.pid, "number": slot.number, "generation": slot.generation,
@@ -117,7 +118,7 @@ def snapshot(proc: psutil.Process, board: Scoreboard) -> dict[str, Any]:
             "recent_clients": [format_address(address) for address in slot.clients],
         })
     workers.sort(key=lambda w: (w["generation"], w["number"]))
-    totals = board.totals()
+    totals = board.totals(slots)
     found = listeners(proc, header.metrics_port, header.agent_port)
     hidden = {} if found is not None else {"listeners_hidden": f"not allowed to read /proc/{proc.pid}/fd: "
                                                                "run as root or as the master's user"}
