@@ -430,9 +430,11 @@ class Scoreboard:
     def totals(self, slots: list[Slot] | None = None) -> Counters:
         """Every worker's counters, the retired ones included; from `slots` when the caller read them
         already (a metrics scrape: its per-worker series then add up to its totals)."""
+        if slots is None:
+            slots = [slot for _, slot in self.slots()]
         total = Counters()
         total.add(self.read_header().retired or Counters())
-        for slot in slots if slots is not None else (slot for _, slot in self.slots()):
+        for slot in slots:
             total.add(slot.counters or Counters())
         return total
 

@@ -63,6 +63,7 @@ BOOT_BLOCKED = frozenset({*OWN_SIGNALS, *MASTER_SIGNALS, signal.SIGCHLD})
 # the tail back (docs/PERFORMANCE.md, "Sharing a CPU").  Alone on its CPU: one cheap system call.
 YIELD_EVERY = 0.0002
 
+
 @dataclass
 class WorkerSpec:
     """Everything the master hands a worker it forks."""
