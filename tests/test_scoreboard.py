@@ -322,3 +322,39 @@ def test_the_creator_is_the_master_from_the_start(tmp_path):
         assert board.read_header().master_pid == os.getpid()
     finally:
         board.close()
+
+
+def test_a_scrape_adds_up_when_a_worker_publishes_during_it():
+    """Seen in a default run: total answered 40, the two workers' series 0 and 0 in the same
+    scrape.  The collector read the slots, then totals() read them again, and a worker's tick
+    in between reached only the second reading.  Here the tick lands right after the first."""
+    from lancelotd.metrics import ScoreboardCollector
+
+    board = Scoreboard.create(None)
+    now = time.monotonic()
+    board.write_slot(0, Slot(os.getpid(), 1, 1, SERVING, time.time(), now, 0, 0.0, Counters()))
+
+    class TickDuringScrape:
+        """The board, but worker 1 publishes 40 answers as soon as its slots were read once."""
+        ticked = False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(board, name)
+
+        def slots(self):  # noqa: ANN202
+            yield from board.slots()
+            if not self.ticked:
+                self.ticked = True
+                board.write_slot(0, Slot(os.getpid(), 1, 1, SERVING, time.time(), now, 0, 0.0,
+                                         Counters(answered=40)))
+
+    try:
+        families = {f.name: f for f in ScoreboardCollector(TickDuringScrape(), board.read_header,
+                                                           os.getpid()).collect()}
+    finally:
+        board.close()
+    per_worker = sum(s.value for s in families["lancelotd_worker_questions_answered"].samples
+                     if s.name.endswith("_total"))
+    total = sum(s.value for s in families["lancelotd_questions_answered"].samples
+                if s.name.endswith("_total"))
+    assert per_worker == total, (per_worker, total)
