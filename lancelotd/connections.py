@@ -34,7 +34,7 @@ TURN_BUDGET = 0.010
 LINGER_SECONDS = 2.0  # how long a closing connection may still send us bytes
 
 # Connection states.  FINISHING: the worker stops; answer what the client sent, then close.
-OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3
+OPEN, CLOSE_AFTER_FLUSH, LINGERING, FINISHING = 0, 1, 2, 3  # OPEN stays 0: the hot path tests `conn.state`
 
 
 class Conn(Session):
@@ -164,6 +164,27 @@ class Connections:
             self._want_input(conn)
             if self.state == DRAINING:
                 self._hand_off()  # its answers are out: now it can go
+
+    def _answer_read(self: Worker, conn: Conn, data: bytes, now: float) -> None:
+        """A read the loop's hot path does not answer itself: a lingering connection's, the rest of
+        an unfinished question, pipelined or unknown questions, an error, any read while the
+        access log counts."""
+        if conn.state == LINGERING:
+            return  # closing: what it still sends is read and dropped
+        self.bytes_in += len(data)
+        if self.access is not None:
+            conn.bytes_in += len(data)
+        out, must_close = conn.feed(data, READ_SLICE)  # Conn is the protocol's Session
+        if not out:  # an unfinished question (an error always has its line)
+            return
+        self.answered += out.count(b".") - must_close  # an error line is no answer
+        conn.last = now
+        if not self._send(conn, out):
+            return
+        if conn.out or conn.held:  # back-pressure, or a full slice: the rest of the input waits
+            self._want_output(conn)
+        if must_close:
+            self._protocol_error(conn, out)
 
     def _send(self: Worker, conn: Conn, out: bytes) -> bool:
         """Send answers; what the kernel does not take waits in conn.out.  False: the connection failed

@@ -35,7 +35,7 @@ from .accepting import Accepting
 from .access import make_gate
 from .clients import ClientTable
 from .config import Config
-from .connections import EPOLLIN, LINGERING, READ_SLICE, RECV_SIZE, Conn, Connections
+from .connections import EPOLLIN, RECV_SIZE, Conn, Connections
 from .draining import Draining
 from .limits import AcceptPause
 from .logs import log, set_role
@@ -59,9 +59,13 @@ BOOT_BLOCKED = frozenset({*OWN_SIGNALS, *MASTER_SIGNALS, signal.SIGCHLD})
 # Let a process waiting for this CPU (another worker, most often) run, at the end of a turn, at
 # most this often (seconds).  Without it a busy worker keeps the CPU until the scheduler's tick
 # (4 ms at HZ=250), and a question to a worker not running waits that long: the connect-per-request
-# p99 was 5 ms.  Every turn cost persistent clients 1-4 % in context switches; every 0.5 ms let
-# the tail back (docs/PERFORMANCE.md, "Sharing a CPU").  Alone on its CPU: one cheap system call.
-YIELD_EVERY = 0.0002
+# p99 was 5 ms.  While clients connect (a listener woke us since the last yield) every 0.2 ms: a
+# new client's first answer is all its latency, and every 0.5 ms let the tail back.  Otherwise
+# every 1 ms: on established connections a wait falls on one question in hundreds, and yielding
+# every 0.2 ms cost persistent clients 2-6 % of their rate in context switches (docs/PERFORMANCE.md,
+# "Sharing a CPU").  Alone on its CPU: one cheap system call.
+YIELD_ACCEPTING = 0.0002
+YIELD_SERVING = 0.001
 
 
 @dataclass
@@ -196,6 +200,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         counting = self.access is not None  # per-connection counts for the access log (connlog.py)
         sched_yield = os.sched_yield
         yielded_at = 0.0
+        woken_to_accept = False  # since the last yield: see YIELD_ACCEPTING
         next_tick = time.monotonic() + tick
         while True:
             events = poll(tick)
@@ -207,6 +212,7 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                 if conn is None:
                     if fd in listeners:
                         self._accept(listeners[fd], now)
+                        woken_to_accept = True
                     elif fd == self.sig_r:
                         code = self._handle_signals(now)
                         if code is not None:
@@ -231,28 +237,17 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                 if not data:  # half-close: all it sent is answered (and sent) already
                     self._forget(conn)
                     continue
-                if conn.state == LINGERING:
-                    continue  # closing: what it still sends is read and dropped
+                # One whole known question on an open connection (OPEN is state 0), nothing left
+                # from before, no access log counting: as most reads are.  Any other read goes the
+                # general way (connections.py).
+                out = None if conn.pending or conn.state or counting else exact(data)
+                if out is None:
+                    self._answer_read(conn, data, now)
+                    continue
+                answered += 1
                 bytes_in += len(data)
-                if counting:
-                    conn.bytes_in += len(data)
-                session = conn  # its protocol state (Conn is a Session)
-                out = None if session.pending else exact(data)
-                if out is not None:  # one whole known question, as most clients send
-                    answered += 1
-                    must_close = False
-                else:
-                    out, must_close = session.feed(data, READ_SLICE)
-                    if not out:  # an unfinished question (an error always has its line)
-                        continue
-                    answered += out.count(b".") - must_close  # an error line is no answer
-                    if session.held:  # a full slice: the rest of the input waits for the next turn
-                        self._want_output(conn)
-                conn.last = now
                 bytes_out += len(out)
-                if counting:
-                    conn.answers += out.count(b".")  # one each, and one an error line (mark)
-                    conn.bytes_out += len(out)
+                conn.last = now
                 try:
                     sent = sock.send(out)
                 except BlockingIOError:
@@ -264,16 +259,15 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                     # Back-pressure: stop reading from this client until it reads.
                     conn.out = out[sent:]
                     self._want_output(conn)
-                if must_close:
-                    self._protocol_error(conn, out)
             self.answered += answered
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
             if writable:  # after every question that came in: see _serve_writable
                 self._serve_writable(writable, now)
-            if now - yielded_at >= YIELD_EVERY:  # see YIELD_EVERY
+            if now - yielded_at >= (YIELD_ACCEPTING if woken_to_accept else YIELD_SERVING):
                 sched_yield()
                 yielded_at = now
+                woken_to_accept = False
             if self.state != SERVING and not conns and self._done(now):
                 return self._exit_code()  # retired or stopping, the last client gone or handed over
             if now >= next_tick:
