@@ -59,13 +59,10 @@ BOOT_BLOCKED = frozenset({*OWN_SIGNALS, *MASTER_SIGNALS, signal.SIGCHLD})
 # Let a process waiting for this CPU (another worker, most often) run, at the end of a turn, at
 # most this often (seconds).  Without it a busy worker keeps the CPU until the scheduler's tick
 # (4 ms at HZ=250), and a question to a worker not running waits that long: the connect-per-request
-# p99 was 5 ms.  While clients connect (a listener woke us since the last yield) every 0.2 ms: a
-# new client's first answer is all its latency, and every 0.5 ms let the tail back.  Otherwise
-# every 1 ms: on established connections a wait falls on one question in hundreds, and yielding
-# every 0.2 ms cost persistent clients 2-6 % of their rate in context switches (docs/PERFORMANCE.md,
-# "Sharing a CPU").  Alone on its CPU: one cheap system call.
-YIELD_ACCEPTING = 0.0002
-YIELD_SERVING = 0.001
+# p99 was 5 ms.  Every turn cost persistent clients 1-4 % in context switches; every 0.5 ms let
+# the tail back; every 1 ms on established connections doubled their p99 and won nothing
+# measurable (docs/PERFORMANCE.md, "Sharing a CPU").  Alone on its CPU: one cheap system call.
+YIELD_EVERY = 0.0002
 
 
 @dataclass
@@ -200,7 +197,6 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
         counting = self.access is not None  # per-connection counts for the access log (connlog.py)
         sched_yield = os.sched_yield
         yielded_at = 0.0
-        woken_to_accept = False  # since the last yield: see YIELD_ACCEPTING
         next_tick = time.monotonic() + tick
         while True:
             events = poll(tick)
@@ -212,7 +208,6 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
                 if conn is None:
                     if fd in listeners:
                         self._accept(listeners[fd], now)
-                        woken_to_accept = True
                     elif fd == self.sig_r:
                         code = self._handle_signals(now)
                         if code is not None:
@@ -264,10 +259,9 @@ class Worker(Accepting, Connections, Retirement, Draining, ProxyHeaders, Spreadi
             self.bytes_out += bytes_out
             if writable:  # after every question that came in: see _serve_writable
                 self._serve_writable(writable, now)
-            if now - yielded_at >= (YIELD_ACCEPTING if woken_to_accept else YIELD_SERVING):
+            if now - yielded_at >= YIELD_EVERY:  # see YIELD_EVERY
                 sched_yield()
                 yielded_at = now
-                woken_to_accept = False
             if self.state != SERVING and not conns and self._done(now):
                 return self._exit_code()  # retired or stopping, the last client gone or handed over
             if now >= next_tick:
