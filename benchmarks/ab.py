@@ -16,6 +16,7 @@ by the measured rate times the run's length).
 
     python benchmarks/ab.py 530bd5e . .:spread.toml --rounds 7
     python benchmarks/ab.py . floor --rounds 7
+    python benchmarks/ab.py 139b7eb . --workers 1 --pinned --loads 50
 
 Uses bench.py beside it (run it as a script).  Only ever talks to 127.0.0.1.
 """
@@ -33,12 +34,16 @@ import bench
 import psutil
 from bench import REPO, BenchError, Load, Server, median, say
 
+SERVER_CPU, LOADGEN_CPU = 1, 0  # --pinned
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("variants", nargs="+", help="SOURCE[:CONFIG]; SOURCE a git revision or '.'; or 'floor'")
     bench.add_load_arguments(p, rounds=5)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--pinned", action="store_true",
+                   help="every server process on CPU 1, the load generator on CPU 0 (as in peers.py)")
     return p.parse_args(argv)
 
 
@@ -97,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                 running[f"{i}:{variant}"] = bench.start_lancelotd(serve, run_dir, 30, servers)
             (args.build_dir / "ab-ref").mkdir(parents=True, exist_ok=True)
             running["ref_epoll"] = bench.start_ref(ref_bin, args.build_dir / "ab-ref", 30, servers)
+            if args.pinned:  # children forked later (replacements) inherit it
+                for server in running.values():
+                    root = psutil.Process(server.pid)
+                    for proc in [root, *root.children(recursive=True)]:
+                        proc.cpu_affinity([SERVER_CPU])
             results: dict[tuple[str, str], list[dict]] = {}
             for load in loads_from(args.loads):
                 say(f"\n== {load.name}")
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                         server = running[name]
                         before = cpu(server)
                         result = bench.run_loadgen(loadgen, server.port, load, args, f"{name}-r{round_ + 1}",
-                                                   commands, procs)
+                                                   commands, procs, str(LOADGEN_CPU) if args.pinned else "")
                         after = cpu(server)
                         result["cpu"] = (after[0] - before[0], after[1] - before[1])
                         results.setdefault((load.name, name), []).append(result)

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,8 +294,10 @@ def uss(pid: int) -> int:
 
 
 def run_loadgen(loadgen: Path, port: int, load: Load, args: argparse.Namespace, label: str,
-                commands: list[str], procs: list[subprocess.Popen], cpu: str = "") -> dict:
-    """One loadgen run and its figures; `cpu`: pin it to those CPUs (taskset -c)."""
+                commands: list[str], procs: list[subprocess.Popen], cpu: str = "",
+                midway: Callable[[], dict] | None = None) -> dict:
+    """One loadgen run and its figures; `cpu`: pin it to those CPUs (taskset -c); `midway`: called
+    halfway through the measured part, its figures added to the run's."""
     cmd = ["taskset", "-c", cpu] if cpu else []
     cmd += [str(loadgen), "-H", HOST, "-p", str(port), "-c", str(load.conns), "-d", str(args.duration),
            "-w", str(args.warmup)]
@@ -307,13 +310,19 @@ def run_loadgen(loadgen: Path, port: int, load: Load, args: argparse.Namespace, 
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     procs.append(proc)
+    seen = {}
+    if midway is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the wait is the way to halfway
+            proc.wait(args.warmup + args.duration / 2)
+        if proc.poll() is None:
+            seen = midway()
     try:
         out, err = proc.communicate(timeout=args.duration + args.warmup + 60)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
         return {"failed": "loadgen timed out", "errors": -1, "rps": 0.0}
-    result: dict = {}
+    result: dict = dict(seen)
     for token in out.split():
         key, sep, value = token.partition("=")
         if not sep:
@@ -330,7 +339,8 @@ def run_loadgen(loadgen: Path, port: int, load: Load, args: argparse.Namespace, 
                 "errors": -1, "rps": 0.0}
     say(f"  rps={result['rps']:.0f} errors={result['errors']} p50_us={result.get('p50_us')} "
         f"p99_us={result.get('p99_us')} starved={result.get('starved')}"
-        + (f" first_error={result.get('first_error')}" if result["errors"] else ""))
+        + (f" first_error={result.get('first_error')}" if result["errors"] else "")
+        + (f" split={result['split']}" if "split" in result else ""))
     return result
 
 

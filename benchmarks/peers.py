@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """lancelotd against the servers one would write instead, in one run: pinned and unpinned.
 
-The servers, each with 2 processes but the C reference (1, as in bench.py):
+The servers, each with 2 processes (--processes) but the C reference (1, as in bench.py):
   lancelotd    this checkout, `lancelotd serve -w 2`
   uvloop-x2    peer_asyncio.py --loop uvloop: an asyncio Protocol on uvloop, 2 forked processes
                sharing one listener (skipped, with a note, if uvloop is not installed)
@@ -15,10 +15,15 @@ scheduler places everything) the servers are started afresh, then for each load 
 each server once, in an order that reverses from round to round.  Printed per load and server:
 the median answers/s, the median p99, the median per-round ratio to C and of lancelotd to it,
 and the CPU per answer: user + system time of the server's whole process tree over its runs
-(warm-up included) divided by its answers (measured rate x run length).
+(warm-up included) divided by its answers (measured rate x run length).  For persistent loads,
+also how each round's connections sat over the server's processes ("34/16", "50": all on one),
+counted halfway through the run: two processes sharing one CPU, or a CPU with the load
+generator, answer more when one of them holds every connection, so this split, which the
+kernel and each server's accept loop decide afresh each round, moves the rate.
 
     python benchmarks/peers.py                 # 7 rounds, 3 s + 1 s warm-up, both modes
     python benchmarks/peers.py --modes unpinned --loads 50r --rounds 3
+    python benchmarks/peers.py --processes 1 --loads 50    # per process, with no split to vary
 
 uvloop: pip install -e '.[bench]'.  Only ever talks to 127.0.0.1.
 """
@@ -39,7 +44,7 @@ import psutil
 from ab import loads_from
 from bench import REPO, BenchError, Load, Server, median, say
 
-PEERS = ("lancelotd", "uvloop-x2", "asyncio-x2", "epoll-x2", "C")
+PYTHON_PEERS = ("uvloop", "asyncio", "epoll")  # named NAME-xN, N = --processes
 SERVER_CPU, LOADGEN_CPU = 1, 0
 
 
@@ -48,10 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default="pinned,unpinned", help="pinned, unpinned or both (default both)")
     bench.add_load_arguments(p, rounds=7)
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--processes", type=int, default=2,
+                   help="of each Python server (lancelotd's workers); 1 compares the servers with no "
+                        "split of the connections to vary (default 2)")
     return p.parse_args(argv)
 
 
-def start(name: str, ref_bin: Path, run_dir: Path, servers: list[Server]) -> Server:
+def start(name: str, ref_bin: Path, run_dir: Path, servers: list[Server], processes: int) -> Server:
     python = [sys.executable]
     if name == "lancelotd":
         return bench.start_lancelotd([*python, "-m", "lancelotd", "serve"], run_dir, 30, servers)
@@ -59,11 +67,11 @@ def start(name: str, ref_bin: Path, run_dir: Path, servers: list[Server]) -> Ser
         server = bench.start_ref(ref_bin, run_dir, 30, servers)
         server.name = "C"
         return server
-    if name == "epoll-x2":
+    if name.startswith("epoll-"):
         cmd = [*python, str(REPO / "benchmarks" / "floor_server.py")]
     else:
         cmd = [*python, str(REPO / "benchmarks" / "peer_asyncio.py"), "--loop", name.split("-")[0]]
-    return bench.start_forking(name, cmd, run_dir, servers, 2)
+    return bench.start_forking(name, cmd, run_dir, servers, processes)
 
 
 def tree(server: Server) -> list[psutil.Process]:
@@ -82,6 +90,22 @@ def cpu_seconds(server: Server) -> float:
     return total
 
 
+def split(server: Server) -> dict:
+    """How the server's established connections sit over its processes, most first ("34/16"):
+    the kernel and each server's accept loop decide it, and on this machine it moves the rate."""
+    counts = []
+    for proc in tree(server):
+        try:
+            listing = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+            held = sum(1 for c in listing(kind="tcp")
+                       if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == server.port)
+        except psutil.Error:
+            continue
+        if held:
+            counts.append(held)
+    return {"split": "/".join(map(str, sorted(counts, reverse=True))) or "0"}
+
+
 def run_mode(mode: str, names: list[str], loads: list[Load], args: argparse.Namespace, loadgen: Path,
              ref_bin: Path, commands: list[str]) -> dict:
     servers: list[Server] = []
@@ -93,7 +117,7 @@ def run_mode(mode: str, names: list[str], loads: list[Load], args: argparse.Name
         for name in names:
             run_dir = args.build_dir / f"peers-{name}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            running[name] = start(name, ref_bin, run_dir, servers)
+            running[name] = start(name, ref_bin, run_dir, servers, args.processes)
             if pinned:  # the children fork later than this (lancelotd's replacements) inherit it
                 for proc in tree(running[name]):
                     proc.cpu_affinity([SERVER_CPU])
@@ -106,7 +130,8 @@ def run_mode(mode: str, names: list[str], loads: list[Load], args: argparse.Name
                     before = cpu_seconds(server)
                     label = f"{mode}-{name}-r{round_ + 1}"
                     result = bench.run_loadgen(loadgen, server.port, load, args, label, commands, procs,
-                                               str(LOADGEN_CPU) if pinned else "")
+                                               str(LOADGEN_CPU) if pinned else "",
+                                               None if load.cpr else lambda s=server: split(s))
                     result["cpu_s"] = cpu_seconds(server) - before
                     rows[name].append(result)
                 dead = [name for name in names if running[name].proc.poll() is not None]
@@ -133,6 +158,7 @@ def summarize(rows: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             "lancelotd_vs": median([a["rps"] / r["rps"] if r["rps"] else 0.0
                                     for a, r in zip(ours, runs, strict=True)]),
             "cpu_us_per_answer": sum(r["cpu_s"] for r in runs) / answers * 1e6,
+            "splits": [r["split"] for r in runs if "split" in r],  # persistent loads: per round
         }
     return out
 
@@ -145,6 +171,8 @@ def say_mode(mode: str, figures: dict) -> None:
             say(f"    {name:<11} rps {f['rps']:>8.0f}  p99 {f['p99_us']:>7.0f} us  / C {f['vs_c']:.3f}  "
                 f"lancelotd / it {f['lancelotd_vs']:.3f}  CPU/answer {f['cpu_us_per_answer']:6.2f} us  "
                 f"errors {f['errors']}")
+            if f["splits"]:
+                say(f"    {'':<11} connections per process, by round: {'  '.join(f['splits'])}")
     names = list(next(iter(figures["loads"].values())))
     others = [n for n in names if n != "lancelotd"]
     say(f"\n  | load | {' | '.join(f'lancelotd / {n}' for n in others)} | p99 µs: {' · '.join(names)} "
@@ -159,10 +187,11 @@ def say_mode(mode: str, figures: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bench.raise_nofile()
-    names = list(PEERS)
+    bench.WORKERS = args.processes  # lancelotd's
+    names = ["lancelotd", *(f"{peer}-x{args.processes}" for peer in PYTHON_PEERS), "C"]
     if importlib.util.find_spec("uvloop") is None:
-        say("# uvloop is not installed (pip install -e '.[bench]'): uvloop-x2 is left out")
-        names.remove("uvloop-x2")
+        say("# uvloop is not installed (pip install -e '.[bench]'): uvloop is left out")
+        names.remove(f"uvloop-x{args.processes}")
     modes = args.modes.split(",")
     if "pinned" in modes and (os.cpu_count() or 1) < 2:
         say("# one CPU: the pinned mode needs two; left out")
