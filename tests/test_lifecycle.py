@@ -494,6 +494,8 @@ def test_usr1_reopens_log_files(start_daemon, tmp_path):
 def test_killed_worker_is_replaced_within_a_second(start_daemon):
     d = start_daemon(config=config(workers=2))
     pool = wait_pool(d.proc.pid, 2, generation=1)
+    # Past their boot: a worker killed while it boots is a boot failure (back-off), not this case.
+    wait_log(d.log_file, r"ready: 2 workers serving")
     victim = next(iter(pool))
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in workers_of(d.proc.pid) and len(workers_of(d.proc.pid)) == 2, 1.0,

@@ -240,7 +240,7 @@ def test_a_reload_that_moves_the_drain_file_is_refused(start_daemon, tmp_path):
 
 def test_a_worker_whose_master_is_gone_retires_and_removes_its_inbox(start_daemon):
     d = start_daemon("-w", "1", workers=1)
-    (worker,) = worker_pids(d)
+    (worker,) = wait_serving(d, 1)  # its inbox is made before it serves, not when it is forked
     inbox = Path(f"{d.pid_file}.handoff-{worker}")
     assert inbox.exists()
     with socket.create_connection(("127.0.0.1", d.port), timeout=scaled(10)) as held:
