@@ -12,7 +12,11 @@ round.  Printed per load and server: the
 median answers/s, p99, the median per-round ratio to ref_epoll with the
 rounds, p99 as a multiple of ref_epoll's, errors, and the workers' user and
 system CPU per answer (from /proc, over whole runs, warm-up included, divided
-by the measured rate times the run's length).
+by the measured rate times the run's length).  For persistent loads with more
+than one worker, also how the connections sat over the workers in each round
+and that round's rate: on a machine whose CPUs the workers share, that
+placement moves the rate more than most changes do, so compare variants
+within it.
 
     python benchmarks/ab.py 530bd5e . .:spread.toml --rounds 7
     python benchmarks/ab.py . floor --rounds 7
@@ -74,6 +78,15 @@ def cpu(server: Server) -> tuple[float, float]:
     return sum(t.user for t in times), sum(t.system for t in times)
 
 
+def say_placement(rows: list[dict]) -> None:
+    """Persistent loads: where the connections sat in each round, and that round's rate.  On a
+    machine whose CPUs the workers share (with each other or the load generator), one worker
+    holding every connection answers more than a split, whatever the code: compare variants
+    within a placement."""
+    rounds = [f"{r.get('split', '?')} {r['rps'] / 1000:.0f}k" for r in rows]
+    say(f"  {'':<51} per round, connections per worker and answers/s: {'  '.join(rounds)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bench.WORKERS = args.workers
@@ -116,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                         server = running[name]
                         before = cpu(server)
                         result = bench.run_loadgen(loadgen, server.port, load, args, f"{name}-r{round_ + 1}",
-                                                   commands, procs, str(LOADGEN_CPU) if args.pinned else "")
+                                                   commands, procs, str(LOADGEN_CPU) if args.pinned else "",
+                                                   None if load.cpr else lambda s=server: bench.split(s))
                         after = cpu(server)
                         result["cpu"] = (after[0] - before[0], after[1] - before[1])
                         results.setdefault((load.name, name), []).append(result)
@@ -138,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"ratio {median(ratios):.3f} [{' '.join(f'{x:.2f}' for x in ratios)}]  "
                         f"errors {sum(max(r['errors'], 0) for r in rows)}  "
                         f"CPU/answer user {user:.2f} us, sys {system:.2f} us")
+                    if not load.cpr and args.workers > 1 and name != "ref_epoll":
+                        say_placement(rows)
         except BenchError as e:
             say(f"FAIL: {e}")
             return 1

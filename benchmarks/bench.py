@@ -344,6 +344,27 @@ def run_loadgen(loadgen: Path, port: int, load: Load, args: argparse.Namespace, 
     return result
 
 
+def tree(server: Server) -> list[psutil.Process]:
+    root = psutil.Process(server.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def split(server: Server) -> dict:
+    """How the server's established connections sit over its processes, most first ("34/16"):
+    the kernel and each server's accept loop decide it, and on this machine it moves the rate."""
+    counts = []
+    for proc in tree(server):
+        try:
+            listing = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+            held = sum(1 for c in listing(kind="tcp")
+                       if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == server.port)
+        except psutil.Error:
+            continue
+        if held:
+            counts.append(held)
+    return {"split": "/".join(map(str, sorted(counts, reverse=True))) or "0"}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 

@@ -74,36 +74,15 @@ def start(name: str, ref_bin: Path, run_dir: Path, servers: list[Server], proces
     return bench.start_forking(name, cmd, run_dir, servers, processes)
 
 
-def tree(server: Server) -> list[psutil.Process]:
-    root = psutil.Process(server.pid)
-    return [root, *root.children(recursive=True)]
-
-
 def cpu_seconds(server: Server) -> float:
     total = 0.0
-    for proc in tree(server):
+    for proc in bench.tree(server):
         try:
             times = proc.cpu_times()
             total += times.user + times.system
         except psutil.NoSuchProcess:
             pass
     return total
-
-
-def split(server: Server) -> dict:
-    """How the server's established connections sit over its processes, most first ("34/16"):
-    the kernel and each server's accept loop decide it, and on this machine it moves the rate."""
-    counts = []
-    for proc in tree(server):
-        try:
-            listing = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
-            held = sum(1 for c in listing(kind="tcp")
-                       if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == server.port)
-        except psutil.Error:
-            continue
-        if held:
-            counts.append(held)
-    return {"split": "/".join(map(str, sorted(counts, reverse=True))) or "0"}
 
 
 def run_mode(mode: str, names: list[str], loads: list[Load], args: argparse.Namespace, loadgen: Path,
@@ -119,7 +98,7 @@ def run_mode(mode: str, names: list[str], loads: list[Load], args: argparse.Name
             run_dir.mkdir(parents=True, exist_ok=True)
             running[name] = start(name, ref_bin, run_dir, servers, args.processes)
             if pinned:  # the children fork later than this (lancelotd's replacements) inherit it
-                for proc in tree(running[name]):
+                for proc in bench.tree(running[name]):
                     proc.cpu_affinity([SERVER_CPU])
         for load in loads:
             say(f"\n== {mode}: {load.name} ({args.rounds} rounds, {args.duration} s + {args.warmup} s)")
@@ -131,7 +110,7 @@ def run_mode(mode: str, names: list[str], loads: list[Load], args: argparse.Name
                     label = f"{mode}-{name}-r{round_ + 1}"
                     result = bench.run_loadgen(loadgen, server.port, load, args, label, commands, procs,
                                                str(LOADGEN_CPU) if pinned else "",
-                                               None if load.cpr else lambda s=server: split(s))
+                                               None if load.cpr else lambda s=server: bench.split(s))
                     result["cpu_s"] = cpu_seconds(server) - before
                     rows[name].append(result)
                 dead = [name for name in names if running[name].proc.poll() is not None]
