@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import psutil
+from setproctitle import getproctitle
 
 from . import __version__, activation, agent, checks, config, logs, pidfile, privileges, refusals, status
 from .logs import log
@@ -168,6 +169,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .daemonize import detach
     from .launcher import ENV_READY_FD
 
+    # setproctitle takes over the memory of argv and the environment only as exec left it, so let
+    # it do so before anything removes a variable: with LISTEN_PID first in a socket-activated
+    # environment, popping it left every process title unset.
+    getproctitle()
     configure = config_loader(args)
     try:
         cfg = configure()

@@ -16,7 +16,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from helpers import NAME_A, NAME_Q, REPO, WRAPPER, ask, ask_on, recv_all, scaled, wait_for, wait_log
+import psutil
+from helpers import NAME_A, NAME_Q, REPO, WRAPPER, ask, ask_on, recv_all, scaled, title, wait_for, wait_log
 
 from lancelotd import activation
 from lancelotd.activation import ACTIVATED
@@ -146,6 +147,24 @@ def test_shipped_socket_unit_and_config_agree():
     addresses = config["server"]["bind"] + [x["bind"] for x in config.get("listener", [])]
     matched, unnamed = activation.match(addresses, [ACTIVATED + s for s in streams])
     assert set(matched) == set(addresses) and not unnamed, (streams, addresses)
+
+
+def test_process_titles_survive_the_activation_variables_leaving_the_environment(spawn, tmp_path):
+    """LISTEN_PID first in the environment (WRAPPER): the daemon removes it before its titles are
+    set, which left `ps` showing the python command line for the master and every worker."""
+    listener, port = activated_socket()
+    config = tmp_path / "activated.toml"
+    config.write_text(f'[server]\nworkers = 2\nbind = ["127.0.0.1:{port}"]\n')
+    try:
+        d = spawn("-c", str(config), listen=listener, own_pid=("LISTEN_PID",), env={"LISTEN_FDS": "1"})
+    finally:
+        listener.close()
+    master = psutil.Process(d.wait_pid_file())
+    wait_log(d.log_file, r"ready: 2 workers serving")
+    assert title(master).startswith("lancelotd: master ["), title(master)
+    workers = sorted(title(w) for w in master.children())
+    assert workers == ["lancelotd: worker 1 [gen 1]", "lancelotd: worker 2 [gen 1]"], workers
+    assert ask(port) == NAME_A
 
 
 def test_no_warning_without_activation(spawn):

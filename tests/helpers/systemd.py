@@ -20,15 +20,18 @@ from .timing import scaled, wait_for
 
 # Runs as the daemon's process before exec'ing it: puts TEST_LISTEN_FD on fd 3
 # and sets the variables named in TEST_OWN_PID to its PID, which exec keeps.
+# They come first in the environment, the order hardest on setproctitle: the
+# daemon removes them, and the titles must survive that.
 WRAPPER = """
 import os, sys
 fd = int(os.environ.pop("TEST_LISTEN_FD", "-1"))
 if fd >= 0 and fd != 3:
     os.dup2(fd, 3)
     os.close(fd)
-for name in filter(None, os.environ.pop("TEST_OWN_PID", "").split(",")):
-    os.environ[name] = str(os.getpid())
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+names = list(filter(None, os.environ.pop("TEST_OWN_PID", "").split(",")))
+env = {name: str(os.getpid()) for name in names}
+env.update((k, v) for k, v in os.environ.items() if k not in env)
+os.execve(sys.executable, [sys.executable, *sys.argv[1:]], env)
 """
 
 
